@@ -1,0 +1,31 @@
+"""LoRA-Dash: LoRA plus a dash along the task-specific directions of each frozen weight.
+
+Si et al., "Unleashing the Power of Task-Specific Directions in Parameter Efficient Fine-tuning",
+ICLR 2025 (arXiv 2409.01035).
+"""
+
+from lora_dash import directions
+from lora_dash.inject import dash_layers, inject
+from lora_dash.layer import DashDirections, LoRADashLinear
+from lora_dash.schedule import LaunchController, launch
+from lora_dash.state import (
+    adapter_parameters,
+    adapter_state_dict,
+    count_trainable_parameters,
+    load_adapter_state_dict,
+)
+
+__all__ = [
+    "DashDirections",
+    "LaunchController",
+    "LoRADashLinear",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "count_trainable_parameters",
+    "dash_layers",
+    "directions",
+    "inject",
+    "launch",
+    "load_adapter_state_dict",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,228 @@
+"""`LoRADashLinear`: a frozen linear layer with a LoRA branch and a dash branch beside it."""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lora_dash import directions
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias`` with ``weight`` stored ``(in, out)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """True for the layers LoRA-Dash can wrap: ``nn.Linear`` and GPT-2 style ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
+    """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``."""
+    if not is_supported_linear(base):
+        raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+    in_features, out_features = base.weight.shape if is_conv1d(base) else base.weight.shape[::-1]
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if not isinstance(s, int) or not 1 <= s <= min(in_features, out_features):
+        raise ValueError(f"s must be an int in [1, min(in, out)={min(in_features, out_features)}], got {s!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    return in_features, out_features
+
+
+class DashDirections(NamedTuple):
+    """The task-specific directions chosen for one layer at launch.
+
+    Shapes: ``U_s: (out, s)``, ``V_s: (in, s)``, ``index: (s,)`` (positions in σ's descending order).
+    """
+
+    U_s: Tensor
+    V_s: Tensor
+    index: Tensor
+
+
+class LoRADashLinear(nn.Module):
+    """A frozen linear layer plus LoRA, plus a dash along ``s`` task-specific directions after launch.
+
+    With ``W: (out, in)`` the frozen pretrained weight (``Conv1D`` stores ``Wᵀ``; it is handled) and
+    ``x̃ = dropout(x)``::
+
+        y = W x + b + (α/r)·B A x̃ + U_s diag(δ) V_sᵀ x̃
+
+    ``A: (r, in)`` (Kaiming-uniform), ``B: (out, r)`` (zeros), ``δ: (s,)`` (zeros), and the buffers
+    ``U_s: (out, s)``, ``V_s: (in, s)`` hold zeros until :meth:`launch` fills them with the singular
+    vectors of ``W`` whose change rate under ``(α/r)·B A`` is largest. The two branches are computed as
+    one rank-``(r + s)`` product, so the dash never forms an ``(out, in)`` matrix, and the forward has
+    no phase logic: before launch the dash columns are zero and contribute exactly nothing.
+
+    Input ``(..., in)`` → output ``(..., out)``.
+
+    Args:
+        base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
+        r: LoRA rank, ``>= 1``.
+        alpha: LoRA ``α``; the LoRA scaling is ``α / r`` (``α / √r`` with ``use_rslora``).
+        s: number of task-specific directions, ``1 <= s <= min(in, out)``.
+        dropout: dropout probability on the adapter input, in ``[0, 1)``.
+        use_rslora: scale by ``α / √r`` (rank-stabilized LoRA).
+        eps: the paper's ``ε`` in ``ρ_i = |c_i| / (σ_i + ε)``; the authors' code uses 0.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 16.0,
+        s: int = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        eps: float = 0.0,
+    ) -> None:
+        super().__init__()
+        in_features, out_features = check_arguments(base, r, s, dropout, eps)
+        weight = base.weight
+
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.s, self.eps, self.use_rslora = r, alpha, s, eps, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.name = ""  # dotted name in the model, set by `inject`, used in error messages
+        self.merged = False
+
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and PEFT
+        self.dash_delta = nn.Parameter(torch.zeros(s, **factory))
+        self.register_buffer("dash_U", torch.zeros(out_features, s, **factory))
+        self.register_buffer("dash_V", torch.zeros(in_features, s, **factory))
+        self.register_buffer("dash_index", torch.full((s,), -1, dtype=torch.long, device=weight.device))
+        self.register_buffer("dash_launched", torch.zeros((), dtype=torch.bool, device=weight.device))
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------- state
+    @property
+    def launched(self) -> bool:
+        """Whether the task-specific directions have been selected (the dash phase)."""
+        return bool(self.dash_launched)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of this adapter: ``A``, ``B`` and ``δ`` (never the base layer's)."""
+        return [self.lora_A, self.lora_B, self.dash_delta]
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight in ``(out, in)`` layout (a view; ``Conv1D`` stores its transpose)."""
+        return self.base.weight.T if is_conv1d(self.base) else self.base.weight
+
+    def _where(self) -> str:
+        return f"layer {self.name!r}" if self.name else "LoRADashLinear"
+
+    # --------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in)`` → ``(..., out)``; see the class docstring for the equation."""
+        y = self.base(x)
+        if self.merged:
+            return y
+        # LoRA and dash as one rank-(r+s) product: x̃ [(α/r)A ; V_sᵀ]ᵀ [B | U_s diag(δ)]ᵀ.
+        down = torch.cat([self.lora_A * self.scaling, self.dash_V.T])  # (r+s, in)
+        up = torch.cat([self.lora_B, self.dash_U * self.dash_delta], dim=1)  # (out, r+s)
+        x_adapter = self.dropout(x).to(down.dtype)
+        return y + ((x_adapter @ down.T) @ up.T).to(y.dtype)
+
+    # ---------------------------------------------------------------------------------- launch
+    @torch.no_grad()
+    def find_directions(self, svd_dtype: torch.dtype = torch.float32) -> DashDirections:
+        """Select the task-specific directions from the current LoRA update; changes nothing.
+
+        METHOD.md §3 step 2: SVD of the pretrained ``W`` (not ``W + ΔW``) in ``svd_dtype``;
+        coordinates ``c = (α/r)·rowsum((Uᵀ B) ⊙ (Vᵀ Aᵀ))``; rates ``ρ = |c| / (σ + eps)`` on the
+        eligible directions; the top ``s`` by the stable rule.
+
+        Raises:
+            RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
+            ValueError: ``A`` or ``B`` is not finite, or fewer than ``s`` directions are eligible.
+        """
+        if self.launched:
+            raise RuntimeError(f"{self._where()} is already launched; launch happens once")
+        if self.merged:
+            raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
+        if not (torch.isfinite(self.lora_A).all() and torch.isfinite(self.lora_B).all()):
+            raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
+        U, sigma, V = directions.svd_basis(self.base_weight(), dtype=svd_dtype)
+        coords = directions.coordinates_from_factors(self.lora_B, self.lora_A, self.scaling, U, V)
+        eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))
+        rates = directions.change_rates(coords, sigma, eligible, self.eps)
+        try:
+            index = directions.select_directions(rates, eligible, self.s)
+        except ValueError as error:
+            raise ValueError(f"{self._where()}: {error}") from error
+        return DashDirections(U_s=U[:, index], V_s=V[:, index], index=index)
+
+    @torch.no_grad()
+    def launch(self, chosen: DashDirections | None = None) -> None:
+        """Enter the dash phase: store ``U_s``, ``V_s`` and the indices, zero ``δ``.
+
+        ``chosen`` defaults to :meth:`find_directions`; passing it lets a caller select for every
+        layer first and commit only when all selections succeeded.
+        """
+        if chosen is None:
+            chosen = self.find_directions()
+        elif self.launched or self.merged:
+            raise RuntimeError(f"{self._where()} cannot launch: launched={self.launched}, merged={self.merged}")
+        elif (chosen.U_s.shape, chosen.V_s.shape, chosen.index.shape) != (
+            self.dash_U.shape, self.dash_V.shape, self.dash_index.shape
+        ):
+            raise ValueError(f"{self._where()}: directions of the wrong shape for s={self.s}")
+        self.dash_U.copy_(chosen.U_s)
+        self.dash_V.copy_(chosen.V_s)
+        self.dash_index.copy_(chosen.index)
+        self.dash_delta.zero_()
+        self.dash_launched.fill_(True)
+
+    # ----------------------------------------------------------------------------------- merge
+    def delta_weight(self) -> Tensor:
+        """The effective update ``ΔW = (α/r)·B A + U_s diag(δ) V_sᵀ``, ``(out, in)``, in float32."""
+        A, B = self.lora_A.float(), self.lora_B.float()
+        dash = directions.dash_update(self.dash_U.float(), self.dash_delta.float(), self.dash_V.float())
+        return self.scaling * (B @ A) + dash
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW`` alone."""
+        if self.merged:
+            raise RuntimeError(f"{self._where()} is already merged")
+        self._add_to_base(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``ΔW`` from the base weight again (exact up to float32 rounding)."""
+        if not self.merged:
+            raise RuntimeError(f"{self._where()} is not merged")
+        self._add_to_base(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_base(self, update: Tensor) -> None:
+        weight = self.base.weight
+        if is_conv1d(self.base):
+            update = update.T
+        weight.copy_(weight.float() + update.to(weight.device))
+
+    def extra_repr(self) -> str:
+        phase = "dash" if self.launched else "pre-launch"
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, s={self.s}, "
+            f"scaling={self.scaling:.4g}, phase={phase}, merged={self.merged}"
+        )

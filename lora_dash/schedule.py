@@ -1,0 +1,143 @@
+"""When to launch: after optimizer step ``t``, counted once for the whole model."""
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora_dash.inject import dash_layers
+
+
+def launch(model: nn.Module) -> dict[str, Tensor]:
+    """Launch every LoRA-Dash layer of ``model`` now: all of them, or (on any error) none.
+
+    Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
+    and committed only once every layer has found its own.
+
+    Returns:
+        The selected singular-value indices, ``(s,)`` each, by layer name.
+
+    Raises:
+        ValueError: no LoRA-Dash layer, or a layer's update is not finite or has too few eligible
+            directions (the message names the layer).
+        RuntimeError: a layer is already launched or merged.
+    """
+    layers = dash_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    chosen = {name: layer.find_directions() for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.launch(chosen[name])
+    return {name: directions.index for name, directions in chosen.items()}
+
+
+class LaunchController:
+    """Counts optimizer steps for a whole model and launches every layer right after step ``t``.
+
+    The count and phase are state (``state_dict``), so resuming a run launches at the same step.
+    Forward passes, evaluation, gradient-accumulation micro-batches and activation-checkpoint
+    recomputes do not count; only optimizer steps do.
+
+    Usage::
+
+        controller = LaunchController(model, launch_step=100).attach(optimizer)  # post-step hook
+        # or, in a custom loop: call controller.step() after each optimizer step.
+
+    Args:
+        model: a model with LoRA-Dash layers (see :func:`inject`).
+        launch_step: ``t >= 0``; ``0`` launches at once (``ΔW = 0``, so the ``s`` largest σ are chosen).
+    """
+
+    def __init__(self, model: nn.Module, launch_step: int = 100) -> None:
+        if not isinstance(launch_step, int) or launch_step < 0:
+            raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
+        if not dash_layers(model):
+            raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+        self.model = model
+        self.launch_step = launch_step
+        self.steps = 0
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._hooks: list[Any] = []
+        if launch_step == 0 and not self.launched:
+            self.launch()
+
+    @property
+    def launched(self) -> bool:
+        """Whether every LoRA-Dash layer of the model is in the dash phase."""
+        return all(layer.launched for layer in dash_layers(self.model).values())
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "LaunchController":
+        """Count every ``optimizer.step()`` (a post-step hook), and reset δ's state in it at launch."""
+        self._optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks of every attached optimizer."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._optimizers = [], []
+
+    def step(self) -> None:
+        """Record one optimizer step; launch if it was step ``t``."""
+        self.steps += 1
+        if self.steps == self.launch_step and not self.launched:
+            self.launch()
+        elif self.steps > self.launch_step and not self.launched:
+            pending = [name for name, layer in dash_layers(self.model).items() if not layer.launched]
+            warnings.warn(
+                f"LoRA-Dash: optimizer step {self.steps} is past launch_step={self.launch_step} but "
+                f"layers {pending} have not launched; they are training as plain LoRA",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def launch(self) -> dict[str, Tensor]:
+        """Launch now (see :func:`launch`) and give δ a fresh optimizer state in attached optimizers.
+
+        Before launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from those
+        zeros (and its step count) would skew δ's first updates, so it is dropped.
+        """
+        selected = launch(self.model)
+        deltas = [layer.dash_delta for layer in dash_layers(self.model).values()]
+        for optimizer in self._optimizers:
+            for delta in deltas:
+                optimizer.state.pop(delta, None)
+        if self._optimizers:
+            held = {id(p) for optimizer in self._optimizers for group in optimizer.param_groups for p in group["params"]}
+            untrained = [name for name, layer in dash_layers(self.model).items() if id(layer.dash_delta) not in held]
+            if untrained:
+                warnings.warn(
+                    f"LoRA-Dash: no attached optimizer holds δ of layers {untrained}; the dash will not "
+                    "train. Build the optimizer from lora_dash.adapter_parameters(model).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return selected
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"launch_step": t, "steps": optimizer steps so far}``."""
+        return {"launch_step": self.launch_step, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the step count; the model's adapter state must be loaded first.
+
+        Raises:
+            ValueError: missing or unexpected keys, a different ``launch_step``, or a step count that
+                disagrees with the model's phase (launched iff ``steps >= launch_step``).
+        """
+        expected = {"launch_step", "steps"}
+        if set(state) != expected:
+            raise ValueError(f"controller state keys {sorted(state)} != {sorted(expected)}")
+        if state["launch_step"] != self.launch_step:
+            raise ValueError(f"state has launch_step={state['launch_step']}, this controller {self.launch_step}")
+        steps = state["steps"]
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if (steps >= self.launch_step) != self.launched:
+            raise ValueError(
+                f"state is at step {steps} with launch_step={self.launch_step}, but the model is "
+                f"{'launched' if self.launched else 'not launched'}; load the adapter state first"
+            )
+        self.steps = steps

@@ -1,0 +1,82 @@
+"""The adapter's own state: its parameters, an adapter-only state dict, and strict loading."""
+
+import torch
+from torch import Tensor, nn
+
+from lora_dash.inject import dash_layers
+from lora_dash.layer import LoRADashLinear
+
+#: What one layer saves: the trainable A, B, δ and the launch's buffers U_s, V_s, indices and phase.
+LAYER_STATE_KEYS = ("lora_A", "lora_B", "dash_delta", "dash_U", "dash_V", "dash_index", "dash_launched")
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every LoRA-Dash layer (``A``, ``B``, ``δ``): build the optimizer from these."""
+    return [p for layer in dash_layers(model).values() for p in layer.adapter_parameters()]
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Degrees of freedom the adapters train: ``r·(in + out)`` per layer, plus ``s`` once launched.
+
+    ``δ`` exists from construction, but before launch ``U_s = V_s = 0`` and it cannot move the output,
+    so it is counted from the launch on, as in the paper.
+    """
+    return sum(
+        layer.lora_A.numel() + layer.lora_B.numel() + (layer.s if layer.launched else 0)
+        for layer in dash_layers(model).values()
+    )
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of every layer's adapter state, keyed ``"<layer name>.<key>"`` (keys: ``LAYER_STATE_KEYS``)."""
+    return {
+        f"{name}.{key}": getattr(layer, key).detach().clone()
+        for name, layer in dash_layers(model).items()
+        for key in LAYER_STATE_KEYS
+    }
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load an adapter state dict, strictly: every problem is reported before anything is copied.
+
+    Raises:
+        ValueError: missing or unexpected keys, a non-tensor value, a wrong shape, or an inconsistent
+            phase (layers that disagree on whether they launched; a launched layer without valid
+            indices; a pre-launch layer with non-zero dash state). The message names the key.
+        RuntimeError: a target layer is merged.
+    """
+    layers = dash_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    targets = {f"{name}.{key}": getattr(layer, key) for name, layer in layers.items() for key in LAYER_STATE_KEYS}
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"adapter state mismatch: missing keys {missing}, unexpected keys {unexpected}")
+    for key, target in targets.items():
+        value = state[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"adapter state {key!r} is a {type(value).__name__}, not a tensor")
+        if value.shape != target.shape:
+            raise ValueError(f"adapter state {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+    phases = {name: bool(state[f"{name}.dash_launched"]) for name in layers}
+    if len(set(phases.values())) > 1:
+        raise ValueError(f"adapter state mixes launched and pre-launch layers: {phases}")
+    for name, layer in layers.items():
+        _check_phase(name, layer, {key: state[f"{name}.{key}"] for key in LAYER_STATE_KEYS})
+
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key])
+
+
+def _check_phase(name: str, layer: LoRADashLinear, state: dict[str, Tensor]) -> None:
+    if layer.merged:
+        raise RuntimeError(f"layer {name!r} is merged; unmerge() before loading adapter state")
+    index = state["dash_index"]
+    if bool(state["dash_launched"]):
+        k = min(layer.in_features, layer.out_features)
+        if not ((0 <= index) & (index < k)).all() or index.unique().numel() != index.numel():
+            raise ValueError(f"adapter state {name + '.dash_index'!r} is launched but holds {index.tolist()}")
+    elif (index != -1).any() or state["dash_U"].any() or state["dash_V"].any() or state["dash_delta"].any():
+        raise ValueError(f"adapter state for {name!r} is pre-launch but has non-zero dash state")
