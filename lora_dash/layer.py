@@ -160,6 +160,8 @@ class LoRADashLinear(nn.Module):
             raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
         if not (torch.isfinite(self.lora_A).all() and torch.isfinite(self.lora_B).all()):
             raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
+        if not torch.isfinite(self.base_weight()).all():
+            raise ValueError(f"{self._where()}: the pretrained weight is not finite")
         U, sigma, V = directions.svd_basis(self.base_weight(), dtype=svd_dtype)
         coords = directions.coordinates_from_factors(self.lora_B, self.lora_A, self.scaling, U, V)
         eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))

@@ -1,0 +1,106 @@
+"""Small models, synthetic data and a training loop shared by the inject, training and state tests."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import lora_dash
+
+IN, HIDDEN, OUT = 12, 16, 10
+ADAPTED = r"fc\d"  # all three linears of MLP
+R, ALPHA, S = 4, 8.0, 3
+
+
+class MLP(nn.Module):
+    """``fc1 → relu → fc2 → relu → fc3``; the middle block can run under activation checkpointing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HIDDEN)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(HIDDEN, HIDDEN)
+        self.fc3 = nn.Linear(HIDDEN, OUT)
+        self.use_reentrant: bool | None = None  # None: no checkpointing
+
+    def hidden(self, h: Tensor) -> Tensor:
+        return self.act(self.fc2(self.act(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)  # requires grad through fc1's adapter, as reentrant checkpointing needs
+        if self.use_reentrant is None:
+            h = self.hidden(h)
+        else:
+            h = checkpoint(self.hidden, h, use_reentrant=self.use_reentrant)
+        return self.fc3(h)
+
+
+def build_base(seed: int = 0) -> MLP:
+    """The "pretrained" model: the same weights for every call with the same seed."""
+    torch.manual_seed(seed)
+    return MLP()
+
+
+def build_adapted(init_seed: int = 1, **kwargs) -> MLP:
+    """The base model (always seed 0) with LoRA-Dash on fc1..fc3; ``init_seed`` drives the A init only."""
+    model = build_base()
+    torch.manual_seed(init_seed)
+    lora_dash.inject(model, ADAPTED, **{"r": R, "alpha": ALPHA, "s": S, **kwargs})
+    return model
+
+
+def batch(step: int, micro: int = 0, size: int = 8) -> tuple[Tensor, Tensor]:
+    """Synthetic regression data, a pure function of (step, micro-batch) so resumed runs see the same."""
+    generator = torch.Generator().manual_seed(10_000 + 100 * step + micro)
+    x = torch.randn(size, IN, generator=generator)
+    y = torch.randn(size, OUT, generator=generator)
+    return x, y
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora_dash.adapter_parameters(model), lr=1e-2, weight_decay=0.01)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    controller: lora_dash.LaunchController | None = None,
+    accumulation: int = 1,
+    evaluate: bool = False,
+) -> None:
+    """One optimizer step over ``accumulation`` micro-batches; ``controller.step()`` if one is given
+    (the explicit path; pass ``None`` when the controller is attached to the optimizer)."""
+    model.train()
+    optimizer.zero_grad()
+    for micro in range(accumulation):
+        x, y = batch(step, micro)
+        (F.mse_loss(model(x), y) / accumulation).backward()
+    optimizer.step()
+    if controller is not None:
+        controller.step()
+    if evaluate:
+        model.eval()
+        with torch.no_grad():
+            model(batch(-1)[0])
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave alone: module types, requires_grad flags, state tensors."""
+    return {
+        "types": {name: type(module) for name, module in model.named_modules(remove_duplicate=False)},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)},
+        "state": {key: value.clone() for key, value in model.state_dict(keep_vars=False).items()},
+        "merged": {name: layer.merged for name, layer in lora_dash.dash_layers(model).items()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["merged"] == before["merged"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert after["state"][key].dtype == value.dtype, key
+        assert torch.equal(after["state"][key], value), key
