@@ -44,18 +44,23 @@ def inject(
     except re.error as error:
         raise ValueError(f"invalid target_regex {target_regex!r}: {error}") from error
 
-    existing = dash_layers(model)
-    matches = {
-        name: module
-        for name, module in model.named_modules(remove_duplicate=False)
-        if name and pattern.fullmatch(name)
-    }
+    all_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(id(module), []).append(name)
+    matches = {name: module for name, module in model.named_modules(remove_duplicate=False)
+               if name and pattern.fullmatch(name)}
     if not matches:
         some = ", ".join(name for name, _ in list(model.named_modules())[1:9])
         raise ValueError(f"target_regex {target_regex!r} matches no module; names look like: {some}")
+    # By identity, not by name: a tied module is listed under only one of its names.
+    adapted = {id(sub) for layer in dash_layers(model).values() for sub in layer.modules()}
     for name, module in matches.items():
-        if isinstance(module, LoRADashLinear) or any(name.startswith(f"{outer}.") for outer in existing):
+        if id(module) in adapted:
             raise ValueError(f"module {name!r} is already adapted by LoRA-Dash; inject once per layer")
+        unmatched_aliases = [alias for alias in all_names[id(module)] if alias not in matches]
+        if unmatched_aliases:
+            raise ValueError(f"module {name!r} is also registered as {unmatched_aliases}, which "
+                             f"{target_regex!r} does not match; match every name of a tied module")
         try:
             check_arguments(module, r, s, dropout, eps)
         except ValueError as error:

@@ -89,6 +89,16 @@ def test_linear_inside_a_tied_wrapper_cannot_be_adapted_under_its_second_name():
     assert_unchanged(model, before)
 
 
+def test_tied_module_matched_under_only_one_name_is_rejected_and_model_unchanged():
+    # Wrapping `a` alone would leave `b` calling the bare layer, silently bypassing the adapter.
+    model = nn.Module()
+    model.a = model.b = nn.Linear(6, 5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape("['b']")):
+        inject(model, "a", r=2, s=2)
+    assert_unchanged(model, before)
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_regex_matching_no_layer_is_rejected_and_model_unchanged():
     model = build_base()

@@ -1,0 +1,224 @@
+"""Adapter state: resume is exact (invariant 14), loading is strict, saving copies."""
+
+import re
+
+import pytest
+import torch
+
+from helpers import OUT, R, assert_unchanged, batch, build_adapted, make_optimizer, snapshot, train_step
+from lora_dash import LaunchController, adapter_state_dict, dash_layers, load_adapter_state_dict
+from lora_dash.state import LAYER_STATE_KEYS
+
+T = 4  # launch step
+TOTAL = T + 8
+
+
+def train(model, optimizer, start, stop):
+    """Optimizer steps ``start .. stop`` (inclusive); the controller counts them through its hook."""
+    for step in range(start, stop + 1):
+        train_step(model, optimizer, step, accumulation=2)
+
+
+def fresh_run(init_seed=1):
+    model = build_adapted(init_seed=init_seed)
+    optimizer = make_optimizer(model)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    return model, optimizer, controller
+
+
+def trained_state(steps, init_seed=1):
+    """The adapter state after ``steps`` optimizer steps (launched iff ``steps >= T``)."""
+    model, optimizer, _ = fresh_run(init_seed)
+    train(model, optimizer, 1, steps)
+    return adapter_state_dict(model)
+
+
+# ------------------------------------------------------------------ invariant 14: resume
+@pytest.mark.parametrize("save_at", [2, T, T + 3], ids=["pre-launch", "at-launch", "dash"])
+def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(save_at, tmp_path):
+    model, optimizer, controller = fresh_run()
+    train(model, optimizer, 1, TOTAL)
+    uninterrupted = adapter_state_dict(model)
+
+    model, optimizer, controller = fresh_run()
+    train(model, optimizer, 1, save_at)
+    torch.save(
+        {"adapter": adapter_state_dict(model), "controller": controller.state_dict(),
+         "optimizer": optimizer.state_dict()},
+        tmp_path / "checkpoint.pt",
+    )
+    del model, optimizer, controller
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    model = build_adapted(init_seed=2)  # another A init: everything must come from the checkpoint
+    assert not torch.equal(model.fc1.lora_A, checkpoint["adapter"]["fc1.lora_A"])
+    load_adapter_state_dict(model, checkpoint["adapter"])
+    optimizer = make_optimizer(model)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    controller.load_state_dict(checkpoint["controller"])
+    train(model, optimizer, save_at + 1, TOTAL)
+
+    resumed = adapter_state_dict(model)
+    assert controller.steps == TOTAL and controller.launched
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_loaded_adapter_reproduces_the_outputs_of_the_saved_model():
+    model, optimizer, _ = fresh_run()
+    train(model, optimizer, 1, T + 2)
+    other = build_adapted(init_seed=3)
+    load_adapter_state_dict(other, adapter_state_dict(model))
+    probe = batch(-3, size=16)[0]
+    with torch.no_grad():
+        assert torch.equal(other(probe), model(probe))
+
+
+# ------------------------------------------------------------------------- saving
+def test_adapter_state_dict_holds_exactly_the_layer_state_keys():
+    model = build_adapted()
+    expected = {f"{name}.{key}" for name in dash_layers(model) for key in LAYER_STATE_KEYS}
+    assert set(adapter_state_dict(model)) == expected
+    assert len(expected) == 3 * len(LAYER_STATE_KEYS)
+
+
+def test_adapter_state_dict_is_a_copy_that_later_training_does_not_change():
+    model, optimizer, _ = fresh_run()
+    train(model, optimizer, 1, 2)
+    saved = adapter_state_dict(model)
+    reference = {key: value.clone() for key, value in saved.items()}
+    train(model, optimizer, 3, T + 2)  # across the launch: every saved tensor changes in the model
+    now = adapter_state_dict(model)
+    assert all(not torch.equal(now[key], reference[key]) for key in reference)
+    for key, value in reference.items():
+        assert torch.equal(saved[key], value), key
+
+
+# ----------------------------------------------------------------------- bad loads
+def missing(state):
+    del state["fc2.lora_B"]
+    return "fc2.lora_B"
+
+
+def unexpected(state):
+    state["fc4.lora_A"] = torch.zeros(R, 3)
+    return "fc4.lora_A"
+
+
+def wrong_shape(state):
+    state["fc1.lora_A"] = torch.zeros(R + 1, state["fc1.lora_A"].shape[1])
+    return "fc1.lora_A"
+
+
+def transposed(state):
+    state["fc3.lora_B"] = state["fc3.lora_B"].T.contiguous()
+    return "fc3.lora_B"
+
+
+def not_a_tensor(state):
+    state["fc3.dash_delta"] = state["fc3.dash_delta"].tolist()
+    return "fc3.dash_delta"
+
+
+def index_out_of_range(state):
+    state["fc3.dash_index"][0] = OUT  # k = min(in, out) of fc3 (16 → 10): one past the last index
+    return "fc3.dash_index"
+
+
+def index_negative(state):
+    state["fc3.dash_index"][1] = -1
+    return "fc3.dash_index"
+
+
+def index_repeated(state):
+    state["fc3.dash_index"][2] = state["fc3.dash_index"][0]
+    return "fc3.dash_index"
+
+
+@pytest.mark.parametrize("corrupt", [missing, unexpected, wrong_shape, transposed, not_a_tensor,
+                                     index_out_of_range, index_negative, index_repeated])
+@pytest.mark.parametrize("target_launched", [False, True], ids=["into-pre-launch", "into-launched"])
+def test_bad_adapter_state_is_rejected_naming_the_key_and_model_unchanged(corrupt, target_launched):
+    state = trained_state(T + 2)
+    key = corrupt(state)
+    target = build_adapted(init_seed=3)
+    if target_launched:
+        LaunchController(target, launch_step=0)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        load_adapter_state_dict(target, state)
+    assert_unchanged(target, before)
+
+
+def test_adapter_state_mixing_launched_and_pre_launch_layers_is_rejected():
+    # fc2 is a valid pre-launch layer and fc1, fc3 valid launched ones: only the mix is wrong.
+    state = trained_state(T + 2)
+    pre_launch = trained_state(2)
+    for key in LAYER_STATE_KEYS:
+        state[f"fc2.{key}"] = pre_launch[f"fc2.{key}"]
+    target = build_adapted(init_seed=3)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="'fc2'"):
+        load_adapter_state_dict(target, state)
+    assert_unchanged(target, before)
+
+
+def test_pre_launch_adapter_state_with_a_non_zero_dash_is_rejected():
+    state = trained_state(2)
+    state["fc1.dash_delta"][0] = 0.25  # δ cannot move before launch
+    target = build_adapted(init_seed=3)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="'fc1'"):
+        load_adapter_state_dict(target, state)
+    assert_unchanged(target, before)
+
+
+def test_loading_into_a_merged_layer_is_refused_and_model_unchanged():
+    state = trained_state(T + 2)
+    target = build_adapted(init_seed=3)
+    LaunchController(target, launch_step=0)
+    target.fc2.merge()
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match="'fc2'"):
+        load_adapter_state_dict(target, state)
+    assert_unchanged(target, before)
+
+
+# ------------------------------------------------------------------ controller state
+@pytest.mark.parametrize(
+    "state",
+    [{"launch_step": T}, {"steps": 2}, {"launch_step": T, "steps": 2, "epoch": 0}, {"launch_step": T, "step": 2}],
+    ids=["no-steps", "no-launch_step", "extra-key", "misspelt-key"],
+)
+def test_controller_state_with_wrong_keys_is_rejected(state):
+    _, _, controller = fresh_run()
+    with pytest.raises(ValueError, match="keys"):
+        controller.load_state_dict(state)
+    assert controller.steps == 0
+
+
+def test_controller_state_with_another_launch_step_is_rejected():
+    _, _, controller = fresh_run()
+    with pytest.raises(ValueError, match=f"launch_step={T + 1}"):
+        controller.load_state_dict({"launch_step": T + 1, "steps": 1})
+    assert controller.steps == 0
+
+
+@pytest.mark.parametrize("model_launched, steps", [(False, T), (False, T + 3), (True, T - 1), (True, 0)])
+def test_controller_steps_inconsistent_with_the_model_phase_are_rejected(model_launched, steps):
+    model, _, controller = fresh_run()
+    if model_launched:
+        load_adapter_state_dict(model, trained_state(T + 1))
+    with pytest.raises(ValueError, match=f"step {steps}"):
+        controller.load_state_dict({"launch_step": T, "steps": steps})
+    assert controller.steps == 0
+
+
+@pytest.mark.parametrize("steps", [-1, 2.0, "2", None])
+def test_controller_steps_that_are_not_a_count_are_rejected(steps):
+    _, _, controller = fresh_run()
+    with pytest.raises(ValueError, match=re.escape(repr(steps))):
+        controller.load_state_dict({"launch_step": T, "steps": steps})
+    assert controller.steps == 0

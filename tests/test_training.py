@@ -1,0 +1,272 @@
+"""Training across the launch: when it happens (invariant 13), what moves (invariant 11), the parameter
+count, the controller's contract, and the output's continuity (invariant 9) at model level."""
+
+import re
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+
+from helpers import (
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    make_optimizer,
+    snapshot,
+    train_step,
+)
+from lora_dash import (
+    LaunchController,
+    LoRADashLinear,
+    adapter_state_dict,
+    count_trainable_parameters,
+    dash_layers,
+    inject,
+    launch,
+    load_adapter_state_dict,
+)
+
+T = 5  # launch step: small, so a run of T + 20 steps is cheap
+EXTRA = 20
+PATHS = ["hook", "explicit"]
+CHECKPOINTING = [None, True, False]  # no checkpointing; use_reentrant=True; use_reentrant=False
+
+
+def make_controller(model, optimizer, path, launch_step=T):
+    controller = LaunchController(model, launch_step=launch_step)
+    if path == "hook":
+        controller.attach(optimizer)
+    return controller
+
+
+def run(model, optimizer, controller, path, steps, start=1, on_step=None, **kwargs):
+    """Optimizer steps ``start .. start + steps - 1``; ``on_step(step)`` after each."""
+    explicit = controller if path == "explicit" else None
+    for step in range(start, start + steps):
+        train_step(model, optimizer, step, controller=explicit, **kwargs)
+        if on_step is not None:
+            on_step(step)
+
+
+def spy_on_layer_launches(monkeypatch) -> Counter:
+    """Count ``LoRADashLinear.launch`` calls per layer name."""
+    calls: Counter = Counter()
+    original = LoRADashLinear.launch
+
+    def counting(self, *args, **kwargs):
+        calls[self.name] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRADashLinear, "launch", counting)
+    return calls
+
+
+# ----------------------------------------------------------------------- invariant 13: when
+@pytest.mark.parametrize("use_reentrant", CHECKPOINTING)
+@pytest.mark.parametrize("path", PATHS)
+def test_launch_happens_right_after_optimizer_step_t(path, use_reentrant):
+    # Accumulation micro-batches, eval passes and checkpoint recomputes are forwards, not steps.
+    model = build_adapted()
+    model.use_reentrant = use_reentrant
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, path)
+    phases = []
+
+    def record(step):
+        layer_phases = {layer.launched for layer in dash_layers(model).values()}
+        phases.append((step, controller.steps, controller.launched, layer_phases))
+
+    run(model, optimizer, controller, path, T + EXTRA, on_step=record, accumulation=3, evaluate=True)
+    expected = [(step, step, step >= T, {step >= T}) for step in range(1, T + EXTRA + 1)]
+    assert phases == expected
+
+
+@pytest.mark.parametrize("use_reentrant", CHECKPOINTING)
+@pytest.mark.parametrize("path", PATHS)
+def test_launch_happens_exactly_once(path, use_reentrant, monkeypatch):
+    calls = spy_on_layer_launches(monkeypatch)
+    model = build_adapted()
+    model.use_reentrant = use_reentrant
+    forwards = []
+    model.fc2.register_forward_hook(lambda *_: forwards.append(1))
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, path)
+    run(model, optimizer, controller, path, T + EXTRA, accumulation=3, evaluate=True)
+    assert calls == Counter({name: 1 for name in dash_layers(model)})
+    # The scenario is real: 3 micro-batches + 1 eval (+ 3 recomputes when checkpointing) per step.
+    assert len(forwards) == (T + EXTRA) * (4 if use_reentrant is None else 7)
+
+
+def test_training_does_not_warn_when_used_as_documented():
+    # A warning in the normal path would train users to ignore the real ones.
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, optimizer, controller, "hook", T + 3)
+    assert controller.launched
+
+
+# ----------------------------------------------------------------------- invariant 11: what
+@pytest.mark.parametrize("path", PATHS)
+def test_only_adapter_parameters_change_under_training(path):
+    model = build_adapted()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, path)
+    run(model, optimizer, controller, path, T + EXTRA, accumulation=3)
+    assert controller.launched
+    for name, p in model.named_parameters():
+        trained = name.rsplit(".", 1)[-1] in {"lora_A", "lora_B", "dash_delta"}
+        # Base weights and biases are bit-identical; every adapter tensor has moved.
+        assert torch.equal(p, before[name]) != trained, name
+
+
+def test_delta_is_zero_before_launch_and_trains_after():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "hook")
+    history = []
+    run(model, optimizer, controller, "hook", T + EXTRA,
+        on_step=lambda step: history.append((step, [layer.dash_delta.detach().clone()
+                                                    for layer in dash_layers(model).values()])))
+    for step, deltas in history:
+        for delta in deltas:
+            if step <= T:  # pre-launch, and the launch step itself (δ = 0 at launch)
+                assert not delta.any(), step
+            else:
+                assert delta.ne(0).all(), step
+
+
+# ------------------------------------------------------------------------ parameter count
+def test_trainable_parameter_count_is_lora_before_launch_plus_s_per_layer_after():
+    model = build_adapted()
+    layers = dash_layers(model).values()
+    lora = sum(R * (layer.in_features + layer.out_features) for layer in layers)
+    assert lora == sum(R * sum(layer.base.weight.shape) for layer in layers)
+    assert count_trainable_parameters(model) == lora
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "hook")
+    run(model, optimizer, controller, "hook", T - 1)
+    assert count_trainable_parameters(model) == lora
+    run(model, optimizer, controller, "hook", 1, start=T)
+    assert count_trainable_parameters(model) == lora + S * len(layers)
+
+
+# ----------------------------------------------------------------------------- controller
+@pytest.mark.parametrize("launch_step", [-1, -100, 2.0, 2.5, "5", None])
+def test_invalid_launch_step_is_rejected(launch_step):
+    model = build_adapted()
+    with pytest.raises(ValueError, match=re.escape(repr(launch_step))):
+        LaunchController(model, launch_step=launch_step)
+
+
+def test_launch_step_zero_launches_at_construction():
+    model = build_adapted()
+    controller = LaunchController(model, launch_step=0)
+    assert controller.launched
+    assert all(layer.launched for layer in dash_layers(model).values())
+
+
+def test_manual_launch_selects_s_directions_in_every_layer():
+    model = build_adapted()
+    selected = launch(model)
+    assert set(selected) == set(dash_layers(model))
+    for name, layer in dash_layers(model).items():
+        assert layer.launched
+        assert selected[name].shape == (S,)
+        assert torch.equal(layer.dash_index, selected[name])
+
+
+def test_second_launch_raises_and_changes_no_layer():
+    model = build_adapted()
+    launch(model)
+    with torch.no_grad():  # make δ non-zero so that a re-launch resetting it would show
+        for layer in dash_layers(model).values():
+            layer.dash_delta.fill_(0.5)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="already launched"):
+        launch(model)
+    assert_unchanged(model, before)
+
+
+def test_controller_gives_delta_a_fresh_adam_state_at_launch():
+    # Before launch δ's gradient is zero; Adam's step count and moments from then must not carry over.
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "hook")
+    run(model, optimizer, controller, "hook", T + 3)
+    for layer in dash_layers(model).values():
+        assert float(optimizer.state[layer.dash_delta]["step"]) == 3
+        assert float(optimizer.state[layer.lora_A]["step"]) == T + 3
+
+
+def test_warns_past_launch_step_when_a_layer_injected_after_launch_has_not_launched():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "explicit")
+    model.extra = torch.nn.Linear(6, 6)
+    run(model, optimizer, controller, "explicit", T)
+    assert controller.launched
+    inject(model, "extra", r=2, s=2)
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match="'extra'"):
+        controller.step()
+
+
+def test_warns_past_launch_step_after_loading_a_pre_launch_adapter_state():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "hook")
+    run(model, optimizer, controller, "hook", 2)
+    pre_launch = adapter_state_dict(model)
+    run(model, optimizer, controller, "hook", T, start=3)
+    load_adapter_state_dict(model, pre_launch)  # the model is back in pre-launch, the controller is not
+    with pytest.warns(RuntimeWarning, match="past launch_step"):
+        train_step(model, optimizer, T + 3)
+
+
+def test_warns_when_attached_optimizer_does_not_hold_delta():
+    model = build_adapted()
+    layers = dash_layers(model)
+    optimizer = torch.optim.AdamW([p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)], lr=1e-2)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    run(model, optimizer, controller, "hook", T - 1)
+    with pytest.warns(RuntimeWarning, match=re.escape(str(list(layers)))):
+        train_step(model, optimizer, T)
+    assert controller.launched
+
+
+def test_launch_is_all_or_nothing_when_one_layer_update_is_not_finite():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    run(model, optimizer, make_controller(model, optimizer, "hook", launch_step=100), "hook", 3)
+    with torch.no_grad():
+        model.fc2.lora_B[0, 0] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape("'fc2'")):
+        launch(model)
+    assert not any(layer.launched for layer in dash_layers(model).values())
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------ invariant 9: output
+def test_model_output_is_identical_just_before_and_just_after_launch():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = make_controller(model, optimizer, "explicit")
+    run(model, optimizer, controller, "explicit", T - 1)
+    probe = batch(-2, size=32)[0]
+    # Optimizer step t, then the output, then the launch the controller makes at step t.
+    train_step(model, optimizer, T)
+    with torch.no_grad():
+        just_before = model(probe)
+        controller.step()
+        assert controller.launched
+        just_after = model(probe)
+    assert torch.equal(just_before, just_after)
+    assert all(layer.lora_B.any() for layer in dash_layers(model).values())  # a real update at launch
