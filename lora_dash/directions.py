@@ -9,6 +9,7 @@ with the largest change rates are the task-specific directions (TSDs).
 Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -97,8 +98,8 @@ def change_rates(coords: Tensor, sigma: Tensor, eligible: Tensor, eps: float = 0
 
     Shapes: ``coords, sigma, eligible: (k,)`` → ``ρ: (k,)``.
     """
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     safe_sigma = torch.where(eligible, sigma, torch.ones_like(sigma))
     rates = coords.abs() / (safe_sigma + eps)
     return torch.where(eligible, rates, torch.zeros_like(rates))

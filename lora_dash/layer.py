@@ -25,19 +25,23 @@ def is_supported_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
     """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``."""
     if not is_supported_linear(base):
         raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
     in_features, out_features = base.weight.shape if is_conv1d(base) else base.weight.shape[::-1]
-    if not isinstance(r, int) or r < 1:
+    if not _is_count(r) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    if not isinstance(s, int) or not 1 <= s <= min(in_features, out_features):
+    if not _is_count(s) or not 1 <= s <= min(in_features, out_features):
         raise ValueError(f"s must be an int in [1, min(in, out)={min(in_features, out_features)}], got {s!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return in_features, out_features
 
 

@@ -50,7 +50,7 @@ class LaunchController:
     """
 
     def __init__(self, model: nn.Module, launch_step: int = 100) -> None:
-        if not isinstance(launch_step, int) or launch_step < 0:
+        if isinstance(launch_step, bool) or not isinstance(launch_step, int) or launch_step < 0:
             raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
         if not dash_layers(model):
             raise ValueError("the model has no LoRA-Dash layers; call inject() first")
