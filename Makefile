@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test clean
 
-$(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+$(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
