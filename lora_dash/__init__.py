@@ -4,7 +4,7 @@ Si et al., "Unleashing the Power of Task-Specific Directions in Parameter Effici
 ICLR 2025 (arXiv 2409.01035).
 """
 
-from lora_dash import directions
+from lora_dash import analysis, directions
 from lora_dash.inject import dash_layers, inject
 from lora_dash.layer import DashDirections, LoRADashLinear
 from lora_dash.schedule import LaunchController, launch
@@ -20,6 +20,7 @@ __all__ = [
     "LaunchController",
     "LoRADashLinear",
     "adapter_parameters",
+    "analysis",
     "adapter_state_dict",
     "count_trainable_parameters",
     "dash_layers",
