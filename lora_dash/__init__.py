@@ -5,6 +5,7 @@ ICLR 2025 (arXiv 2409.01035).
 """
 
 from lora_dash import analysis, directions
+from lora_dash.export import export_lora, plain_lora_factors, save_peft_adapter
 from lora_dash.inject import dash_layers, inject
 from lora_dash.layer import DashDirections, LoRADashLinear
 from lora_dash.schedule import LaunchController, launch
@@ -25,8 +26,11 @@ __all__ = [
     "count_trainable_parameters",
     "dash_layers",
     "directions",
+    "export_lora",
     "inject",
     "launch",
     "load_adapter_state_dict",
+    "plain_lora_factors",
+    "save_peft_adapter",
 ]
 __version__ = "0.1.0"

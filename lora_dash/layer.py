@@ -70,7 +70,8 @@ class LoRADashLinear(nn.Module):
     one rank-``(r + s)`` product, so the dash never forms an ``(out, in)`` matrix, and the forward has
     no phase logic: before launch the dash columns are zero and contribute exactly nothing.
 
-    Input ``(..., in)`` → output ``(..., out)``.
+    Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
+    buffers are float32 for a half-precision base (float64 for a float64 one).
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -104,7 +105,9 @@ class LoRADashLinear(nn.Module):
         self.name = ""  # dotted name in the model, set by `inject`, used in error messages
         self.merged = False
 
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Adapters train in at least float32: in fp16 Adam's eps underflows and a zero gradient
+        # (A's at step 1, δ's before launch) would become 0/0 = NaN. Outputs keep the base dtype.
+        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and PEFT
