@@ -5,6 +5,12 @@ ICLR 2025 (arXiv 2409.01035).
 """
 
 from lora_dash import analysis, directions
+from lora_dash.checkpoint import (
+    load_adapter,
+    load_training_checkpoint,
+    save_adapter,
+    save_training_checkpoint,
+)
 from lora_dash.export import export_lora, plain_lora_factors, save_peft_adapter
 from lora_dash.inject import dash_layers, inject
 from lora_dash.layer import DashDirections, LoRADashLinear
@@ -29,8 +35,12 @@ __all__ = [
     "export_lora",
     "inject",
     "launch",
+    "load_adapter",
     "load_adapter_state_dict",
+    "load_training_checkpoint",
     "plain_lora_factors",
+    "save_adapter",
     "save_peft_adapter",
+    "save_training_checkpoint",
 ]
 __version__ = "0.1.0"

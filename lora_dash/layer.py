@@ -1,6 +1,7 @@
 """`LoRADashLinear`: a frozen linear layer with a LoRA branch and a dash branch beside it."""
 
 import math
+import sys
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,19 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_supported_linear(module: nn.Module) -> bool:
     """True for the layers LoRA-Dash can wrap: ``nn.Linear`` and GPT-2 style ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a ``DTensor``, the form FSDP2 gives parameters outside forward (each rank holds a shard)."""
+    # A DTensor exists only once torch.distributed.tensor is imported; looking it up costs no import.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a ``DTensor`` is all-gathered (a collective: every rank must make the same calls in
+    the same order); a plain tensor is returned as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def _is_count(value: object) -> bool:
@@ -119,6 +133,18 @@ class LoRADashLinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
 
+    def _apply(self, fn, recurse=True):
+        """``Module.to``, ``.half()``, ``.cuda()``… apply to every tensor; afterwards the adapter's tensors go
+        back to at least float32 (see ``__init__``). In place, so optimizers keep their references."""
+        super()._apply(fn, recurse)
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
+        for tensor in (self.lora_A, self.lora_B, self.dash_delta, self.dash_U, self.dash_V):
+            if tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+                if tensor.grad is not None:
+                    tensor.grad = tensor.grad.to(dtype)
+        return self
+
     # ----------------------------------------------------------------------------------- state
     @property
     def launched(self) -> bool:
@@ -130,8 +156,12 @@ class LoRADashLinear(nn.Module):
         return [self.lora_A, self.lora_B, self.dash_delta]
 
     def base_weight(self) -> Tensor:
-        """The frozen weight in ``(out, in)`` layout (a view; ``Conv1D`` stores its transpose)."""
-        return self.base.weight.T if is_conv1d(self.base) else self.base.weight
+        """The whole frozen weight in ``(out, in)`` layout.
+
+        ``Conv1D`` stores its transpose; under FSDP2 the shards are gathered (every rank must call this).
+        """
+        weight = full_tensor(self.base.weight)
+        return weight.T if is_conv1d(self.base) else weight
 
     def _where(self) -> str:
         return f"layer {self.name!r}" if self.name else "LoRADashLinear"
@@ -165,12 +195,14 @@ class LoRADashLinear(nn.Module):
             raise RuntimeError(f"{self._where()} is already launched; launch happens once")
         if self.merged:
             raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
-        if not (torch.isfinite(self.lora_A).all() and torch.isfinite(self.lora_B).all()):
+        # Under FSDP2 every rank gathers the whole W, A and B, so every rank selects what one process would.
+        A, B, weight = full_tensor(self.lora_A), full_tensor(self.lora_B), self.base_weight()
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
-        if not torch.isfinite(self.base_weight()).all():
+        if not torch.isfinite(weight).all():
             raise ValueError(f"{self._where()}: the pretrained weight is not finite")
-        U, sigma, V = directions.svd_basis(self.base_weight(), dtype=svd_dtype)
-        coords = directions.coordinates_from_factors(self.lora_B, self.lora_A, self.scaling, U, V)
+        U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
+        coords = directions.coordinates_from_factors(B, A, self.scaling, U, V)
         eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))
         rates = directions.change_rates(coords, sigma, eligible, self.eps)
         try:

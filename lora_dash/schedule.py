@@ -80,8 +80,10 @@ class LaunchController:
         self._hooks, self._optimizers = [], []
 
     def step(self) -> None:
-        """Record one optimizer step; launch if it was step ``t``."""
+        """Record one optimizer step; launch if it was step ``t``; one step later, check that δ trains."""
         self.steps += 1
+        if self.steps == self.launch_step + 1 and self.launched:
+            self._warn_if_delta_did_not_move()
         if self.steps == self.launch_step and not self.launched:
             self.launch()
         elif self.steps > self.launch_step and not self.launched:
@@ -116,6 +118,23 @@ class LaunchController:
                 )
         return selected
 
+    def _warn_if_delta_did_not_move(self) -> None:
+        """δ is zero at launch; after the next optimizer step it is still exactly zero despite a non-zero
+        gradient only if no optimizer stepped it (the case an explicit ``step()`` cannot see at launch)."""
+        frozen = [
+            name for name, layer in dash_layers(self.model).items()
+            if layer.dash_delta.grad is not None and bool(layer.dash_delta.grad.any())
+            and not bool(layer.dash_delta.any())
+        ]
+        if frozen:
+            warnings.warn(
+                f"LoRA-Dash: δ of layers {frozen} did not move in the optimizer step after the launch although "
+                "its gradient is non-zero; the dash is not training. Build the optimizer from "
+                "lora_dash.adapter_parameters(model).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def state_dict(self) -> dict[str, int]:
         """``{"launch_step": t, "steps": optimizer steps so far}``."""
         return {"launch_step": self.launch_step, "steps": self.steps}
@@ -124,8 +143,9 @@ class LaunchController:
         """Restore the step count; the model's adapter state must be loaded first.
 
         Raises:
-            ValueError: missing or unexpected keys, a different ``launch_step``, or a step count that
-                disagrees with the model's phase (launched iff ``steps >= launch_step``).
+            ValueError: missing or unexpected keys, a different ``launch_step``, or a step count at or
+                past ``launch_step`` with a model that has not launched (a model launched early, by an
+                explicit :meth:`launch`, may have any step count).
         """
         expected = {"launch_step", "steps"}
         if set(state) != expected:
@@ -135,9 +155,9 @@ class LaunchController:
         steps = state["steps"]
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if (steps >= self.launch_step) != self.launched:
+        if steps >= self.launch_step and not self.launched:  # launched before t is fine: an explicit launch()
             raise ValueError(
-                f"state is at step {steps} with launch_step={self.launch_step}, but the model is "
-                f"{'launched' if self.launched else 'not launched'}; load the adapter state first"
+                f"state is at step {steps} with launch_step={self.launch_step}, but the model is not launched; "
+                "load the adapter state first"
             )
         self.steps = steps

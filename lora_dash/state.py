@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash.inject import dash_layers
-from lora_dash.layer import LoRADashLinear
+from lora_dash.layer import LoRADashLinear, full_tensor, is_sharded
 
 #: What one layer saves: the trainable A, B, δ and the launch's buffers U_s, V_s, indices and phase.
 LAYER_STATE_KEYS = ("lora_A", "lora_B", "dash_delta", "dash_U", "dash_V", "dash_index", "dash_launched")
@@ -28,9 +28,12 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of every layer's adapter state, keyed ``"<layer name>.<key>"`` (keys: ``LAYER_STATE_KEYS``)."""
+    """A copy of every layer's adapter state, keyed ``"<layer name>.<key>"`` (keys: ``LAYER_STATE_KEYS``).
+
+    Always whole tensors: under FSDP2 the shards are gathered, so every rank must call it.
+    """
     return {
-        f"{name}.{key}": getattr(layer, key).detach().clone()
+        f"{name}.{key}": full_tensor(getattr(layer, key)).detach().clone()
         for name, layer in dash_layers(model).items()
         for key in LAYER_STATE_KEYS
     }
@@ -67,7 +70,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
 
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(state[key])
+            target.copy_(_like(target, state[key]))
 
 
 def _check_phase(name: str, layer: LoRADashLinear, state: dict[str, Tensor]) -> None:
@@ -80,3 +83,13 @@ def _check_phase(name: str, layer: LoRADashLinear, state: dict[str, Tensor]) -> 
             raise ValueError(f"adapter state {name + '.dash_index'!r} is launched but holds {index.tolist()}")
     elif (index != -1).any() or state["dash_U"].any() or state["dash_V"].any() or state["dash_delta"].any():
         raise ValueError(f"adapter state for {name!r} is pre-launch but has non-zero dash state")
+
+
+def _like(target: Tensor, value: Tensor) -> Tensor:
+    """``value`` laid out as ``target``: sharded like it when it is a DTensor (each rank holds the whole
+    ``value``, so each keeps its own shard without communicating)."""
+    if is_sharded(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    return value

@@ -1,0 +1,451 @@
+"""Adapter files and training checkpoints (`lora_dash.checkpoint`): safe to load, atomic to write, and
+every bad file is a clear error that leaves the model (and optimizer, controller, RNG) as it was."""
+
+import builtins
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import (
+    ADAPTED,
+    ALPHA,
+    MLP,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    build_base,
+    make_optimizer,
+    snapshot,
+    train_step,
+)
+from lora_dash import LaunchController, adapter_state_dict, dash_layers, inject
+from lora_dash import checkpoint
+from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
+
+T = 3  # launch step
+
+
+def trained(steps: int, init_seed: int = 1):
+    """A model, optimizer and attached controller after ``steps`` optimizer steps."""
+    model = build_adapted(init_seed=init_seed)
+    optimizer = make_optimizer(model)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    for step in range(1, steps + 1):
+        train_step(model, optimizer, step)
+    return model, optimizer, controller
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tmp_path_factory):
+    """A launched model's adapter file (bytes and path), and the state it holds."""
+    model, _, _ = trained(T + 2)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.pt"
+    save_adapter(model, path)
+    return path, path.read_bytes(), adapter_state_dict(model)
+
+
+def resign(path, mutate) -> None:
+    """Rewrite a file with ``mutate(content)`` applied and a valid checksum: what a careful attacker can do."""
+    payload = torch.load(path, weights_only=True)
+    mutate(payload["content"])
+    payload["checksum"] = checkpoint._checksum(payload["content"])
+    torch.save(payload, path)
+
+
+def assert_refused_and_unchanged(load, model, match: str | None, error=ValueError) -> None:
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        load()
+    assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("steps", [T - 1, T + 2], ids=["pre-launch", "launched"])
+def test_adapter_file_loads_into_a_fresh_model_with_identical_state_and_outputs(steps, tmp_path):
+    model, _, _ = trained(steps)
+    save_adapter(model, tmp_path / "adapter.pt")
+    fresh = build_adapted(init_seed=2)  # another A: everything must come from the file
+    load_adapter(fresh, tmp_path / "adapter.pt")
+    for key, value in adapter_state_dict(model).items():
+        assert torch.equal(adapter_state_dict(fresh)[key], value), key
+    probe = batch(-1, size=16)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(probe), model(probe))
+
+
+def test_adapter_file_is_an_ordinary_weights_only_torch_file(adapter_file):
+    # Any stack can read it with torch.load(weights_only=True), no lora_dash needed.
+    path, _, state = adapter_file
+    payload = torch.load(path, weights_only=True)
+    assert (payload["format"], payload["version"]) == (checkpoint.ADAPTER_FORMAT, checkpoint.VERSION)
+    assert all(torch.equal(payload["content"]["state"][key], value) for key, value in state.items())
+
+
+def test_training_checkpoint_restores_the_python_numpy_and_torch_random_streams(tmp_path):
+    model, optimizer, controller = trained(2)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_training_checkpoint_restores_optimizer_state_and_step_count(tmp_path):
+    model, optimizer, controller = trained(T + 1)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    fresh, fresh_optimizer, fresh_controller = trained(0, init_seed=2)
+    load_training_checkpoint(fresh, fresh_optimizer, fresh_controller, tmp_path / "run.pt")
+    assert (fresh_controller.steps, fresh_controller.launched) == (T + 1, True)
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, entries in saved["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)
+
+
+# ---------------------------------------------------------------------------------- safe files
+class RunsCode:
+    """Unpickling this opens (so creates) a file: a stand-in for any code an attacker would run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def malicious_files(folder, good_path):
+    """The same payload three ways: torch's zip format, a raw pickle, and inside a valid LoRA-Dash file."""
+    marker = folder / "code-ran"
+    zipped, raw, nested = folder / "zip.pt", folder / "raw.pt", folder / "nested.pt"
+    torch.save({"state": RunsCode(marker)}, zipped)
+    raw.write_bytes(pickle.dumps({"state": RunsCode(marker)}, protocol=2))  # torch.load's own protocol
+    payload = torch.load(good_path, weights_only=True)
+    payload["content"]["layers"]["fc1"]["r"] = RunsCode(marker)
+    torch.save(payload, nested)
+    return marker, [zipped, raw, nested]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["torch-zip", "raw-pickle", "inside-adapter-file"])
+def test_malicious_pickle_is_refused_without_running_its_code(which, adapter_file, tmp_path):
+    marker, files = malicious_files(tmp_path, adapter_file[0])
+    model = build_adapted(init_seed=3)
+    assert_refused_and_unchanged(lambda: load_adapter(model, files[which]), model, "refused")
+    assert not marker.exists()
+    pickle.loads(files[1].read_bytes())  # the file really runs code under a plain unpickler
+    assert marker.exists()
+
+
+def test_malicious_training_checkpoint_is_refused_without_running_its_code(tmp_path):
+    model, optimizer, controller = trained(1)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    marker = tmp_path / "code-ran"
+    payload = torch.load(tmp_path / "run.pt", weights_only=True)
+    payload["content"]["rng"]["python"] = RunsCode(marker)
+    torch.save(payload, tmp_path / "run.pt")
+    assert_refused_and_unchanged(lambda: load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt"),
+                                 model, "refused")
+    assert not marker.exists()
+
+
+CUTS = [0, 1, 10, 100, 0.5, -100, -22, -1]  # bytes kept (a fraction; negative: from the end)
+
+
+@pytest.mark.parametrize("cut", CUTS)
+def test_truncated_adapter_file_is_rejected_and_model_unchanged(cut, adapter_file, tmp_path):
+    _, data, _ = adapter_file
+    keep = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
+    (tmp_path / "cut.pt").write_bytes(data[:keep])
+    model = build_adapted(init_seed=3)
+    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "cut.pt"), model, "truncated or corrupted")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a damaged pickle can make torch's unpickler warn
+def test_flipped_byte_anywhere_never_loads_different_values(adapter_file, tmp_path):
+    # torch.load itself checks no CRC (most flips inside a tensor load silently); the checksum must
+    # catch them. A flip in bytes the loader ignores may load: then the state must be the saved one.
+    _, data, state = adapter_file
+    model = build_adapted(init_seed=3)
+    outcomes = {"rejected": 0, "harmless": 0}
+    for offset in range(0, len(data), 37):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x5A
+        (tmp_path / "flip.pt").write_bytes(damaged)
+        before = snapshot(model)
+        try:
+            load_adapter(model, tmp_path / "flip.pt")
+        except ValueError:
+            assert_unchanged(model, before)
+            outcomes["rejected"] += 1
+            continue
+        assert all(torch.equal(adapter_state_dict(model)[key], value) for key, value in state.items()), offset
+        outcomes["harmless"] += 1
+        model = build_adapted(init_seed=3)
+    assert outcomes["rejected"] > 0, outcomes  # the sweep did reach the tensors
+
+
+def test_content_changed_without_updating_the_checksum_is_rejected(adapter_file, tmp_path):
+    path = tmp_path / "edited.pt"
+    payload = torch.load(adapter_file[0], weights_only=True)
+    payload["content"]["state"]["fc2.dash_delta"][0] += 1e-3
+    torch.save(payload, path)
+    model = build_adapted(init_seed=3)
+    assert_refused_and_unchanged(lambda: load_adapter(model, path), model, "checksum")
+
+
+# -------------------------------------------------------------------------------- wrong model
+def other_layers():
+    model = build_base()
+    inject(model, r"fc1|fc2", r=R, alpha=ALPHA, s=S)
+    return model
+
+
+def other_pretrained_weights():
+    torch.manual_seed(5)
+    model = MLP()
+    inject(model, ADAPTED, r=R, alpha=ALPHA, s=S)
+    return model
+
+
+WRONG_MODELS = {
+    "fewer-layers": (other_layers, "layers"),
+    "other-r": (lambda: build_adapted(r=R + 1), "r=4 \\(model: 5\\)"),
+    "other-s": (lambda: build_adapted(s=S - 1), "s=3 \\(model: 2\\)"),
+    "other-alpha": (lambda: build_adapted(alpha=2 * ALPHA), "alpha=8.0 \\(model: 16.0\\)"),  # same shapes
+    "rslora": (lambda: build_adapted(use_rslora=True), "use_rslora=False"),
+    "other-eps": (lambda: build_adapted(eps=1e-6), "eps=0.0"),
+    "other-pretrained-weights": (other_pretrained_weights, "another pretrained weight"),
+}
+
+
+@pytest.mark.parametrize("build, match", WRONG_MODELS.values(), ids=WRONG_MODELS.keys())
+def test_adapter_file_for_another_model_is_rejected_and_model_unchanged(build, match, adapter_file):
+    model = build()
+    assert_refused_and_unchanged(lambda: load_adapter(model, adapter_file[0]), model, match)
+
+
+def test_check_base_false_loads_onto_other_pretrained_weights(adapter_file):
+    model = other_pretrained_weights()
+    load_adapter(model, adapter_file[0], check_base=False)
+    assert all(torch.equal(adapter_state_dict(model)[k], v) for k, v in adapter_file[2].items())
+
+
+def test_adapter_file_loads_onto_a_bfloat16_copy_of_the_same_weights(adapter_file):
+    # The pretrained-weight check tolerates the rounding of a half-precision copy.
+    model = build_adapted(init_seed=3).to(torch.bfloat16)
+    load_adapter(model, adapter_file[0])
+    assert torch.equal(model.fc3.dash_index, adapter_file[2]["fc3.dash_index"])
+
+
+def test_loading_into_a_merged_layer_is_refused_and_model_unchanged(adapter_file):
+    model, _, _ = trained(T)
+    model.fc2.merge()
+    assert_refused_and_unchanged(lambda: load_adapter(model, adapter_file[0]), model, "'fc2'", RuntimeError)
+
+
+def test_saving_a_merged_model_is_refused_and_writes_nothing(tmp_path):
+    model, _, _ = trained(T)
+    model.fc1.merge()
+    with pytest.raises(RuntimeError, match="fc1"):
+        save_adapter(model, tmp_path / "adapter.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------- wrong phase
+def launched_flag_without_directions(content):
+    content["state"]["fc1.dash_index"].fill_(-1)
+
+
+def pre_launch_with_a_dash(content):
+    for name in ("fc1", "fc2", "fc3"):
+        content["state"][f"{name}.dash_launched"].fill_(False)
+
+
+def mixed_phases(content):
+    content["state"]["fc3.dash_launched"].fill_(False)
+
+
+WRONG_PHASES = {
+    "launched-without-directions": (launched_flag_without_directions, "'fc1.dash_index'"),
+    "pre-launch-with-a-dash": (pre_launch_with_a_dash, "pre-launch but has non-zero dash state"),
+    "mixed-phases": (mixed_phases, "mixes launched and pre-launch"),
+}
+
+
+@pytest.mark.parametrize("mutate, match", WRONG_PHASES.values(), ids=WRONG_PHASES.keys())
+def test_adapter_file_with_an_inconsistent_phase_is_rejected_and_model_unchanged(mutate, match, adapter_file, tmp_path):
+    path = tmp_path / "phase.pt"
+    path.write_bytes(adapter_file[1])
+    resign(path, mutate)
+    model = build_adapted(init_seed=3)
+    assert_refused_and_unchanged(lambda: load_adapter(model, path), model, match)
+
+
+def snapshot_run(model, optimizer, controller) -> dict:
+    return {"model": snapshot(model), "optimizer": repr(optimizer.state_dict()), "steps": controller.steps,
+            "rng": (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state())}
+
+
+def assert_run_unchanged(model, optimizer, controller, before) -> None:
+    assert_unchanged(model, before["model"])
+    after = snapshot_run(model, optimizer, controller)
+    assert (after["optimizer"], after["steps"]) == (before["optimizer"], before["steps"])
+    assert after["rng"][:2] == before["rng"][:2] and torch.equal(after["rng"][2], before["rng"][2])
+
+
+def checkpoint_after_a_failed_launch(path) -> None:
+    """The launch at step t fails (a layer is merged then): the controller counted t, no layer launched."""
+    model, optimizer, controller = trained(T - 1)
+    model.fc2.merge()
+    with pytest.raises(RuntimeError, match="'fc2' is merged"):
+        train_step(model, optimizer, T)
+    model.fc2.unmerge()
+    save_training_checkpoint(model, optimizer, controller, path)
+
+
+def checkpoint_of_another_launch_step(path) -> None:
+    model, optimizer, _ = trained(0)
+    controller = LaunchController(model, launch_step=T + 1).attach(optimizer)
+    save_training_checkpoint(model, optimizer, controller, path)
+
+
+WRONG_RUNS = {
+    "steps-past-t-but-pre-launch": (checkpoint_after_a_failed_launch, f"step {T}"),
+    "another-launch-step": (checkpoint_of_another_launch_step, f"launch_step={T + 1}"),
+}
+
+
+@pytest.mark.parametrize("write, match", WRONG_RUNS.values(), ids=WRONG_RUNS.keys())
+def test_training_checkpoint_of_the_wrong_phase_is_rejected_and_run_unchanged(write, match, tmp_path):
+    write(tmp_path / "run.pt")
+    model, optimizer, controller = trained(T + 2, init_seed=3)  # launched: loading would change the phase
+    before = snapshot_run(model, optimizer, controller)
+    with pytest.raises(ValueError, match=match):
+        load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    assert_run_unchanged(model, optimizer, controller, before)
+
+
+def test_training_checkpoint_saved_after_an_early_manual_launch_loads_back(tmp_path):
+    # controller.launch() before step t is public API ("launch now"); invariant 14 says a checkpoint
+    # saved then must load. Today LaunchController.load_state_dict demands launched iff steps >= t.
+    model, optimizer, controller = trained(T - 2)
+    controller.launch()
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    fresh, fresh_optimizer, fresh_controller = trained(0, init_seed=2)
+    load_training_checkpoint(fresh, fresh_optimizer, fresh_controller, tmp_path / "run.pt")
+    assert (fresh_controller.steps, fresh_controller.launched) == (T - 2, True)
+
+
+def test_training_checkpoint_for_an_optimizer_without_delta_is_rejected_and_run_unchanged(tmp_path):
+    model, optimizer, controller = trained(T + 1)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    lora_only = torch.optim.AdamW([p for layer in dash_layers(model).values() for p in (layer.lora_A, layer.lora_B)])
+    before = snapshot_run(model, lora_only, controller)
+    with pytest.raises(ValueError, match="optimizer state"):
+        load_training_checkpoint(model, lora_only, controller, tmp_path / "run.pt")
+    assert_run_unchanged(model, lora_only, controller, before)
+
+
+def test_training_checkpoint_with_a_malformed_rng_state_is_rejected_and_run_unchanged(tmp_path):
+    # The RNG is restored after the adapter and controller: a failure there must undo them.
+    model, optimizer, controller = trained(T + 1)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    resign(tmp_path / "run.pt", lambda content: content["rng"].update(numpy={"bit_generator": "PCG64"}))
+    target, target_optimizer, target_controller = trained(1, init_seed=3)
+    before = snapshot_run(target, target_optimizer, target_controller)
+    with pytest.raises(ValueError, match="run.pt: 'state'"):  # the KeyError NumPy raised, with the file named
+        load_training_checkpoint(target, target_optimizer, target_controller, tmp_path / "run.pt")
+    assert_run_unchanged(target, target_optimizer, target_controller, before)
+
+
+# ------------------------------------------------------------------------ wrong or malformed file
+def plain_state_dict_file(path, _):
+    torch.save(build_adapted().state_dict(), path)
+
+
+def training_checkpoint_file(path, _):
+    model, optimizer, controller = trained(1)
+    save_training_checkpoint(model, optimizer, controller, path)
+
+
+def future_version(path, data):
+    path.write_bytes(data)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "version": checkpoint.VERSION + 1}, path)
+
+
+def signed(mutate):
+    def write(path, data):
+        path.write_bytes(data)
+        resign(path, mutate)
+    return write
+
+
+MALFORMED = {
+    "plain-state-dict": (plain_state_dict_file, "not a LoRA-Dash file"),
+    "training-checkpoint": (training_checkpoint_file, "'lora_dash.training' file"),
+    "future-version": (future_version, "format version 2"),
+    "content-not-a-dict": (signed(lambda c: c.clear()), "not a LoRA-Dash adapter"),
+    "config-missing": (signed(lambda c: c["layers"]["fc2"].pop("alpha")), "alpha=None"),
+    "config-not-a-dict": (signed(lambda c: c["layers"].update(fc2=[1, 2])), "no configuration for layer 'fc2'"),
+    "sketch-missing": (signed(lambda c: c["layers"]["fc1"].pop("base_sketch")), "sketch for layer 'fc1'"),
+    "sketch-wrong-shape": (signed(lambda c: c["layers"]["fc1"].update(base_sketch=torch.zeros(3))), "sketch"),
+    "state-key-missing": (signed(lambda c: c["state"].pop("fc3.lora_A")), "fc3.lora_A"),
+    "state-not-a-tensor": (signed(lambda c: c["state"].update({"fc3.lora_B": [0.0]})), "fc3.lora_B"),
+    "state-wrong-shape": (signed(lambda c: c["state"].update({"fc2.dash_U": torch.zeros(2, 2)})), "fc2.dash_U"),
+}
+
+
+@pytest.mark.parametrize("write, match", MALFORMED.values(), ids=MALFORMED.keys())
+def test_wrong_or_malformed_adapter_file_is_rejected_naming_the_problem_and_model_unchanged(
+    write, match, adapter_file, tmp_path
+):
+    write(tmp_path / "bad.pt", adapter_file[1])
+    model = build_adapted(init_seed=3)
+    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "bad.pt"), model, match)
+
+
+@pytest.mark.parametrize("path_kind, error", [("missing", FileNotFoundError), ("folder", IsADirectoryError)])
+def test_unreadable_path_raises_the_os_error_and_model_unchanged(path_kind, error, tmp_path):
+    model = build_adapted(init_seed=3)
+    path = tmp_path / "nothing.pt" if path_kind == "missing" else tmp_path
+    assert_refused_and_unchanged(lambda: load_adapter(model, path), model, None, error)
+
+
+# ----------------------------------------------------------------------------------- atomicity
+def test_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(adapter_file, tmp_path, monkeypatch):
+    path = tmp_path / "adapter.pt"
+    path.write_bytes(adapter_file[1])
+
+    def write_half_then_fail(obj, file):
+        file.write(adapter_file[1][: len(adapter_file[1]) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(build_adapted(init_seed=4), path)
+    assert path.read_bytes() == adapter_file[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]
+
+
+def test_save_syncs_the_new_file_before_replacing_the_old_and_syncs_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda *args: (events.append(("replace",)), real_replace(*args)))
+    save_adapter(build_adapted(), tmp_path / "adapter.pt")
+    assert events == [("fsync", False), ("replace",), ("fsync", True)]
+
+
+def test_saved_file_gets_the_permissions_open_would_give(tmp_path):
+    save_adapter(build_adapted(), tmp_path / "adapter.pt")
+    (tmp_path / "reference").touch()
+    assert (tmp_path / "adapter.pt").stat().st_mode == (tmp_path / "reference").stat().st_mode
