@@ -1,10 +1,12 @@
 # `make test` builds its own pinned environment in .venv on first use, then runs the suite.
+# `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
+# `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test clean
+.PHONY: test demo clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,9 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m lora_dash.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

