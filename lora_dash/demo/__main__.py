@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{QUICK['n_test']} with --quick)")
     parser.add_argument("--out", type=Path, default=Path("results/demo"), help="results folder for the plots and "
                         "results.json (default results/demo)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in well under a minute: few steps, early "
                         "launch, small test set; flags given explicitly still win")
     args = parser.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({split.test_labels.float().mean():.1%} of test fresh); r={config.r}, s={config.s}, t={config.t}, "
           f"steps={config.steps}, batch {config.batch_size}, lr {config.lr:g}, {torch.get_num_threads()} threads")
 
-    results = [run(method, split, config) for method in METHODS]
+    results = [run(method, split, config, progress=not args.no_progress) for method in METHODS]
     lora, dash = results
     layers = tsd_layers(dash.model)
     summary = tsd_summary(layers)

@@ -68,16 +68,26 @@ def load_rotten_tomatoes(n_test: int = 2000, seed: int = 0) -> Split:
 
 
 def batches(
-    texts: list[str], labels: Tensor, batch_size: int, seed: int | None = None
+    texts: list[str], labels: Tensor, batch_size: int, seed: int | None = None, pool: int = 50
 ) -> Iterator[tuple[list[str], Tensor]]:
-    """One pass over the data in batches of ``batch_size`` (the last one may be smaller).
+    """One pass over the data in batches of ``batch_size`` texts of similar length.
 
-    With a ``seed`` the order is shuffled (the same seed, the same order); without one it is kept,
-    as evaluation wants.
+    A batch is padded to its longest text, and the snippets run from a few words to a paragraph, so
+    random batches would be half padding. Length bucketing removes most of it: with a ``seed`` the
+    data is shuffled, cut into pools of ``pool`` batches, each pool sorted by text length and cut into
+    batches, and the batches of a pool visited in a shuffled order (the same seed, the same order).
+    Without a seed (evaluation) the whole set is sorted by length. Either way every example appears
+    exactly once; the last batch of a pool may be smaller.
     """
     order = list(range(len(texts)))
+    rng = random.Random(seed)
     if seed is not None:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        yield [texts[i] for i in chunk], labels[chunk]
+        rng.shuffle(order)
+    pool_size = batch_size * pool if seed is not None else len(order)
+    for pool_start in range(0, len(order), pool_size):
+        by_length = sorted(order[pool_start:pool_start + pool_size], key=lambda i: len(texts[i]))
+        chunks = [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
+        if seed is not None:
+            rng.shuffle(chunks)
+        for chunk in chunks:
+            yield [texts[i] for i in chunk], labels[chunk]

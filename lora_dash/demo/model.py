@@ -43,13 +43,16 @@ def load_minilm() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # The file still holds the pooler's weights; transformers would print a table calling them
-    # UNEXPECTED, which here they are not.
-    verbosity = transformers_logging.get_verbosity()
+    # UNEXPECTED, which here they are not. Its loading bar (a fraction of a second) is noise too.
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         encoder = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
     return tokenizer, encoder.float()
 
 

@@ -4,15 +4,12 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # figures straight to files: no pyplot state, no display backend
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import lora_dash  # noqa: E402
-from lora_dash import directions  # noqa: E402
-from lora_dash.demo.train import RunResult, TrainConfig  # noqa: E402
+import lora_dash
+from lora_dash import analysis, directions
+from lora_dash.demo.train import RunResult, TrainConfig
 
 # Short names for the six linear layers of a BERT block, in the order they run.
 LAYER_KINDS = {
@@ -43,19 +40,22 @@ def short_name(name: str) -> str:
 def tsd_layers(model: torch.nn.Module) -> list[dict]:
     """Per launched layer: the selected directions' σ-ranks, their σ and the trained δ.
 
-    ``rank`` is 1-based in σ's descending order (1 = largest σ, k = smallest); ``σ_i`` is recovered
-    as the coordinate of ``W`` itself on the stored direction, ``u_iᵀ W v_i``.
+    ``rank`` is 1-based in σ's descending order (1 = largest σ, k = smallest), ``position`` the same
+    from 0 (largest) to 1 (smallest); ``σ_i`` is recovered as the coordinate of ``W`` itself on the
+    stored direction, ``u_iᵀ W v_i``.
     """
     layers = []
     for name, layer in lora_dash.dash_layers(model).items():
         if not layer.launched:
             continue
         sigma = directions.coordinates(layer.base_weight(), layer.dash_U, layer.dash_V)
+        k = min(layer.in_features, layer.out_features)
         layers.append({
             "name": name,
             "kind": layer_kind(name),
-            "k": min(layer.in_features, layer.out_features),
+            "k": k,
             "rank": (layer.dash_index + 1).tolist(),
+            "position": analysis.relative_singular_value_ranks(layer.dash_index, k).tolist(),
             "sigma": sigma.tolist(),
             "delta": layer.dash_delta.tolist(),
         })
@@ -64,7 +64,7 @@ def tsd_layers(model: torch.nn.Module) -> list[dict]:
 
 def tsd_summary(layers: list[dict]) -> dict:
     """Totals over all layers: the rank histogram by tenth of the spectrum and how far δ moved."""
-    relative = torch.tensor([(rank - 1) / layer["k"] for layer in layers for rank in layer["rank"]])
+    relative = torch.tensor([position for layer in layers for position in layer["position"]])
     delta = torch.tensor([d for layer in layers for d in layer["delta"]]).abs()
     sigma = torch.tensor([s for layer in layers for s in layer["sigma"]])
     tenths = torch.histc(relative, bins=10, min=0.0, max=1.0)
@@ -134,7 +134,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
 def save_plots(out: Path, results: list[RunResult], config: TrainConfig, layers: list[dict]) -> list[str]:
     """``loss.png``, ``ranks.png``, ``delta.png`` in ``out``; returns their file names."""
     window = max(1, config.steps // 25)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     # LoRA wider and underneath: the two curves coincide until the launch.
     for result, color, width in zip(results, ("tab:blue", "tab:red"), (3.0, 1.2)):
         steps = range(1, len(result.losses) + 1)
@@ -147,28 +148,27 @@ def save_plots(out: Path, results: list[RunResult], config: TrainConfig, layers:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     by_kind: dict[str, list[float]] = {}
     for layer in layers:
-        by_kind.setdefault(layer["kind"], []).extend((rank - 1) / layer["k"] for rank in layer["rank"])
+        by_kind.setdefault(layer["kind"], []).extend(layer["position"])
     ax.hist(list(by_kind.values()), bins=20, range=(0.0, 1.0), stacked=True, label=list(by_kind))
     ax.set(xlabel="position in W's spectrum (0 = largest σ, 1 = smallest)", ylabel="selected directions",
            title=f"Where the task-specific directions sit ({sum(map(len, by_kind.values()))} directions)")
     ax.legend(title="layer type")
     fig.tight_layout()
     fig.savefig(out / "ranks.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    ax = fig.subplots()
     for i, layer in enumerate(layers):
         ax.scatter([i] * len(layer["delta"]), [abs(d) for d in layer["delta"]], s=12, color="tab:red", alpha=0.6)
     ax.set_xticks(range(len(layers)), [short_name(layer["name"]) for layer in layers], rotation=90, fontsize=7)
     ax.set(ylabel="|δ| after training", title="How far each selected singular value moved (one dot per direction)")
     fig.tight_layout()
     fig.savefig(out / "delta.png", dpi=120)
-    plt.close(fig)
     return ["loss.png", "ranks.png", "delta.png"]
 
 

@@ -7,7 +7,7 @@ LoRA-Dash layer before launch *is* a LoRA layer), so any difference in the end c
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,13 +93,19 @@ def train(
     config: TrainConfig,
     controller: lora_dash.LaunchController | None = None,
     desc: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[list[float], int | None]:
-    """``config.steps`` AdamW steps of cross-entropy; returns the loss at every step and the launch step."""
+    """``config.steps`` AdamW steps of cross-entropy; returns the loss at every step and the launch step.
+
+    ``progress=False`` hides the progress bars. ``on_step(step, loss)`` runs after every optimizer step
+    (and after the launch, when that step launched), e.g. to record measurements along training.
+    """
     model.train()
     stream = endless_batches(split.train_texts, split.train_labels, config.batch_size, config.seed)
     losses: list[float] = []
     launched_at = 0 if controller is not None and controller.launched else None  # t = 0 launches at once
-    bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step")
+    bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step", disable=not progress)
     for step in bar:
         texts, labels = next(stream)
         loss = F.cross_entropy(model(**tokenize(tokenizer, texts)), labels)
@@ -108,7 +114,7 @@ def train(
         if controller is not None and not controller.launched and step == controller.launch_step:
             # The controller's post-step hook launches every layer inside this step (one SVD per
             # layer); the bar makes that pause visible and times it.
-            with tqdm(total=1, desc="launch: SVD of every W, pick TSDs", leave=True) as launch_bar:
+            with tqdm(total=1, desc="launch: SVD of every W, pick TSDs", disable=not progress) as launch_bar:
                 optimizer.step()
                 launch_bar.update()
         else:
@@ -116,7 +122,9 @@ def train(
         if controller is not None and launched_at is None and controller.launched:
             launched_at = step  # observed, not assumed: the report checks it equals t
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
     return losses, launched_at
 
 
@@ -128,25 +136,34 @@ def evaluate(
     labels: Tensor,
     batch_size: int = 128,
     desc: str = "eval",
+    progress: bool = True,
 ) -> float:
-    """Accuracy on ``texts``, in eval mode (no dropout)."""
+    """Accuracy on ``texts``, in eval mode (no dropout); ``progress=False`` hides the bar."""
     model.eval()
     correct = 0
     n_batches = -(-len(texts) // batch_size)
-    for batch_texts, batch_labels in tqdm(batches(texts, labels, batch_size), total=n_batches, desc=desc, unit="batch"):
+    stream = tqdm(batches(texts, labels, batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress)
+    for batch_texts, batch_labels in stream:
         correct += int((model.predict(**tokenize(tokenizer, batch_texts)) == batch_labels).sum())
     return correct / len(texts)
 
 
-def run(method: str, split: Split, config: TrainConfig) -> RunResult:
-    """Build, train and evaluate one method."""
+def run(
+    method: str,
+    split: Split,
+    config: TrainConfig,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Build, train and evaluate one method; ``progress`` and ``on_step`` as in :func:`train`."""
     tokenizer, model, optimizer, controller = build(method, config)
     start = time.perf_counter()
-    losses, launched_at = train(model, tokenizer, optimizer, split, config, controller, desc=f"{method} train")
+    losses, launched_at = train(model, tokenizer, optimizer, split, config, controller, desc=f"{method} train",
+                                progress=progress, on_step=on_step)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     accuracy = evaluate(model, tokenizer, split.test_texts, split.test_labels, config.eval_batch_size,
-                        desc=f"{method} eval")
+                        desc=f"{method} eval", progress=progress)
     eval_seconds = time.perf_counter() - start
     trainable = lora_dash.count_trainable_parameters(model) + sum(p.numel() for p in model.head.parameters())
     return RunResult(method, model, losses, accuracy, trainable, train_seconds, eval_seconds, launched_at)
