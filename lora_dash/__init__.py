@@ -16,6 +16,7 @@ from lora_dash.inject import dash_layers, inject
 from lora_dash.layer import DashDirections, LoRADashLinear
 from lora_dash.schedule import LaunchController, launch
 from lora_dash.state import (
+    adapter_param_groups,
     adapter_parameters,
     adapter_state_dict,
     count_trainable_parameters,
@@ -26,6 +27,7 @@ __all__ = [
     "DashDirections",
     "LaunchController",
     "LoRADashLinear",
+    "adapter_param_groups",
     "adapter_parameters",
     "analysis",
     "adapter_state_dict",

@@ -4,7 +4,8 @@ Notation (see METHOD.md): a frozen weight ``W`` of shape ``(n, m) = (out, in)`` 
 ``W = U diag(σ) Vᵀ`` with ``k = min(n, m)``. Its *core directions* are the rank-one matrices
 ``u_i v_iᵀ``. The coordinate of any matrix ``M`` on direction ``i`` is ``p_i(M) = u_iᵀ M v_i``, and the
 change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``s`` eligible directions
-with the largest change rates are the task-specific directions (TSDs).
+with the largest change rates are the task-specific directions (TSDs). ``pick_directions`` also
+offers baseline choices (the largest σ, the smallest σ, a uniform draw) for ablations.
 
 Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
 """
@@ -116,16 +117,65 @@ def select_directions(rates: Tensor, eligible: Tensor, s: int) -> Tensor:
     Raises:
         ValueError: ``s < 1``, fewer than ``s`` eligible directions, or a non-finite eligible rate.
     """
-    if s < 1:
-        raise ValueError(f"s must be >= 1, got {s}")
-    n_eligible = int(eligible.sum())
-    if n_eligible < s:
-        raise ValueError(f"only {n_eligible} of {rates.numel()} directions are eligible, fewer than s={s}")
+    _check_enough_eligible(eligible, s)
     if not torch.isfinite(rates[eligible]).all():
         raise ValueError("change rates are not finite")
     ranked = torch.where(eligible, rates, torch.full_like(rates, -torch.inf))
     order = torch.sort(ranked, descending=True, stable=True).indices
     return order[:s]
+
+
+def _check_enough_eligible(eligible: Tensor, s: int) -> None:
+    if s < 1:
+        raise ValueError(f"s must be >= 1, got {s}")
+    n_eligible = int(eligible.sum())
+    if n_eligible < s:
+        raise ValueError(f"only {n_eligible} of {eligible.numel()} directions are eligible, fewer than s={s}")
+
+
+#: How to choose the ``s`` dashed directions: the method's TSDs, then three baselines for ablations.
+STRATEGIES = ("tsd", "largest_sigma", "smallest_sigma", "random")
+
+
+def check_strategy(strategy: str) -> None:
+    """Raise ``ValueError`` unless ``strategy`` is one of :data:`STRATEGIES`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown direction strategy {strategy!r}; valid strategies are {STRATEGIES}")
+
+
+def pick_directions(
+    rates: Tensor, eligible: Tensor, s: int, strategy: str = "tsd", generator: torch.Generator | None = None
+) -> Tensor:
+    """Indices of ``s`` distinct eligible directions, chosen by ``strategy``.
+
+    - ``"tsd"`` (the method): the ``s`` largest change rates, by :func:`select_directions`.
+    - ``"largest_sigma"``: the first ``s`` eligible indices, i.e. the largest ``σ`` (``σ`` descends).
+    - ``"smallest_sigma"``: the last ``s`` eligible indices, smallest ``σ`` first.
+    - ``"random"``: ``s`` distinct eligible indices drawn uniformly with ``generator``. The generator is
+      required, not defaulted, so that every draw is reproducible and its seed is the caller's choice
+      (a silent default would give every layer the same draw). Other strategies ignore it.
+
+    Only ``"tsd"`` reads ``rates``; the baselines use the same eligibility rule.
+
+    Shapes: ``rates, eligible: (k,)`` → ``index: (s,)`` (int64, on ``eligible``'s device).
+
+    Raises:
+        ValueError: an unknown strategy, ``"random"`` without a generator, ``s < 1``, fewer than ``s``
+            eligible directions, or (for ``"tsd"``) a non-finite eligible rate.
+    """
+    check_strategy(strategy)
+    if strategy == "random" and generator is None:
+        raise ValueError('strategy "random" needs a torch.Generator (pass generator=...)')
+    if strategy == "tsd":
+        return select_directions(rates, eligible, s)
+    _check_enough_eligible(eligible, s)
+    candidates = eligible.nonzero().flatten()  # ascending index = descending σ
+    if strategy == "largest_sigma":
+        return candidates[:s]
+    if strategy == "smallest_sigma":
+        return candidates.flip(0)[:s]
+    draw = torch.randperm(candidates.numel(), generator=generator, device=generator.device)[:s]
+    return candidates[draw.to(candidates.device)]
 
 
 def dash_update(U_s: Tensor, delta: Tensor, V_s: Tensor) -> Tensor:

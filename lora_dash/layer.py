@@ -180,17 +180,28 @@ class LoRADashLinear(nn.Module):
 
     # ---------------------------------------------------------------------------------- launch
     @torch.no_grad()
-    def find_directions(self, svd_dtype: torch.dtype = torch.float32) -> DashDirections:
+    def find_directions(
+        self,
+        svd_dtype: torch.dtype = torch.float32,
+        strategy: str = "tsd",
+        generator: torch.Generator | None = None,
+    ) -> DashDirections:
         """Select the task-specific directions from the current LoRA update; changes nothing.
 
         METHOD.md §3 step 2: SVD of the pretrained ``W`` (not ``W + ΔW``) in ``svd_dtype``;
         coordinates ``c = (α/r)·rowsum((Uᵀ B) ⊙ (Vᵀ Aᵀ))``; rates ``ρ = |c| / (σ + eps)`` on the
         eligible directions; the top ``s`` by the stable rule.
 
+        ``strategy`` other than ``"tsd"`` picks baseline directions instead (the largest σ, the
+        smallest σ, or a uniform draw with ``generator``, required for ``"random"``); see
+        :func:`lora_dash.directions.pick_directions`. The dash is the same whatever picked them.
+
         Raises:
             RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
-            ValueError: ``A`` or ``B`` is not finite, or fewer than ``s`` directions are eligible.
+            ValueError: an unknown strategy, ``"random"`` without a generator, ``A`` or ``B`` not
+                finite, or fewer than ``s`` eligible directions.
         """
+        directions.check_strategy(strategy)
         if self.launched:
             raise RuntimeError(f"{self._where()} is already launched; launch happens once")
         if self.merged:
@@ -206,7 +217,7 @@ class LoRADashLinear(nn.Module):
         eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))
         rates = directions.change_rates(coords, sigma, eligible, self.eps)
         try:
-            index = directions.select_directions(rates, eligible, self.s)
+            index = directions.pick_directions(rates, eligible, self.s, strategy, generator)
         except ValueError as error:
             raise ValueError(f"{self._where()}: {error}") from error
         return DashDirections(U_s=U[:, index], V_s=V[:, index], index=index)

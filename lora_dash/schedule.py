@@ -6,27 +6,57 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers
 
 
-def launch(model: nn.Module) -> dict[str, Tensor]:
+def check_launch_options(strategy: str, seed: int) -> None:
+    """Validate :func:`launch`'s ``strategy`` and ``seed`` (an int in ``[0, 2⁶³)``)."""
+    check_strategy(strategy)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def layer_generators(seed: int, count: int) -> list[torch.Generator]:
+    """``count`` independent CPU generators, one per layer, all determined by ``seed``.
+
+    Layer ``i`` is seeded with the ``i``-th draw of a generator seeded with ``seed``, so nearby seeds
+    (or nearby layers) do not share streams, and every process computes the same generators.
+    """
+    layer_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed))
+    return [torch.Generator().manual_seed(int(layer_seed)) for layer_seed in layer_seeds]
+
+
+def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0) -> dict[str, Tensor]:
     """Launch every LoRA-Dash layer of ``model`` now: all of them, or (on any error) none.
 
     Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
     and committed only once every layer has found its own.
 
+    Args:
+        model: a model with LoRA-Dash layers.
+        strategy: ``"tsd"`` (the method) or a baseline of
+            :data:`lora_dash.directions.STRATEGIES`; see :func:`lora_dash.directions.pick_directions`.
+        seed: for ``"random"``: the layer at position ``i`` of :func:`dash_layers` order draws with its
+            own generator from :func:`layer_generators`, so every rank and every rerun draws the same.
+
     Returns:
         The selected singular-value indices, ``(s,)`` each, by layer name.
 
     Raises:
-        ValueError: no LoRA-Dash layer, or a layer's update is not finite or has too few eligible
-            directions (the message names the layer).
+        ValueError: an unknown strategy or a bad seed (before any work), no LoRA-Dash layer, or a
+            layer's update is not finite or has too few eligible directions (the message names it).
         RuntimeError: a layer is already launched or merged.
     """
+    check_launch_options(strategy, seed)
     layers = dash_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
-    chosen = {name: layer.find_directions() for name, layer in layers.items()}
+    generators = layer_generators(seed, len(layers))
+    chosen = {
+        name: layer.find_directions(strategy=strategy, generator=generator)
+        for (name, layer), generator in zip(layers.items(), generators)
+    }
     for name, layer in layers.items():
         layer.launch(chosen[name])
     return {name: directions.index for name, directions in chosen.items()}
@@ -47,15 +77,19 @@ class LaunchController:
     Args:
         model: a model with LoRA-Dash layers (see :func:`inject`).
         launch_step: ``t >= 0``; ``0`` launches at once (``ΔW = 0``, so the ``s`` largest σ are chosen).
+        strategy, seed: how :func:`launch` chooses the directions (default: the method's TSDs). They are
+            arguments, not saved state: pass the same ones when resuming.
     """
 
-    def __init__(self, model: nn.Module, launch_step: int = 100) -> None:
+    def __init__(self, model: nn.Module, launch_step: int = 100, strategy: str = "tsd", seed: int = 0) -> None:
         if isinstance(launch_step, bool) or not isinstance(launch_step, int) or launch_step < 0:
             raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
+        check_launch_options(strategy, seed)
         if not dash_layers(model):
             raise ValueError("the model has no LoRA-Dash layers; call inject() first")
         self.model = model
         self.launch_step = launch_step
+        self.strategy, self.seed = strategy, seed
         self.steps = 0
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
@@ -96,12 +130,13 @@ class LaunchController:
             )
 
     def launch(self) -> dict[str, Tensor]:
-        """Launch now (see :func:`launch`) and give δ a fresh optimizer state in attached optimizers.
+        """Launch now (see :func:`launch`, with this controller's strategy and seed) and give δ a fresh
+        optimizer state in attached optimizers.
 
         Before launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from those
         zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
-        selected = launch(self.model)
+        selected = launch(self.model, self.strategy, self.seed)
         deltas = [layer.dash_delta for layer in dash_layers(self.model).values()]
         for optimizer in self._optimizers:
             for delta in deltas:

@@ -1,5 +1,8 @@
 """The adapter's own state: its parameters, an adapter-only state dict, and strict loading."""
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -13,6 +16,39 @@ LAYER_STATE_KEYS = ("lora_A", "lora_B", "dash_delta", "dash_U", "dash_V", "dash_
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of every LoRA-Dash layer (``A``, ``B``, ``δ``): build the optimizer from these."""
     return [p for layer in dash_layers(model).values() for p in layer.adapter_parameters()]
+
+
+def adapter_param_groups(
+    model: nn.Module, lr: float, delta_lr_scale: float = 1.0, weight_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: every ``A`` and ``B`` at ``lr``, every ``δ`` at ``lr · delta_lr_scale``.
+
+    ``δ`` are only ``s`` scalars per layer, each added to a singular value ``σ_i`` of ``W``, while ``A``
+    and ``B`` are ``r·(in + out)`` entries of an update scaled by ``α/r``: the two need not want the same
+    step size. The paper trains everything with one learning rate (``delta_lr_scale = 1``, the default);
+    a separate scale is beyond the paper, for experiments. Learning-rate schedulers scale each group's
+    ``lr`` from its own initial value, so the ratio is kept.
+
+    Usage: ``torch.optim.AdamW(adapter_param_groups(model, lr=2e-4, delta_lr_scale=10.0))``.
+
+    Returns:
+        ``[{"params": [A, B, …], "lr": lr}, {"params": [δ, …], "lr": lr · delta_lr_scale}]``, with
+        ``"weight_decay"`` in both only when given; together they hold :func:`adapter_parameters` once.
+
+    Raises:
+        ValueError: ``lr`` or ``delta_lr_scale`` not a finite number ``> 0``, or no LoRA-Dash layer.
+    """
+    for name, value in (("lr", lr), ("delta_lr_scale", delta_lr_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    layers = dash_layers(model).values()
+    if not layers:
+        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    return [
+        {"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)], "lr": lr, **decay},
+        {"params": [layer.dash_delta for layer in layers], "lr": lr * delta_lr_scale, **decay},
+    ]
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -19,7 +19,9 @@ from lora_dash.directions import (
     coordinates,
     coordinates_from_factors,
     dash_update,
+    STRATEGIES,
     eligible_directions,
+    pick_directions,
     select_directions,
     svd_basis,
 )
@@ -612,3 +614,95 @@ def test_non_finite_eligible_rate_raises(vectors, bad, data):
     rates[data.draw(st.sampled_from(candidates))] = bad
     with pytest.raises(ValueError):
         select_directions(rates, eligible, data.draw(st.integers(1, len(candidates))))
+
+
+# --- pick_directions: the TSDs and the baseline strategies ----------------------------------------
+
+
+@st.composite
+def pickable(draw):
+    """(rates, eligible, s) with 1 <= s <= the number of eligible directions."""
+    rates, eligible = draw(rate_vectors())
+    eligible[draw(st.integers(0, eligible.numel() - 1))] = True
+    return rates, eligible, draw(st.integers(1, int(eligible.sum())))
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@THOROUGH
+@given(pickable(), st.sampled_from(STRATEGIES), seeds)
+def test_every_strategy_returns_s_distinct_eligible_indices(case, strategy, seed):
+    rates, eligible, s = case
+    index = pick_directions(rates, eligible, s, strategy, generator(seed))
+    assert index.dtype == torch.long and index.shape == (s,)
+    assert index.unique().numel() == s
+    assert eligible[index].all()
+
+
+@THOROUGH
+@given(pickable())
+def test_tsd_strategy_is_the_default_and_is_select_directions(case):
+    rates, eligible, s = case
+    expected = select_directions(rates, eligible, s)
+    assert torch.equal(pick_directions(rates, eligible, s), expected)
+    assert torch.equal(pick_directions(rates, eligible, s, "tsd", generator(0)), expected)
+
+
+@THOROUGH
+@given(pickable())
+def test_largest_and_smallest_sigma_pick_the_ends_of_the_eligible_set(case):
+    """σ descends with the index, so the largest σ are the first eligible indices, the smallest the last;
+    ineligible directions are skipped, and rates play no part."""
+    rates, eligible, s = case
+    candidates = [i for i in range(eligible.numel()) if eligible[i]]
+    assert pick_directions(rates, eligible, s, "largest_sigma").tolist() == candidates[:s]
+    assert pick_directions(rates, eligible, s, "smallest_sigma").tolist() == candidates[::-1][:s]
+
+
+@FAST
+@given(pickable(), seeds)
+def test_random_strategy_is_reproducible_with_the_same_seed(case, seed):
+    rates, eligible, s = case
+    first = pick_directions(rates, eligible, s, "random", generator(seed))
+    assert torch.equal(pick_directions(rates, eligible, s, "random", generator(seed)), first)
+
+
+def test_random_strategy_differs_across_seeds():
+    # 20 seeds drawing 8 of 256: two equal draws would be a coincidence of odds below 1 in 10¹².
+    rates, eligible = torch.rand(256), torch.ones(256, dtype=torch.bool)
+    draws = {tuple(pick_directions(rates, eligible, 8, "random", generator(seed)).tolist()) for seed in range(20)}
+    assert len(draws) == 20
+
+
+def test_random_strategy_is_uniform_over_the_eligible_directions():
+    eligible = torch.tensor([True, False, True, True, False, True, True, True])
+    rates = torch.arange(8.0)  # rates must not matter
+    gen, draws = generator(0), 6000
+    counts = torch.zeros(8)
+    for _ in range(draws):
+        counts[pick_directions(rates, eligible, 2, "random", gen)] += 1
+    assert not counts[~eligible].any()
+    expected = draws * 2 / 6  # each of the 6 eligible directions is in a draw of 2 with probability 1/3
+    assert ((counts[eligible] - expected).abs() < 5 * math.sqrt(expected)).all()
+
+
+def test_random_strategy_without_a_generator_is_rejected():
+    with pytest.raises(ValueError, match="Generator"):
+        pick_directions(torch.ones(4), torch.ones(4, dtype=torch.bool), 2, "random")
+
+
+@pytest.mark.parametrize("strategy", ["TSD", "largest", "", "top"])
+def test_unknown_strategy_is_rejected_naming_the_valid_ones(strategy):
+    with pytest.raises(ValueError, match=re.escape(repr(strategy))) as error:
+        pick_directions(torch.ones(4), torch.ones(4, dtype=torch.bool), 2, strategy, generator(0))
+    assert all(valid in str(error.value) for valid in STRATEGIES)
+
+
+@FAST
+@given(rate_vectors(), st.sampled_from(STRATEGIES), st.integers(1, 30))
+def test_every_strategy_refuses_fewer_than_s_eligible(vectors, strategy, extra):
+    rates, eligible = vectors
+    with pytest.raises(ValueError, match="eligible"):
+        pick_directions(rates, eligible, int(eligible.sum()) + extra, strategy, generator(0))

@@ -422,6 +422,65 @@ def test_fewer_than_s_eligible_directions_raises_naming_the_layer_and_changes_no
     assert_not_launched(layer)
 
 
+# ------------------------------------------------------------------------- direction strategies
+@FEW
+@given(case=cases())
+def test_find_directions_defaults_to_the_tsd_strategy(case):
+    layer, _, _ = build(*case)
+    default, tsd = layer.find_directions(), layer.find_directions(strategy="tsd")
+    for a, b in zip(default, tsd):
+        assert torch.equal(a, b)
+
+
+@FEW
+@given(case=cases())
+def test_sigma_strategies_choose_singular_pairs_at_the_ends_of_the_spectrum(case):
+    out, in_, r, s, seed = case
+    layer, _, _ = build(out, in_, r, s, seed)
+    W, k = layer.base.weight.detach(), min(out, in_)
+    _, sigma, _ = directions.svd_basis(W)
+    for strategy, expected in (("largest_sigma", range(s)), ("smallest_sigma", range(k - 1, k - 1 - s, -1))):
+        U_s, V_s, index = layer.find_directions(strategy=strategy)
+        assert index.tolist() == list(expected)
+        torch.testing.assert_close(W @ V_s, U_s * sigma[index], rtol=0, atol=1e-5)
+
+
+def test_sigma_strategies_skip_ineligible_directions():
+    base = nn.Linear(4, 6)
+    rank_2 = torch.outer(torch.arange(1.0, 7), torch.ones(4)) + torch.outer(torch.ones(6), torch.arange(4.0))
+    with torch.no_grad():  # σ_3 = σ_4 = 0 (to rounding): not eligible
+        base.weight.copy_(rank_2)
+    layer = LoRADashLinear(base, r=2, s=2)
+    assert layer.find_directions(strategy="smallest_sigma").index.tolist() == [1, 0]
+    assert layer.find_directions(strategy="largest_sigma").index.tolist() == [0, 1]
+
+
+def test_random_strategy_on_a_layer_is_reproducible_with_the_generator_seed():
+    layer, _, _ = build(32, 24, 2, 6, 0)
+
+    def draw(seed: int) -> list[int]:
+        return layer.find_directions(strategy="random", generator=torch.Generator().manual_seed(seed)).index.tolist()
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_random_strategy_without_a_generator_raises_naming_the_layer_and_changes_nothing():
+    layer, _, _ = build(6, 5, 2, 3, 0)
+    layer.name = "blocks.1.attn.proj"
+    with pytest.raises(ValueError, match=re.escape(layer.name)):
+        layer.find_directions(strategy="random")
+    assert_not_launched(layer)
+
+
+def test_unknown_strategy_is_rejected_before_any_work_and_the_layer_is_not_launched(monkeypatch):
+    layer, _, _ = build(6, 5, 2, 3, 0)
+    monkeypatch.setattr(directions, "svd_basis", lambda *_, **__: pytest.fail("SVD before validation"))
+    with pytest.raises(ValueError, match="'sigma'.*'tsd'"):
+        layer.find_directions(strategy="sigma")
+    assert_not_launched(layer)
+
+
 # ------------------------------------------------------------------------------------ precision
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
 @settings(max_examples=8, deadline=None)

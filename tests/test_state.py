@@ -1,12 +1,21 @@
 """Adapter state: resume is exact (invariant 14), loading is strict, saving copies."""
 
+import math
 import re
+import warnings
 
 import pytest
 import torch
 
 from helpers import OUT, R, assert_unchanged, batch, build_adapted, make_optimizer, snapshot, train_step
-from lora_dash import LaunchController, adapter_state_dict, dash_layers, load_adapter_state_dict
+from lora_dash import (
+    LaunchController,
+    adapter_param_groups,
+    adapter_parameters,
+    adapter_state_dict,
+    dash_layers,
+    load_adapter_state_dict,
+)
 from lora_dash.state import LAYER_STATE_KEYS
 
 T = 4  # launch step
@@ -221,3 +230,68 @@ def test_controller_steps_that_are_not_a_count_are_rejected(steps):
     with pytest.raises(ValueError, match=re.escape(repr(steps))):
         controller.load_state_dict({"launch_step": T, "steps": steps})
     assert controller.steps == 0
+
+
+# ------------------------------------------------------------------ parameter groups (δ's own lr)
+def test_param_groups_hold_every_adapter_parameter_exactly_once():
+    model = build_adapted()
+    lora, dash = adapter_param_groups(model, lr=1e-3)
+    grouped = [id(p) for group in (lora, dash) for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in adapter_parameters(model))
+    assert len(set(grouped)) == len(grouped)
+    assert {id(p) for p in dash["params"]} == {id(layer.dash_delta) for layer in dash_layers(model).values()}
+
+
+def test_delta_group_lr_is_scaled_and_weight_decay_appears_only_when_given():
+    model = build_adapted()
+    lora, dash = adapter_param_groups(model, lr=2e-4, delta_lr_scale=50.0)
+    assert (lora["lr"], dash["lr"]) == (2e-4, 2e-4 * 50.0)
+    assert "weight_decay" not in lora and "weight_decay" not in dash
+    lora, dash = adapter_param_groups(model, lr=2e-4, weight_decay=0.01)
+    assert lora["weight_decay"] == dash["weight_decay"] == 0.01
+    assert dash["lr"] == lora["lr"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [({"lr": 0.0}, 0.0), ({"lr": -1e-3}, -0.001), ({"lr": math.nan}, math.nan), ({"lr": True}, True),
+     ({"delta_lr_scale": 0}, 0), ({"delta_lr_scale": math.inf}, math.inf), ({"delta_lr_scale": "2"}, "2")],
+)
+def test_param_groups_reject_a_non_positive_or_non_finite_lr_or_scale(kwargs, bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        adapter_param_groups(build_adapted(), **{"lr": 1e-3, **kwargs})
+
+
+def test_param_groups_of_a_model_without_dash_layers_are_refused():
+    with pytest.raises(ValueError, match="no LoRA-Dash layers"):
+        adapter_param_groups(torch.nn.Linear(3, 3), lr=1e-3)
+
+
+def test_param_groups_train_with_adamw_and_a_controller():
+    model = build_adapted()
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, lr=1e-2, delta_lr_scale=3.0, weight_decay=0.01))
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "no attached optimizer holds δ"
+        train(model, optimizer, 1, T + 2)
+    assert controller.launched
+    assert all(layer.dash_delta.ne(0).all() for layer in dash_layers(model).values())
+
+
+def test_first_delta_update_after_launch_is_minus_scaled_lr_times_its_gradient():
+    lr, scale = 1e-2, 7.0
+    model = build_adapted()
+    optimizer = torch.optim.SGD(adapter_param_groups(model, lr=lr, delta_lr_scale=scale))
+    LaunchController(model, launch_step=T).attach(optimizer)
+    train(model, optimizer, 1, T)
+    assert all(layer.launched for layer in dash_layers(model).values())
+    deltas = [layer.dash_delta for layer in dash_layers(model).values()]
+    assert not any(delta.any() for delta in deltas)  # δ = 0 at launch
+    optimizer.zero_grad()
+    x, y = batch(T + 1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    gradients = [delta.grad.clone() for delta in deltas]
+    optimizer.step()
+    for delta, gradient in zip(deltas, gradients, strict=True):
+        assert gradient.any()
+        torch.testing.assert_close(delta.detach(), -(lr * scale) * gradient, rtol=1e-6, atol=0)

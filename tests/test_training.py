@@ -254,6 +254,52 @@ def test_launch_is_all_or_nothing_when_one_layer_update_is_not_finite():
     assert_unchanged(model, before)
 
 
+# ------------------------------------------------------------------------ direction strategies
+def test_controller_launches_with_its_strategy():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = LaunchController(model, launch_step=T, strategy="smallest_sigma").attach(optimizer)
+    run(model, optimizer, controller, "hook", T)
+    assert controller.launched
+    for layer in dash_layers(model).values():  # Gaussian weights: every direction is eligible
+        k = min(layer.in_features, layer.out_features)
+        assert layer.dash_index.tolist() == list(range(k - 1, k - 1 - S, -1))
+
+
+def test_controller_state_dict_keeps_its_keys_with_a_strategy():
+    controller = LaunchController(build_adapted(), launch_step=T, strategy="random", seed=3)
+    assert set(controller.state_dict()) == {"launch_step", "steps"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad", [({"strategy": "top_s"}, "top_s"), ({"strategy": "random", "seed": -1}, -1), ({"seed": 1.5}, 1.5)]
+)
+def test_controller_rejects_bad_strategy_or_seed_before_launching(kwargs, bad):
+    model = build_adapted()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        LaunchController(model, launch_step=0, **kwargs)  # launch_step=0 would launch at construction
+    assert_unchanged(model, before)
+
+
+def test_launch_with_unknown_strategy_changes_nothing():
+    model = build_adapted()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'largest_sigma'"):
+        launch(model, strategy="largest")
+    assert_unchanged(model, before)
+
+
+def test_random_launch_differs_across_layers_and_seeds_and_repeats_on_an_identical_model():
+    def draws(seed):
+        return {name: index.tolist() for name, index in launch(build_adapted(s=6), "random", seed).items()}
+
+    first = draws(seed=5)
+    assert len({tuple(index) for index in first.values()}) == len(first)  # each layer its own generator
+    assert draws(seed=5) == first
+    assert draws(seed=6) != first
+
+
 # ------------------------------------------------------------------------ invariant 9: output
 def test_model_output_is_identical_just_before_and_just_after_launch():
     model = build_adapted()
