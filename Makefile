@@ -1,12 +1,14 @@
 # `make test` builds its own pinned environment in .venv on first use, then runs the suite.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
+# `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures
+# its memory (a few minutes on CPU); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the report.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +22,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lora_dash.demo $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m lora_dash.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

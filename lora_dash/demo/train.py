@@ -95,17 +95,23 @@ def train(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    first_step: int = 1,
 ) -> tuple[list[float], int | None]:
-    """``config.steps`` AdamW steps of cross-entropy; returns the loss at every step and the launch step.
+    """AdamW steps ``first_step … config.steps`` of cross-entropy; returns the loss at each and the launch step.
 
     ``progress=False`` hides the progress bars. ``on_step(step, loss)`` runs after every optimizer step
     (and after the launch, when that step launched), e.g. to record measurements along training.
+    ``first_step > 1`` continues a run whose model and optimizer have taken the earlier steps: the
+    batches of those steps are skipped, so the data order stays that of a run from step 1.
     """
+    if not 1 <= first_step <= config.steps + 1:
+        raise ValueError(f"first_step must be in [1, steps + 1 = {config.steps + 1}], got {first_step}")
     model.train()
     stream = endless_batches(split.train_texts, split.train_labels, config.batch_size, config.seed)
+    stream = itertools.islice(stream, first_step - 1, None)
     losses: list[float] = []
-    launched_at = 0 if controller is not None and controller.launched else None  # t = 0 launches at once
-    bar = tqdm(range(1, config.steps + 1), desc=desc, unit="step", disable=not progress)
+    launched_at = 0 if controller is not None and controller.launched else None  # launched before this call
+    bar = tqdm(range(first_step, config.steps + 1), desc=desc, unit="step", disable=not progress)
     for step in bar:
         texts, labels = next(stream)
         loss = F.cross_entropy(model(**tokenize(tokenizer, texts)), labels)

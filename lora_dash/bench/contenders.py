@@ -1,0 +1,228 @@
+"""The contenders: every layer and model the benchmark compares, built ready to run one operation.
+
+r = s = 8 and α = 2r (the paper's defaults) everywhere. Built from the same seed, the contenders at one
+shape share their frozen weight. Our layers get a random non-zero ``B`` before use, as if pre-launch
+training had moved it, so that a launch selects real directions.
+
+peft and transformers are imported lazily, inside the builders that need them.
+"""
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import lora_dash
+from lora_dash import LoRADashLinear
+
+R = S = 8
+ALPHA = 2.0 * R
+
+FLOOR = "nn.Linear alone (floor)"
+MODEL_FLOOR = "frozen forward + head (floor)"
+PEFT = "PEFT LoRA"
+PRE = "ours pre-launch"
+DASH = "ours dash"
+DENSE = "dense dash (authors')"
+PLAIN = "nn.Linear"
+MERGED = "ours merged"
+LAUNCH = "lora_dash.launch(model)"
+BARE_SVD = "bare torch.linalg.svd of each weight"
+
+LAYER_CONTENDERS = (FLOOR, PEFT, PRE, DASH, DENSE)
+MODEL_CONTENDERS = (MODEL_FLOOR, PEFT, PRE, DASH)
+
+
+class DenseDashLinear(nn.Module):
+    """The authors' dense formulation of the dash phase, restated (METHOD.md §4, "dash term").
+
+        y = W x + b + (α/r)·(x Aᵀ) Bᵀ + x (U_s diag(δ) V_sᵀ)ᵀ
+
+    The ``(out, in)`` dash matrix is built on every forward, as their code does. Made from a launched
+    :class:`LoRADashLinear`, whose frozen layer it shares and whose ``A``, ``B``, ``δ``, ``U_s`` and ``V_s``
+    it copies: the same function, computed the dense way. ``(..., in)`` → ``(..., out)``.
+    """
+
+    def __init__(self, layer: LoRADashLinear) -> None:
+        super().__init__()
+        self.base = layer.base
+        self.scaling = layer.scaling
+        self.lora_A = nn.Parameter(layer.lora_A.detach().clone())  # (r, in)
+        self.lora_B = nn.Parameter(layer.lora_B.detach().clone())  # (out, r)
+        self.dash_delta = nn.Parameter(layer.dash_delta.detach().clone())  # (s,)
+        self.register_buffer("dash_U", layer.dash_U.clone())  # (out, s)
+        self.register_buffer("dash_V", layer.dash_V.clone())  # (in, s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dash = self.dash_U @ torch.diag(self.dash_delta) @ self.dash_V.T  # (out, in), every call
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling + x @ dash.T
+
+
+def peft_lora(model: nn.Module, target_modules: str | list[str]) -> None:
+    """PEFT's LoRA (same r and α, no dropout) injected in place by PEFT itself; only its adapters train."""
+    import peft  # the oracle extra
+
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=target_modules)
+    peft.inject_adapter_in_model(config, model)
+
+
+def _as_if_trained(layer: LoRADashLinear) -> None:
+    """Give ``B`` (zero at initialization) a random non-zero value, as a few LoRA steps would."""
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.01)
+
+
+def _dash_linear(base: nn.Linear, launched: bool) -> LoRADashLinear:
+    layer = LoRADashLinear(base, r=R, alpha=ALPHA, s=S)
+    _as_if_trained(layer)
+    if launched:
+        layer.launch()
+    return layer
+
+
+def _training_step(module: nn.Module, forward_backward: Callable[[], None]) -> Callable[[], None]:
+    """One training step: ``forward_backward()``, then AdamW on ``module``'s trainable parameters (if any)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+    def step() -> None:
+        forward_backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ layers
+def build_layer(name: str, out_features: int, in_features: int, seed: int = 0) -> nn.Module:
+    """One ``(out, in)`` layer: the bare frozen one (the floor), PEFT's LoRA, or ours before or after launch."""
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features).requires_grad_(False)
+    if name == FLOOR:
+        return base
+    if name == PEFT:
+        holder = nn.Module()
+        holder.linear = base
+        peft_lora(holder, ["linear"])
+        return holder.linear
+    if name in (PRE, DASH):
+        return _dash_linear(base, launched=name == DASH)
+    raise ValueError(f"unknown layer contender {name!r}; expected one of {(FLOOR, PEFT, PRE, DASH)}")
+
+
+def build_layers(out_features: int, in_features: int, seed: int = 0) -> dict[str, nn.Module]:
+    """Every layer contender at one shape, by name, in ``LAYER_CONTENDERS`` order, with equal frozen weights.
+
+    The dense dash is made from our launched layer, so one SVD serves both (at 4096 × 4096 it takes seconds).
+    """
+    layers = {name: build_layer(name, out_features, in_features, seed) for name in (FLOOR, PEFT, PRE, DASH)}
+    layers[DENSE] = DenseDashLinear(layers[DASH])
+    return layers
+
+
+def layer_training_step(module: nn.Module, out_features: int, in_features: int, tokens: int,
+                        seed: int = 0) -> Callable[[], None]:
+    """A training step of one layer on ``x: (tokens, in)``, which requires grad as if earlier layers made it.
+
+    Forward, ``y.backward(g)`` with a fixed random ``g: (tokens, out)``, AdamW step. The floor has no
+    parameters to train, so its step is forward and backward to ``x`` alone.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, in_features, generator=generator).requires_grad_(True)
+    grad_output = torch.randn(tokens, out_features, generator=generator)
+
+    def forward_backward() -> None:
+        module(x).backward(grad_output)
+        x.grad = None
+
+    return _training_step(module, forward_backward)
+
+
+def build_inference_layer(name: str, out_features: int, in_features: int, seed: int = 0) -> nn.Module:
+    """``PLAIN``: a frozen ``nn.Linear``; ``MERGED``: our launched layer with random ``δ``, merged into it."""
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features).requires_grad_(False)
+    if name == PLAIN:
+        return base
+    if name == MERGED:
+        layer = _dash_linear(base, launched=True)
+        with torch.no_grad():
+            layer.dash_delta.normal_(std=0.01)
+        layer.merge()
+        return layer
+    raise ValueError(f"unknown inference contender {name!r}; expected {PLAIN!r} or {MERGED!r}")
+
+
+def inference_call(module: nn.Module, in_features: int, tokens: int, seed: int = 0) -> Callable[[], None]:
+    """A forward of ``module`` on ``x: (tokens, in)`` under ``torch.no_grad``."""
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(seed))
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return forward
+
+
+# ------------------------------------------------------------------------------------------ MiniLM
+def load_encoder():
+    """``(tokenizer, encoder)`` of all-MiniLM-L6-v2, offline, without transformers' progress bar."""
+    from transformers.utils import logging as transformers_logging
+
+    from lora_dash.demo.model import load_minilm  # the demo extra; sets the Hub to offline
+
+    transformers_logging.disable_progress_bar()
+    return load_minilm()
+
+
+def build_classifier(name: str, encoder: nn.Module, targets: str | None = None, seed: int = 0) -> nn.Module:
+    """A ``SentenceClassifier`` on a copy of ``encoder``, its ``targets`` adapted (default ``MINILM_TARGETS``:
+    all 36 linears). The floor adapts nothing: its encoder is frozen and only the head trains.
+    """
+    from lora_dash.demo.model import MINILM_TARGETS, SentenceClassifier
+
+    targets = targets or MINILM_TARGETS
+    torch.manual_seed(seed)
+    model = SentenceClassifier(copy.deepcopy(encoder))
+    if name == MODEL_FLOOR:
+        model.encoder.requires_grad_(False)
+    elif name == PEFT:
+        peft_lora(model, targets)
+    elif name in (PRE, DASH):
+        for layer in lora_dash.inject(model, targets, r=R, alpha=ALPHA, s=S).values():
+            _as_if_trained(layer)
+        if name == DASH:
+            lora_dash.launch(model)
+    else:
+        raise ValueError(f"unknown model contender {name!r}; expected one of {MODEL_CONTENDERS}")
+    model.head.requires_grad_(True)
+    return model
+
+
+def minilm_batch(tokenizer, batch_size: int, tokens: int, seed: int = 0) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` ``(batch, tokens)`` and ``labels`` ``(batch,)``: real-ish sentences,
+    ``[CLS]`` + random word-piece ids + ``[SEP]``, no padding."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, tokenizer.vocab_size, (batch_size, tokens), generator=generator)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    labels = torch.randint(0, 2, (batch_size,), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def model_training_step(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+    """Forward, cross-entropy, backward, AdamW on the trainable parameters (adapters and head)."""
+
+    def forward_backward() -> None:
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        F.cross_entropy(logits, batch["labels"]).backward()
+
+    return _training_step(model, forward_backward)
+
+
+def bare_svds(weights: list[Tensor]) -> None:
+    """The floor of a launch: ``torch.linalg.svd(W, full_matrices=False)`` of every weight, results dropped."""
+    for weight in weights:
+        torch.linalg.svd(weight, full_matrices=False)

@@ -1,0 +1,1 @@
+"""The reproduction study: ``python -m lora_dash.reproduce`` (``make reproduce``); see REPRODUCTION.md."""

