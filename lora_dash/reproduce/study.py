@@ -77,11 +77,8 @@ def run_study(out: Path, quick: bool, seeds: tuple[int, ...], workers: int) -> N
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        # Families that do not score TSD prediction need no reference: they start alongside it.
-        first = [pool.submit(run_reference, quick, seed, units) for seed in todo_references]
-        first += [pool.submit(run_unit, quick, family, units) for family in todo if not family.record_tsd]
-        for future in first:
+        # The references first (the families that score TSD prediction read them), then the plan in order.
+        for future in [pool.submit(run_reference, quick, seed, units) for seed in todo_references]:
             future.result()
-        later = [pool.submit(run_unit, quick, family, units) for family in todo if family.record_tsd]
-        for future in later:
+        for future in [pool.submit(run_unit, quick, family, units) for family in todo]:
             future.result()
