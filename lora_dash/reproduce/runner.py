@@ -273,3 +273,37 @@ def spectrum_summary(layers: dict[str, analysis.ChangeRateSpectrum], top: int = 
         positions.extend(analysis.relative_singular_value_ranks(index, rates.numel()).tolist())
         shares.append((ordered[:top].sum() / ordered.sum()).item())
     return {"sorted_rates": sorted_rates, "top_positions": positions, "top_share": shares, "top": top}
+
+
+@torch.no_grad()
+def random_update_spectra(targets: str, seed: int, rank: int | None = None) -> dict[str, analysis.ChangeRateSpectrum]:
+    """Each targeted layer's change-rate spectrum under a *random* update: the null model for claims 1–2.
+
+    ``ΔW`` is Gaussian, dense (``rank=None``) or a product ``B A`` of Gaussian ``(out, rank)`` and
+    ``(rank, in)`` factors like a LoRA update. Its change rates ``|u_iᵀ ΔW v_i| / σ_i`` still divide by
+    ``σ_i``, so whatever a trained ΔW shows through that division alone, this one shows too.
+    """
+    _, encoder = load_minilm()
+    generator = torch.Generator().manual_seed(seed)
+    spectra = {}
+    for name, module in _targets(SentenceClassifier(encoder), targets).items():
+        weight = module.weight.detach()
+        out_features, in_features = weight.shape
+        if rank is None:
+            update = torch.randn(out_features, in_features, generator=generator)
+        else:
+            update = torch.randn(out_features, rank, generator=generator) @ torch.randn(
+                rank, in_features, generator=generator)
+        spectra[name] = analysis.change_rate_spectrum(weight, update)
+    return spectra
+
+
+def prediction_scores(
+    predicted: dict[str, analysis.ChangeRateSpectrum], reference: dict[str, analysis.ChangeRateSpectrum]
+) -> dict[str, float]:
+    """Recall and accuracy of ``predicted``'s rates against ``reference``'s, averaged over layers."""
+    recall = [analysis.tsd_recall(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
+              for name, true in reference.items()]
+    accuracy = [analysis.tsd_accuracy(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
+                for name, true in reference.items()]
+    return {"recall": _mean(recall), "accuracy": _mean(accuracy)}
