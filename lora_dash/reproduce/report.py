@@ -267,8 +267,8 @@ def write_report(out: Path, quick: bool, seeds: tuple[int, ...], run_seconds: fl
     environment = {"python": platform.python_version(), "torch": torch.__version__,
                    "threads": torch.get_num_threads()}
     training = sum(run["seconds"] for run in runs) + sum(ref["seconds"] for ref in references)
-    sections += [f"Environment: {environment}. Training time summed over every run (evaluation and model loading "
-                 f"excluded): {training / 60:.0f} min. Wall time of the invocation that wrote this file: "
+    sections += [f"Environment: {environment}. Time summed over every run (its training steps and the evaluations "
+                 f"during it; model loading excluded): {training / 60:.0f} min. Wall time of the invocation that wrote this file: "
                  f"{run_seconds / 60:.0f} min (units already on disk are not rerun)."]
     (out / "tables.md").write_text("\n".join(sections) + "\n")
     (out / "results.json").write_text(json.dumps(
