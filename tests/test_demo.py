@@ -130,6 +130,17 @@ def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, ca
     assert capsys.readouterr().err == ""
 
 
+def test_bars_still_obey_tqdm_disable_in_the_environment():
+    # The notebooks silence every bar with TQDM_DISABLE=1; progress=True must not override it.
+    code = "from lora_dash.demo.train import progress_bar\nfor _ in progress_bar(range(3), True, desc='x'): pass"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TQDM_DISABLE": "1"},
+                          capture_output=True, text=True, check=True)
+    assert "x:" not in done.stderr
+    shown = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"},
+                           capture_output=True, text=True, check=True)
+    assert "x:" in shown.stderr
+
+
 # --------------------------------------------------------------------------------- the quick demo
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):

@@ -79,6 +79,15 @@ def build(
     return tokenizer, model, optimizer, controller
 
 
+def progress_bar(iterable, progress: bool, **options) -> tqdm:
+    """A tqdm bar, or a silent one when ``progress`` is False.
+
+    ``disable`` is passed only to silence: left unset, tqdm still reads its own defaults (for example
+    ``TQDM_DISABLE=1`` in the environment, which the notebooks set).
+    """
+    return tqdm(iterable, **options) if progress else tqdm(iterable, disable=True, **options)
+
+
 def endless_batches(texts: list[str], labels: Tensor, batch_size: int, seed: int) -> Iterator[tuple[list[str], Tensor]]:
     """Epoch after epoch, each in a fresh order (seed, seed + 1, ...), so any step budget works."""
     for epoch in itertools.count():
@@ -111,7 +120,7 @@ def train(
     stream = itertools.islice(stream, first_step - 1, None)
     losses: list[float] = []
     launched_at = 0 if controller is not None and controller.launched else None  # launched before this call
-    bar = tqdm(range(first_step, config.steps + 1), desc=desc, unit="step", disable=not progress)
+    bar = progress_bar(range(first_step, config.steps + 1), progress, desc=desc, unit="step")
     for step in bar:
         texts, labels = next(stream)
         loss = F.cross_entropy(model(**tokenize(tokenizer, texts)), labels)
@@ -120,7 +129,7 @@ def train(
         if controller is not None and not controller.launched and step == controller.launch_step:
             # The controller's post-step hook launches every layer inside this step (one SVD per
             # layer); the bar makes that pause visible and times it.
-            with tqdm(total=1, desc="launch: SVD of every W, pick TSDs", disable=not progress) as launch_bar:
+            with progress_bar(None, progress, total=1, desc="launch: SVD of every W, pick TSDs") as launch_bar:
                 optimizer.step()
                 launch_bar.update()
         else:
@@ -148,7 +157,7 @@ def evaluate(
     model.eval()
     correct = 0
     n_batches = -(-len(texts) // batch_size)
-    stream = tqdm(batches(texts, labels, batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress)
+    stream = progress_bar(batches(texts, labels, batch_size), progress, total=n_batches, desc=desc, unit="batch")
     for batch_texts, batch_labels in stream:
         correct += int((model.predict(**tokenize(tokenizer, batch_texts)) == batch_labels).sum())
     return correct / len(texts)
