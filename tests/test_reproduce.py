@@ -19,6 +19,7 @@ from lora_dash.demo.train import TrainConfig, build, train  # noqa: E402
 from lora_dash.reproduce import plan  # noqa: E402
 from lora_dash.reproduce.report import mean_std, paired  # noqa: E402
 from lora_dash.reproduce.runner import Family, Settings, Variant, run_family  # noqa: E402
+from lora_dash.reproduce.study import run_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def test_paired_differences_count_the_seeds_with_a_gain():
 
 
 # -------------------------------------------------------------------------------- quick study
-def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_path):
+def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "lora_dash.reproduce", "--quick", "--out", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -123,7 +124,6 @@ def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_p
         assert heading in tables
     for name in ("accuracy_by_rank.png", "tsd_prediction.png", "ft_spectrum.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A rerun finds every unit on disk and only rewrites the report.
-    again = subprocess.run([sys.executable, "-m", "lora_dash.reproduce", "--quick", "--out", str(tmp_path)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert "0 fine-tuning references and 0 of" in again.stdout
+    # A rerun finds every unit on disk and runs nothing.
+    run_study(tmp_path, quick=True, seeds=(0,), workers=1)
+    assert "0 fine-tuning references and 0 of" in capsys.readouterr().out

@@ -228,10 +228,11 @@ def run_family(
         start = time.perf_counter()
         dash_losses, _ = train(dash, tokenizer, optimizer, split, config, controller, progress=False,
                                on_step=on_dash_step, first_step=variant.t + 1)
-        result = _result(family, variant.label(family.default), variant, dash_accuracy, losses[:variant.t] + dash_losses, dash,
+        label = variant.label(family.default)
+        result = _result(family, label, variant, dash_accuracy, losses[:variant.t] + dash_losses, dash,
                          time.perf_counter() - start)
         results.append(result)
-        log(f"{family.key} {variant.label(family.default)}: acc {_accuracies(dash_accuracy)} ({result['seconds']:.0f}s)")
+        log(f"{family.key} {label}: acc {_accuracies(dash_accuracy)} ({result['seconds']:.0f}s)")
     return results
 
 

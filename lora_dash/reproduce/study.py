@@ -74,7 +74,9 @@ def run_study(out: Path, quick: bool, seeds: tuple[int, ...], workers: int) -> N
     todo = [family for family in families if not (units / f"{family.key}.json").exists()]
     log(f"{len(todo_references)} fine-tuning references and {len(todo)} of {len(families)} families to run, "
          f"{workers} worker(s)")
-    threads = max(1, torch.get_num_threads() // workers)
+    # The miniature's tensors are tiny: one thread each avoids paying for (and, on a busy machine,
+    # spinning in) parallel regions that have nothing to share.
+    threads = 1 if quick else max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         # The references first (the families that score TSD prediction read them), then the plan in order.
