@@ -127,3 +127,12 @@ def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_p
     # A rerun finds every unit on disk and runs nothing.
     run_study(tmp_path, quick=True, seeds=(0,), workers=1)
     assert "0 fine-tuning references and 0 of" in capsys.readouterr().out
+
+
+def test_report_only_without_a_study_is_refused(tmp_path, capsys):
+    from lora_dash.reproduce.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--report-only", "--out", str(tmp_path)])
+    assert "--report-only needs" in capsys.readouterr().err
+    assert not (tmp_path / "units").exists()

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seeds = tuple(args.seeds or ((0,) if args.quick else plan.SEEDS))
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.report_only and not (args.out / "units").is_dir():
+        parser.error(f"--report-only needs a finished or partial study in {args.out}/units, found none")
     return args
 
 
