@@ -1,13 +1,26 @@
 """When to launch: after optimizer step ``t``, counted once for the whole model."""
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers
+
+
+#: How many ``.optimizer`` wrappers :meth:`LaunchController.attach` looks through (accelerate's wrapper of a
+#: DeepSpeed wrapper of a torch optimizer is three); a bound, so that a self-referencing object cannot loop.
+MAX_OPTIMIZER_WRAPPERS = 8
+
+
+def check_launch_step(launch_step: int) -> None:
+    """Validate a launch step ``t``: an int ``>= 0``."""
+    if isinstance(launch_step, bool) or not isinstance(launch_step, int) or launch_step < 0:
+        raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
 
 
 def check_launch_options(strategy: str, seed: int) -> None:
@@ -67,12 +80,28 @@ class LaunchController:
 
     The count and phase are state (``state_dict``), so resuming a run launches at the same step.
     Forward passes, evaluation, gradient-accumulation micro-batches and activation-checkpoint
-    recomputes do not count; only optimizer steps do.
+    recomputes do not count; only optimizer steps do, and with :meth:`attach` only real ones: a step
+    that a grad scaler skips on overflow is not a step.
 
     Usage::
 
         controller = LaunchController(model, launch_step=100).attach(optimizer)  # post-step hook
         # or, in a custom loop: call controller.step() after each optimizer step.
+        # with transformers.Trainer: lora_dash.hf.LoRADashCallback(launch_step=100)
+
+    The phase is kept as a Python value, read from the model's buffers at construction, when
+    :attr:`steps` is assigned (as :meth:`load_state_dict` does) and, until the launch, at each step from
+    ``t`` on; after the launch :meth:`step` reads no tensor (no host–device synchronisation), except once,
+    one step after the launch, to check that every layer launched and that δ trains. So an adapter
+    state loaded into the model behind the controller's back later than that is not noticed: resume
+    with :func:`lora_dash.load_training_checkpoint`, or load the controller's state too.
+
+    A controller that is never attached and never stepped cannot launch anything. Until it is, it
+    watches every optimizer step (a global post-step hook, nothing on the forward or backward) and
+    warns once if optimizers that hold the model's first adapter parameter have stepped more than
+    ``t`` times while the model has not launched. It cannot see steps of an optimizer built from other
+    parameter objects (e.g. the shards of a model sharded after the controller was built), nor
+    tell apart steps that a fused optimizer skipped on a grad-scaler overflow.
 
     Args:
         model: a model with LoRA-Dash layers (see :func:`inject`).
@@ -82,29 +111,66 @@ class LaunchController:
     """
 
     def __init__(self, model: nn.Module, launch_step: int = 100, strategy: str = "tsd", seed: int = 0) -> None:
-        if isinstance(launch_step, bool) or not isinstance(launch_step, int) or launch_step < 0:
-            raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
+        check_launch_step(launch_step)
         check_launch_options(strategy, seed)
-        if not dash_layers(model):
+        layers = dash_layers(model)
+        if not layers:
             raise ValueError("the model has no LoRA-Dash layers; call inject() first")
         self.model = model
         self.launch_step = launch_step
         self.strategy, self.seed = strategy, seed
-        self.steps = 0
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
-        if launch_step == 0 and not self.launched:
+        self._watch: _UncountedStepsWatch | None = None
+        self.steps = 0  # reads the phase
+        if launch_step == 0 and not self._launched:
             self.launch()
+        elif not self._launched:
+            self._watch = _UncountedStepsWatch(model, next(iter(layers.values())), launch_step)
 
     @property
     def launched(self) -> bool:
-        """Whether every LoRA-Dash layer of the model is in the dash phase."""
+        """Whether every LoRA-Dash layer of the model is in the dash phase (read from the model's buffers)."""
         return all(layer.launched for layer in dash_layers(self.model).values())
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "LaunchController":
-        """Count every ``optimizer.step()`` (a post-step hook), and reset δ's state in it at launch."""
-        self._optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+    @property
+    def steps(self) -> int:
+        """Optimizer steps counted so far. Assigning it (a resume, a rollback) re-reads the phase from the model."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = value
+        self._launched = self.launched
+
+    def attach(self, optimizer: Any) -> "LaunchController":
+        """Count every real step of ``optimizer`` (a post-step hook), and reset δ's state in it at launch.
+
+        ``optimizer`` is a ``torch.optim.Optimizer`` or a wrapper that exposes the real one as
+        ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, the optimizer of ``transformers.Trainer``),
+        unwrapped as many times as needed. A step that ``torch.amp.GradScaler`` skips on overflow is
+        not counted: the scaler does not call ``step()`` then, or (for an optimizer that skips inside its
+        own step, such as fused Adam) it sets ``found_inf``, which is read until the launch; after the
+        launch such a skipped step is counted, to keep the steps free of host–device synchronisation.
+
+        Raises:
+            ValueError: ``optimizer`` is not an optimizer and wraps none (e.g. ``trainer.optimizer``
+                before ``train()`` builds it: use :class:`lora_dash.hf.LoRADashCallback`).
+        """
+        inner = optimizer
+        for _ in range(MAX_OPTIMIZER_WRAPPERS):
+            if getattr(inner, "optimizer", None) is None:
+                break
+            inner = inner.optimizer
+        if not (callable(getattr(inner, "register_step_post_hook", None)) and hasattr(inner, "param_groups")):
+            raise ValueError(
+                f"attach() needs a torch optimizer or a wrapper exposing one as .optimizer, got "
+                f"{type(optimizer).__name__}; transformers.Trainer builds its optimizer in train(): use "
+                "lora_dash.hf.LoRADashCallback"
+            )
+        self._stop_watching()
+        self._optimizers.append(inner)
+        self._hooks.append(inner.register_step_post_hook(self._after_optimizer_step))
         return self
 
     def detach(self) -> None:
@@ -113,21 +179,34 @@ class LaunchController:
             hook.remove()
         self._hooks, self._optimizers = [], []
 
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # GradScaler sets found_inf on an optimizer that skips inside its own step (fused Adam).
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and not self._launched and bool(found_inf):
+            return
+        self.step()
+
     def step(self) -> None:
-        """Record one optimizer step; launch if it was step ``t``; one step later, check that δ trains."""
-        self.steps += 1
-        if self.steps == self.launch_step + 1 and self.launched:
-            self._warn_if_delta_did_not_move()
-        if self.steps == self.launch_step and not self.launched:
+        """Record one optimizer step; launch if it was step ``t``; one step later, check that the dash trains.
+
+        Before step ``t`` and after the launch this is Python arithmetic only (no tensor is read).
+        """
+        if self._watch is not None:
+            self._stop_watching()
+        self._steps += 1
+        if self._steps < self.launch_step:
+            return
+        if self._launched:
+            if self._steps == self.launch_step + 1:
+                self._warn_if_dash_is_not_training()
+            return
+        self._launched = self.launched  # launched outside the controller (launch(model), a loaded state)?
+        if self._launched:
+            return
+        if self._steps == self.launch_step:
             self.launch()
-        elif self.steps > self.launch_step and not self.launched:
-            pending = [name for name, layer in dash_layers(self.model).items() if not layer.launched]
-            warnings.warn(
-                f"LoRA-Dash: optimizer step {self.steps} is past launch_step={self.launch_step} but "
-                f"layers {pending} have not launched; they are training as plain LoRA",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        else:
+            self._warn_pending()
 
     def launch(self) -> dict[str, Tensor]:
         """Launch now (see :func:`launch`, with this controller's strategy and seed) and give δ a fresh
@@ -137,6 +216,8 @@ class LaunchController:
         zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
         selected = launch(self.model, self.strategy, self.seed)
+        self._launched = True
+        self._stop_watching()
         deltas = [layer.dash_delta for layer in dash_layers(self.model).values()]
         for optimizer in self._optimizers:
             for delta in deltas:
@@ -153,11 +234,31 @@ class LaunchController:
                 )
         return selected
 
-    def _warn_if_delta_did_not_move(self) -> None:
-        """δ is zero at launch; after the next optimizer step it is still exactly zero despite a non-zero
-        gradient only if no optimizer stepped it (the case an explicit ``step()`` cannot see at launch)."""
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _warn_pending(self) -> None:
+        pending = [name for name, layer in dash_layers(self.model).items() if not layer.launched]
+        warnings.warn(
+            f"LoRA-Dash: optimizer step {self._steps} is past launch_step={self.launch_step} but "
+            f"layers {pending} have not launched; they are training as plain LoRA",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _warn_if_dash_is_not_training(self) -> None:
+        """The one-off check one step after the launch (it reads tensors): a layer injected since has not
+        launched; or δ is still exactly zero despite a non-zero gradient, which happens only if no
+        optimizer stepped it (the case an explicit ``step()`` cannot see at launch)."""
+        layers = dash_layers(self.model)
+        if not all(layer.launched for layer in layers.values()):
+            self._launched = False
+            self._warn_pending()
+            return
         frozen = [
-            name for name, layer in dash_layers(self.model).items()
+            name for name, layer in layers.items()
             if layer.dash_delta.grad is not None and bool(layer.dash_delta.grad.any())
             and not bool(layer.dash_delta.any())
         ]
@@ -167,7 +268,7 @@ class LaunchController:
                 "its gradient is non-zero; the dash is not training. Build the optimizer from "
                 "lora_dash.adapter_parameters(model).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def state_dict(self) -> dict[str, int]:
@@ -195,4 +296,64 @@ class LaunchController:
                 f"state is at step {steps} with launch_step={self.launch_step}, but the model is not launched; "
                 "load the adapter state first"
             )
-        self.steps = steps
+        self.steps = steps  # re-reads the phase
+
+
+class _UncountedStepsWatch:
+    """Warns once when optimizers step a model more than ``launch_step`` times and it has not launched.
+
+    One global optimizer post-step hook serves every watch, so watching costs nothing on the forward or
+    backward, and nothing at all once no watch is left (the controller stops its watch when it counts).
+    A hook cannot be removed while the hooks run, so a watch that ends there (it warned, or its model is
+    gone) only leaves :attr:`active`; the hook goes with the next :meth:`stop` that finds none left.
+    A watch holds its model weakly: one whose controller was dropped still warns (nothing counts the
+    run), one whose model is gone ends.
+    """
+
+    active: list["_UncountedStepsWatch"] = []
+    hook: Any = None
+
+    def __init__(self, model: nn.Module, layer: nn.Module, launch_step: int) -> None:
+        self._model, self._layer = weakref.ref(model), weakref.ref(layer)
+        self._launch_step = launch_step
+        self._seen = 0
+        _UncountedStepsWatch.active.append(self)
+        if _UncountedStepsWatch.hook is None:
+            _UncountedStepsWatch.hook = register_optimizer_step_post_hook(_UncountedStepsWatch._after_optimizer_step)
+
+    def stop(self) -> None:
+        """End this watch; call it outside optimizer hooks (a controller's own step hook is fine: it runs
+        before the global ones)."""
+        if self in _UncountedStepsWatch.active:
+            _UncountedStepsWatch.active.remove(self)
+        if not _UncountedStepsWatch.active and _UncountedStepsWatch.hook is not None:
+            _UncountedStepsWatch.hook.remove()
+            _UncountedStepsWatch.hook = None
+
+    @staticmethod
+    def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for watch in list(_UncountedStepsWatch.active):
+            if watch._ended_by(optimizer):
+                _UncountedStepsWatch.active.remove(watch)
+
+    def _ended_by(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Count ``optimizer``'s step if it trains the model; warn past ``launch_step``; True when done."""
+        model, layer = self._model(), self._layer()
+        if model is None or layer is None:
+            return True
+        if not any(p is layer.lora_A for group in optimizer.param_groups for p in group["params"]):
+            return False  # another model's optimizer
+        self._seen += 1
+        if self._seen <= self._launch_step:
+            return False
+        if not all(module.launched for module in dash_layers(model).values()):  # another controller launched it?
+            warnings.warn(
+                f"LoRA-Dash: optimizers have stepped the model's adapters {self._seen} times, past "
+                f"launch_step={self._launch_step}, but its LaunchController counted no step, so nothing "
+                "launched and the model trains as plain LoRA. Call controller.attach(optimizer) or "
+                "controller.step() after each optimizer step; with transformers.Trainer use "
+                "lora_dash.hf.LoRADashCallback.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True

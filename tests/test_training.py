@@ -1,12 +1,16 @@
 """Training across the launch: when it happens (invariant 13), what moves (invariant 11), the parameter
 count, the controller's contract, and the output's continuity (invariant 9) at model level."""
 
+import gc
 import re
 import warnings
+import weakref
 from collections import Counter
 
 import pytest
 import torch
+import torch._dynamo
+import torch.nn.functional as F
 
 from helpers import (
     R,
@@ -21,6 +25,7 @@ from helpers import (
 from lora_dash import (
     LaunchController,
     LoRADashLinear,
+    adapter_parameters,
     adapter_state_dict,
     count_trainable_parameters,
     dash_layers,
@@ -100,14 +105,15 @@ def test_launch_happens_exactly_once(path, use_reentrant, monkeypatch):
     assert len(forwards) == (T + EXTRA) * (4 if use_reentrant is None else 7)
 
 
-def test_training_does_not_warn_when_used_as_documented():
+@pytest.mark.parametrize("path", PATHS)
+def test_training_does_not_warn_when_used_as_documented(path):
     # A warning in the normal path would train users to ignore the real ones.
     model = build_adapted()
     optimizer = make_optimizer(model)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    controller = make_controller(model, optimizer, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run(model, optimizer, controller, "hook", T + 3)
+        run(model, optimizer, controller, path, T + 3)
     assert controller.launched
 
 
@@ -218,16 +224,21 @@ def test_warns_past_launch_step_when_a_layer_injected_after_launch_has_not_launc
         controller.step()
 
 
-def test_warns_past_launch_step_after_loading_a_pre_launch_adapter_state():
+def test_controller_rewound_with_a_pre_launch_adapter_state_launches_again_at_t():
+    # After the launch the controller keeps the phase in Python; loading its state re-reads the model.
     model = build_adapted()
     optimizer = make_optimizer(model)
     controller = make_controller(model, optimizer, "hook")
     run(model, optimizer, controller, "hook", 2)
-    pre_launch = adapter_state_dict(model)
+    pre_launch, counted = adapter_state_dict(model), controller.state_dict()
     run(model, optimizer, controller, "hook", T, start=3)
-    load_adapter_state_dict(model, pre_launch)  # the model is back in pre-launch, the controller is not
-    with pytest.warns(RuntimeWarning, match="past launch_step"):
-        train_step(model, optimizer, T + 3)
+    assert controller.launched
+    load_adapter_state_dict(model, pre_launch)
+    controller.load_state_dict(counted)
+    run(model, optimizer, controller, "hook", T - 3, start=3)
+    assert not any(layer.launched for layer in dash_layers(model).values())
+    run(model, optimizer, controller, "hook", 1, start=T)
+    assert (controller.steps, controller.launched) == (T, True)
 
 
 def test_warns_when_attached_optimizer_does_not_hold_delta():
@@ -316,3 +327,139 @@ def test_model_output_is_identical_just_before_and_just_after_launch():
         just_after = model(probe)
     assert torch.equal(just_before, just_after)
     assert all(layer.lora_B.any() for layer in dash_layers(model).values())  # a real update at launch
+
+
+# ------------------------------------------------- wrapped optimizers and steps a grad scaler skips
+class Wrapper:
+    """What accelerate's, Trainer's and DeepSpeed's optimizer wrappers share: the real one as ``.optimizer``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+
+def test_attach_counts_the_steps_of_an_optimizer_wrapped_twice_and_resets_delta_in_it():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    wrapped = Wrapper(Wrapper(optimizer))
+    controller = LaunchController(model, launch_step=T).attach(wrapped)
+    run(model, wrapped, controller, "hook", T + 2)
+    assert (controller.steps, controller.launched) == (T + 2, True)
+    for layer in dash_layers(model).values():
+        assert float(optimizer.state[layer.dash_delta]["step"]) == 2
+
+
+@pytest.mark.parametrize("not_an_optimizer", [None, object(), Wrapper(None)], ids=["None", "object", "empty-wrapper"])
+def test_attach_refuses_what_is_not_an_optimizer_and_wraps_none(not_an_optimizer):
+    controller = LaunchController(build_adapted(), launch_step=T)
+    with pytest.raises(ValueError, match="LoRADashCallback"):
+        controller.attach(not_an_optimizer)
+    assert controller._optimizers == [] and controller._hooks == []
+
+
+def scaled_step(model, optimizer, scaler, step, overflow):
+    """One step under a grad scaler; ``overflow`` plants an inf gradient, so the scaler skips the step."""
+    optimizer.zero_grad()
+    x, y = batch(step)
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    if overflow:
+        model.fc1.lora_B.grad[0, 0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# Plain AdamW: the scaler does not call step(). Fused AdamW: it calls step() with found_inf set.
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_a_step_the_grad_scaler_skips_is_not_counted(fused):
+    model = build_adapted()
+    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2, fused=fused)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    counted = []
+    for call in range(1, T + 2):
+        before = model.fc2.lora_A.detach().clone()
+        scaled_step(model, optimizer, scaler, call, overflow=call == 2)
+        assert torch.equal(model.fc2.lora_A, before) == (call == 2)  # the skip is real
+        counted.append((controller.steps, controller.launched))
+    assert counted == [(1, False), (1, False)] + [(step, step == T) for step in range(2, T + 1)]
+
+
+# --------------------------------------------------------- no tensor reads in step() after the launch
+def spy_on_tensor_reads(monkeypatch) -> list[str]:
+    """Record every read of a tensor's value into Python, and of a layer's phase buffer."""
+    reads: list[str] = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    phase = LoRADashLinear.launched.fget
+    monkeypatch.setattr(LoRADashLinear, "launched", property(lambda layer: reads.append("launched") or phase(layer)))
+    return reads
+
+
+def test_step_reads_no_tensor_before_t_nor_after_the_one_off_check_after_the_launch(monkeypatch):
+    # On a GPU every read is a host-device synchronisation; after the launch the phase lives in Python.
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    controller = LaunchController(model, launch_step=T)
+    reads = {}
+    for step in range(1, T + 8):
+        train_step(model, optimizer, step)
+        with monkeypatch.context() as patch:
+            seen = spy_on_tensor_reads(patch)
+            controller.step()
+        reads[step] = seen
+    assert controller.launched
+    # The launch at t and the one-off check at t + 1 do read (so the spy sees reads); no other step does.
+    assert "launched" in reads[T] and "__bool__" in reads[T + 1]
+    assert {step: seen for step, seen in reads.items() if seen} == {T: reads[T], T + 1: reads[T + 1]}
+
+
+# ----------------------------------------------------------- a controller nobody attached or stepped
+def test_a_controller_never_attached_nor_stepped_warns_once_past_t_even_under_compile():
+    torch._dynamo.reset()
+    model = build_adapted()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = make_optimizer(model)
+    LaunchController(model, launch_step=T)  # built, then forgotten: the run would silently stay plain LoRA
+    torch._dynamo.utils.counters.clear()
+    warned = []
+    for step in range(1, T + 5):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.zero_grad()
+            F.mse_loss(compiled(batch(step)[0]), batch(step)[1]).backward()
+            optimizer.step()
+        warned += [(step, str(warning.message)) for warning in caught if warning.category is RuntimeWarning]
+    assert [step for step, _ in warned] == [T + 1]
+    assert f"{T + 1} times, past launch_step={T}" in warned[0][1] and "counted no step" in warned[0][1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the watch is not on the forward
+
+
+def test_an_idle_controller_is_silent_when_another_one_launches_the_model():
+    model = build_adapted()
+    optimizer = make_optimizer(model)
+    LaunchController(model, launch_step=T)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, optimizer, controller, "hook", T + 3)
+    assert controller.launched
+
+
+def test_an_idle_controller_does_not_keep_its_model_alive():
+    model = build_adapted()
+    LaunchController(model, launch_step=T)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
