@@ -12,7 +12,7 @@ from lora_dash.checkpoint import (
     save_training_checkpoint,
 )
 from lora_dash.export import export_lora, plain_lora_factors, save_peft_adapter
-from lora_dash.inject import dash_layers, inject
+from lora_dash.inject import dash_layers, inject, trained_modules
 from lora_dash.layer import DashDirections, LoRADashLinear
 from lora_dash.schedule import LaunchController, launch
 from lora_dash.state import (
@@ -21,6 +21,7 @@ from lora_dash.state import (
     adapter_state_dict,
     count_trainable_parameters,
     load_adapter_state_dict,
+    trained_module_state_dict,
 )
 
 __all__ = [
@@ -44,5 +45,7 @@ __all__ = [
     "save_adapter",
     "save_peft_adapter",
     "save_training_checkpoint",
+    "trained_module_state_dict",
+    "trained_modules",
 ]
 __version__ = "0.1.0"

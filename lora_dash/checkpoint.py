@@ -1,72 +1,136 @@
 """Adapter files and training checkpoints that are safe to load and survive a crash while saving.
 
-* **Safe.** Files are written by ``torch.save`` and read by ``torch.load(weights_only=True)``, which
-  unpickles tensors and plain containers only: a file from a stranger cannot run code.
+* **Adapter files** are safetensors files, the format this ecosystem uses for adapters. The body holds
+  :func:`lora_dash.adapter_state_dict` (each tensor under its ``model.state_dict()`` key, modules that train
+  in full included) and, for each LoRA-Dash layer, ``"<layer>.base_sketch"``: ``W g``, a fingerprint of
+  its pretrained weight (below). The header's metadata holds ``format``, ``version``, ``phase``
+  (``"pre-launch"`` or ``"dash"``), ``layers`` (JSON: each layer's ``in/out_features``, ``r``, ``alpha``,
+  ``s``, ``use_rslora``, ``eps``), ``trained_modules`` (JSON list of names) and ``checksum``. The sketches
+  are tensors in the body, not JSON in the header: they keep their exact float32 bits, cost 4 bytes an
+  entry instead of about 20 (``out_features`` entries per layer), and are read by the same loader.
+* **Training checkpoints** hold optimizer state too, so they are ``torch.save`` files, read by
+  ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+* **Safe.** Neither format runs code when loaded: safetensors never unpickles, and a torch file with any
+  other object is refused.
 * **Atomic.** A save writes a temporary file in the target's folder, fsyncs it, and ``os.replace``\\ s it
   over the target: a crash at any moment leaves either the old file or the new one, never a mix.
-* **Checked.** ``torch.load`` does not notice flipped bytes inside a tensor, so every file carries a
-  SHA-256 of its content. A load verifies it, then checks the file against the model (layer names,
-  ``in/out``, ``r``, ``α``, ``s``, ``use_rslora``, ``eps``, and a sketch ``W g`` of each pretrained weight),
-  and only then changes anything. Every problem is a ``ValueError`` naming the file and what is wrong.
+* **Checked.** Neither safetensors nor ``torch.load`` notices flipped bytes inside a tensor, so every
+  file carries a SHA-256 of its metadata and tensors. A load verifies it, then checks the file against
+  the model (layer names, hyper-parameters, the sketch of each pretrained weight, the phase, the modules
+  that train in full), and only then changes anything. Every problem is a ``ValueError`` naming the file
+  and what is wrong.
 
-An adapter file holds what :func:`lora_dash.adapter_state_dict` holds; a training checkpoint adds the
-optimizer state, the :class:`LaunchController` state and the RNG states (Python, NumPy, torch, CUDA),
-so that a resumed run is bit-identical to one that never stopped.
+A training checkpoint adds to the adapter the optimizer state, the :class:`LaunchController` state and
+the RNG states (Python, NumPy, torch, CUDA), so that a resumed run is bit-identical to one that never
+stopped.
 """
 
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
 import random
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lora_dash.inject import dash_layers
+from lora_dash.inject import dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear
 from lora_dash.schedule import LaunchController
 from lora_dash.state import adapter_state_dict, load_adapter_state_dict
 
 ADAPTER_FORMAT = "lora_dash.adapter"
 TRAINING_FORMAT = "lora_dash.training"
-VERSION = 1
+VERSION = 2
+PHASES = ("pre-launch", "dash")
+SKETCH_SUFFIX = ".base_sketch"
 #: Relative tolerance of the pretrained-weight check: loose enough for a bf16 copy of the same weights
 #: (relative rounding 2⁻⁹), far tighter than the distance between two different weights (about √2).
 BASE_RTOL = 1e-2
+#: How a ``torch.save`` file starts (its zip archive, or a raw pickle of protocol 2 or later).
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def safetensors_torch() -> ModuleType:
+    """``safetensors.torch``, imported when first needed: files need it, the core library does not."""
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError('adapter files are safetensors files: pip install safetensors '
+                          '(or pip install "lora-dash[files]")') from error
+    return safetensors.torch
 
 
 # ------------------------------------------------------------------------------- adapter files
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write every LoRA-Dash layer's adapter state (both phases) to ``path``, atomically.
+    """Write the adapter (every LoRA-Dash layer, both phases, and every module that trains in full) to
+    ``path`` as a safetensors file, atomically.
 
     Under FSDP2 every rank must call it (the shards are gathered); give each rank its own path or
     let one rank's call write. Pass the unwrapped model (``ddp.module``) so names carry no ``module.``.
+
+    Raises:
+        ImportError: ``safetensors`` is not installed.
+        ValueError: no LoRA-Dash layer, or layers in different phases. Nothing is written then.
+        RuntimeError: a layer is merged (its base would fingerprint as ``W + ΔW``).
     """
-    _write(path, ADAPTER_FORMAT, _adapter_content(model))
+    save = safetensors_torch().save
+    content = _adapter_content(model)
+    metadata = {"format": ADAPTER_FORMAT, "version": str(VERSION), **content["metadata"]}
+    metadata["checksum"] = _checksum({"metadata": metadata, "tensors": content["tensors"]})
+    data = save(content["tensors"], metadata=metadata)
+    _write(path, lambda file: file.write(data))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> None:
     """Load an adapter file written by :func:`save_adapter` into ``model``: all of it, or (on error) nothing.
+
+    Build the model and ``inject`` exactly as in training (same targets, hyper-parameters and
+    ``modules_to_save``), then call this.
 
     Args:
         check_base: refuse a file saved for another pretrained weight (``‖W' g − W g‖ > 1e-2 ‖W g‖``
             for a fixed probe ``g``); ``False`` loads it anyway, e.g. onto a fine-tuned variant.
 
     Raises:
-        ValueError: a file that is not a LoRA-Dash adapter, holds anything but tensors and plain
-            containers, is truncated or corrupted, or does not fit the model (names, shapes,
-            hyper-parameters, pretrained weights, phase).
+        ImportError: ``safetensors`` is not installed.
+        ValueError: a file that is not a LoRA-Dash adapter file (a ``torch.save`` file is refused without
+            being unpickled), is truncated or corrupted, or does not fit the model (names, shapes,
+            hyper-parameters, pretrained weights, phase, modules that train in full).
         RuntimeError: a target layer is merged.
         OSError: the file cannot be read.
     """
-    content = _read(path, ADAPTER_FORMAT)
-    _load_adapter_content(model, content, path, check_base)
+    load = safetensors_torch().load
+    with open(path, "rb") as file:  # OSError (missing file, a folder, no permission) passes through
+        data = file.read()
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises its own SafetensorError, or others on odd input
+        if data.startswith(TORCH_FILE_STARTS):
+            raise ValueError(f"{path}: refused: a torch.save (pickle) file, not a safetensors adapter file; it was "
+                             "not unpickled (a training checkpoint loads with load_training_checkpoint)") from error
+        raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
+    # safetensors has just parsed this header: an 8-byte little-endian length, then JSON.
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    metadata = dict(header.get("__metadata__") or {})
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: is not a LoRA-Dash adapter file (its header says format "
+                         f"{metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    if metadata.get("version") != str(VERSION):
+        raise ValueError(f"{path}: has format version {metadata.get('version')!r}; this library reads {VERSION}")
+    checksum = metadata.pop("checksum", None)
+    if checksum != _checksum({"metadata": metadata, "tensors": tensors}):
+        raise ValueError(f"{path}: corrupted: its metadata and tensors do not match its SHA-256 checksum")
+    del metadata["format"], metadata["version"]
+    _load_adapter_content(model, {"metadata": metadata, "tensors": tensors}, path, check_base)
 
 
 # -------------------------------------------------------------------------- training checkpoints
@@ -80,7 +144,8 @@ def save_training_checkpoint(
         "controller": controller.state_dict(),
         "rng": _rng_state(),
     }
-    _write(path, TRAINING_FORMAT, content)
+    payload = {"format": TRAINING_FORMAT, "version": VERSION, "content": content, "checksum": _checksum(content)}
+    _write(path, lambda file: torch.save(payload, file))
 
 
 def load_training_checkpoint(
@@ -127,26 +192,39 @@ def _base_sketch(layer: LoRADashLinear) -> Tensor:
 
 
 def _adapter_content(model: nn.Module) -> dict[str, Any]:
+    """``{"metadata": {str: str}, "tensors": {str: Tensor}}``: the header entries and body of an adapter
+    file (less format, version and checksum); a training checkpoint holds it as it is."""
     layers = dash_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:  # a merged base would fingerprint as W + ΔW
         raise RuntimeError(f"layers {merged} are merged; unmerge() before saving")
-    return {
-        "layers": {name: {**_layer_config(layer), "base_sketch": _base_sketch(layer)}
-                   for name, layer in layers.items()},
-        "state": {key: value.cpu() for key, value in adapter_state_dict(model).items()},
+    launched = {name: layer.launched for name, layer in layers.items()}
+    if len(set(launched.values())) > 1:  # load_adapter_state_dict refuses such a state: do not write it
+        raise ValueError(f"the layers are in different phases (launched: {launched}); launch all or none")
+    metadata = {
+        "phase": PHASES[next(iter(launched.values()))],
+        "layers": json.dumps({name: _layer_config(layer) for name, layer in layers.items()}),
+        "trained_modules": json.dumps(list(trained_modules(model))),
     }
+    tensors = {key: value.cpu().contiguous() for key, value in adapter_state_dict(model).items()}  # as safetensors wants
+    tensors.update({name + SKETCH_SUFFIX: _base_sketch(layer) for name, layer in layers.items()})
+    return {"metadata": metadata, "tensors": tensors}
 
 
 def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLike, check_base: bool) -> None:
-    _expect(isinstance(content, dict) and set(content) == {"layers", "state"}
-            and isinstance(content["layers"], dict) and isinstance(content["state"], dict),
+    _expect(isinstance(content, dict) and set(content) == {"metadata", "tensors"}
+            and isinstance(content["metadata"], dict) and isinstance(content["tensors"], dict),
             path, "is not a LoRA-Dash adapter")
-    layers, saved = dash_layers(model), content["layers"]
+    metadata, tensors = content["metadata"], content["tensors"]
+    layers, saved = dash_layers(model), _header_entry(metadata, "layers", dict, path)
     if set(saved) != set(layers):
         raise ValueError(f"{path}: the adapter is for layers {sorted(saved)}, the model has {sorted(layers)}")
+    saved_trained, trained = _header_entry(metadata, "trained_modules", list, path), list(trained_modules(model))
+    if sorted(map(str, saved_trained)) != sorted(trained):
+        raise ValueError(f"{path}: the adapter trains modules {saved_trained} in full, the model {trained}; "
+                         "inject with the same modules_to_save")
     for name, layer in layers.items():
         info = saved[name]
         _expect(isinstance(info, dict), path, f"has no configuration for layer {name!r}")
@@ -157,11 +235,29 @@ def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLik
                                   for key, (saved, current) in differs.items())
             raise ValueError(f"{path}: layer {name!r} was saved with {described}")
         if check_base and not layer.merged:  # a merged layer is refused below, with its own message
-            _check_base(name, layer, info.get("base_sketch"), path)
+            _check_base(name, layer, tensors.get(name + SKETCH_SUFFIX), path)
+    sketches = {name + SKETCH_SUFFIX for name in layers}
+    state = {key: value for key, value in tensors.items() if key not in sketches}
+    phase = metadata.get("phase")
+    _expect(phase in PHASES, path, f"has phase {phase!r} in its header, expected one of {PHASES}")
+    for name in layers:
+        flag = state.get(f"{name}.dash_launched")
+        if isinstance(flag, Tensor) and flag.numel() == 1 and PHASES[bool(flag)] != phase:
+            raise ValueError(f"{path}: its header says phase {phase!r}, but layer {name!r} is {PHASES[bool(flag)]}")
     try:
-        load_adapter_state_dict(model, content["state"])
+        load_adapter_state_dict(model, state)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
+
+
+def _header_entry(metadata: dict, key: str, kind: type, path: str | os.PathLike) -> Any:
+    """The JSON header entry ``key``, which must decode to a ``kind``."""
+    try:
+        value = json.loads(metadata[key])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its header has no valid {key!r} entry ({type(error).__name__}: {error})") from error
+    _expect(isinstance(value, kind), path, f"its header entry {key!r} is not a JSON {kind.__name__}")
+    return value
 
 
 def _check_base(name: str, layer: LoRADashLinear, saved: Any, path: str | os.PathLike) -> None:
@@ -215,15 +311,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ file I/O
-def _write(path: str | os.PathLike, file_format: str, content: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``, fsync the folder."""
+def _write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write`` a temporary file beside ``path``, fsync it, ``os.replace`` it over ``path``, fsync the folder."""
     path = Path(path)
-    payload = {"format": file_format, "version": VERSION, "content": content, "checksum": _checksum(content)}
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(payload, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -239,7 +334,7 @@ def _write(path: str | os.PathLike, file_format: str, content: dict[str, Any]) -
 
 
 def _read(path: str | os.PathLike, file_format: str) -> Any:
-    """The verified ``content`` of a file written by :func:`_write` with ``file_format``."""
+    """The verified ``content`` of a ``torch.save`` file of ``file_format`` (a training checkpoint)."""
     with open(path, "rb") as file:  # OSError (missing file, a folder, no permission) passes through
         data = file.read()
     try:

@@ -11,6 +11,10 @@ so any stack that serves LoRA (PEFT, vLLM, ...) serves a trained LoRA-Dash adapt
 launch ``U_s = V_s = 0``: the dash columns contribute exactly nothing and are left out (rank ``r``).
 Both branches read the same ``x̃ = dropout(x)``, so the export is exact in training too.
 
+Modules that train in full (``inject(..., modules_to_save=...)``) are not LoRA layers: a server takes
+their whole state, :func:`lora_dash.trained_module_state_dict`, beside the factors, and
+:func:`save_peft_adapter` writes it in PEFT's ``modules_to_save`` layout.
+
 The math (:func:`plain_lora_factors`, :func:`export_lora`) needs only torch. The writer
 (:func:`save_peft_adapter`) imports ``safetensors`` when called; it never imports ``peft``.
 """
@@ -23,8 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lora_dash.inject import dash_layers
+from lora_dash.checkpoint import safetensors_torch
+from lora_dash.inject import dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear, is_conv1d
+from lora_dash.state import trained_module_state_dict
 
 #: PEFT's file names (``peft.utils.constants``): the weights and the config ``PeftModel.from_pretrained`` reads.
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,6 +38,10 @@ CONFIG_NAME = "adapter_config.json"
 #: The prefix PEFT puts before a module's name in saved keys: ``PeftModel.base_model`` (the LoRA tuner)
 #: wraps the user's model as ``.model``.
 PEFT_KEY_PREFIX = "base_model.model."
+#: The submodules PEFT's LoRA layer puts under each target (``<target>.lora_A``, ``<target>.lora_A.default``,
+#: ...): PEFT matches ``modules_to_save`` against every module name, these included.
+PEFT_LORA_CHILDREN = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                      "lora_magnitude_vector")
 
 
 class LoRAFactors(NamedTuple):
@@ -69,6 +79,8 @@ def plain_lora_factors(layer: LoRADashLinear) -> LoRAFactors:
 def export_lora(model: nn.Module) -> dict[str, LoRAFactors]:
     """Every LoRA-Dash layer of ``model`` as plain LoRA factors (:func:`plain_lora_factors`), by name.
 
+    Modules that train in full are not in it: :func:`lora_dash.trained_module_state_dict` gives their state.
+
     Raises:
         ValueError: the model has no LoRA-Dash layers, or a layer's adapter is not finite.
     """
@@ -101,11 +113,44 @@ def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     ``"1.0"`` against ``"0"`` in nested ``nn.Sequential``); then a regex of the escaped names is returned
     instead, which PEFT ``fullmatch``es against each name.
     """
-    inside_adapters = {id(sub) for layer in dash_layers(model).values() for sub in layer.modules()}
-    others = [k for k, module in model.named_modules() if k and id(module) not in inside_adapters]
+    layers = dash_layers(model)
+    others = [k for k in plain_module_names(model) if k not in layers]
     if any(k.endswith("." + name) for k in others for name in names):
         return "|".join(re.escape(name) for name in names)
     return list(names)
+
+
+def peft_modules_to_save(model: nn.Module) -> list[str] | None:
+    """PEFT's ``modules_to_save`` selecting exactly the modules of ``model`` that train in full (``None``
+    when there are none).
+
+    PEFT wraps every module whose name ends with an entry, as a plain string suffix (``"head"`` selects
+    ``"lm_head"`` too), in the model where its LoRA layers are already in place. The full names are the
+    narrowest entries there are, so when one of them is a suffix of another module's name no list can
+    select exactly the right modules, and this refuses.
+
+    Raises:
+        ValueError: a module's name is a suffix of another module's name (both are named).
+    """
+    names = list(trained_modules(model))
+    if not names:
+        return None
+    peft_names = plain_module_names(model) + [
+        f"{layer}.{child}{default}" for layer in dash_layers(model)
+        for child in PEFT_LORA_CHILDREN for default in ("", ".default")
+    ]
+    clashes = {name: [k for k in peft_names if k != name and k.endswith(name)] for name in names}
+    clashes = {name: others for name, others in clashes.items() if others}
+    if clashes:
+        raise ValueError(f"PEFT selects modules_to_save by name suffix, and these modules that train in full "
+                         f"would also select others (name: others): {clashes}; PEFT cannot load such an adapter")
+    return names
+
+
+def plain_module_names(model: nn.Module) -> list[str]:
+    """The module names of ``model`` as a plain model has them: the insides of LoRA-Dash layers left out."""
+    inside_adapters = {id(sub) for layer in dash_layers(model).values() for sub in layer.modules() if sub is not layer}
+    return [k for k, module in model.named_modules() if k and id(module) not in inside_adapters]
 
 
 def save_peft_adapter(
@@ -118,11 +163,14 @@ def save_peft_adapter(
     Files, as PEFT's ``save_pretrained`` writes them:
 
     - ``adapter_model.safetensors``: ``base_model.model.<layer name>.lora_A.weight`` ``(r', in)`` and
-      ``...lora_B.weight`` ``(out, r')`` for every layer, float32.
+      ``...lora_B.weight`` ``(out, r')`` for every layer, float32; for every module that trains in full,
+      its state as ``get_peft_model_state_dict`` saves a ``modules_to_save`` module:
+      ``base_model.model.<module name>.<key>`` (e.g. ``base_model.model.classifier.weight``), in its dtype.
     - ``adapter_config.json``: ``peft_type "LORA"``, ``r = lora_alpha = r'`` (scaling 1), the layer names
       as ``target_modules``, ``fan_in_fan_out`` true when a layer is a GPT-2 ``Conv1D`` (PEFT corrects it
       per layer, with a warning, in a model that mixes ``Conv1D`` and ``nn.Linear``), the layers'
-      ``lora_dropout``.
+      ``lora_dropout``, and the names of the modules that train in full as ``modules_to_save``
+      (:func:`peft_modules_to_save`).
 
     ``r'`` is the largest rank among the layers (``r + s`` once launched, ``r`` before); smaller layers
     are zero-padded to it (:func:`pad_rank`). ``base`` must be the pretrained model without adapters,
@@ -132,19 +180,14 @@ def save_peft_adapter(
         The directory (created if missing).
 
     Raises:
-        ImportError: ``safetensors`` is missing (install the ``oracle`` extra).
-        ValueError: no LoRA-Dash layers, a non-finite adapter, or layers with different dropout (PEFT
-            has one). Nothing is written then.
+        ImportError: ``safetensors`` is missing.
+        ValueError: no LoRA-Dash layers, a non-finite adapter, layers with different dropout (PEFT
+            has one), or a module that trains in full whose name PEFT would also match elsewhere.
+            Nothing is written then.
     """
-    try:
-        from safetensors.torch import save_file
-    except ImportError as error:
-        raise ImportError(
-            "save_peft_adapter writes safetensors files and needs the `safetensors` package: "
-            "pip install 'lora-dash[oracle]' (or pip install safetensors)"
-        ) from error
-
+    save_file = safetensors_torch().save_file
     factors = export_lora(model)
+    modules_to_save = peft_modules_to_save(model)
     layers = dash_layers(model)
     dropouts = {
         name: layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0 for name, layer in layers.items()
@@ -157,6 +200,8 @@ def save_peft_adapter(
         padded = pad_rank(layer_factors, rank)
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = padded.A.contiguous()
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = padded.B.contiguous()
+    trained = trained_module_state_dict(model)
+    tensors.update({PEFT_KEY_PREFIX + key: value.contiguous() for key, value in trained.items()})
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -169,7 +214,7 @@ def save_peft_adapter(
         "lora_dropout": next(iter(dropouts.values())),
         "bias": "none",
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "rank_pattern": {},
         "alpha_pattern": {},
         "init_lora_weights": True,

@@ -1,4 +1,9 @@
-"""The adapter's own state: its parameters, an adapter-only state dict, and strict loading."""
+"""The adapter's own state: its parameters, an adapter-only state dict, and strict loading.
+
+"The adapter" is every LoRA-Dash layer's ``A``, ``B``, ``δ`` and launch buffers, plus the whole state of
+every module that trains in full (``inject(..., modules_to_save=...)``, see
+:func:`lora_dash.inject.trained_modules`). Keys are those of ``model.state_dict()``.
+"""
 
 import math
 from typing import Any
@@ -6,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_dash.inject import dash_layers
+from lora_dash.inject import dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear, full_tensor, is_sharded
 
 #: What one layer saves: the trainable A, B, δ and the launch's buffers U_s, V_s, indices and phase.
@@ -14,14 +19,21 @@ LAYER_STATE_KEYS = ("lora_A", "lora_B", "dash_delta", "dash_U", "dash_V", "dash_
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of every LoRA-Dash layer (``A``, ``B``, ``δ``): build the optimizer from these."""
-    return [p for layer in dash_layers(model).values() for p in layer.adapter_parameters()]
+    """What trains: every LoRA-Dash layer's ``A``, ``B``, ``δ``, then every parameter of the modules that
+    train in full. Build the optimizer from these."""
+    return [p for layer in dash_layers(model).values() for p in layer.adapter_parameters()] + _trained_parameters(model)
+
+
+def _trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the modules that train in full, each once (two such modules may share one)."""
+    return list(dict.fromkeys(p for module in trained_modules(model).values() for p in module.parameters()))
 
 
 def adapter_param_groups(
     model: nn.Module, lr: float, delta_lr_scale: float = 1.0, weight_decay: float | None = None
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: every ``A`` and ``B`` at ``lr``, every ``δ`` at ``lr · delta_lr_scale``.
+    """Optimizer parameter groups: every ``A`` and ``B`` (and every parameter of the modules that train in
+    full) at ``lr``, every ``δ`` at ``lr · delta_lr_scale``.
 
     ``δ`` are only ``s`` scalars per layer, each added to a singular value ``σ_i`` of ``W``, while ``A``
     and ``B`` are ``r·(in + out)`` entries of an update scaled by ``α/r``: the two need not want the same
@@ -32,7 +44,7 @@ def adapter_param_groups(
     Usage: ``torch.optim.AdamW(adapter_param_groups(model, lr=2e-4, delta_lr_scale=10.0))``.
 
     Returns:
-        ``[{"params": [A, B, …], "lr": lr}, {"params": [δ, …], "lr": lr · delta_lr_scale}]``, with
+        ``[{"params": [A, B, …, trained…], "lr": lr}, {"params": [δ, …], "lr": lr · delta_lr_scale}]``, with
         ``"weight_decay"`` in both only when given; together they hold :func:`adapter_parameters` once.
 
     Raises:
@@ -46,13 +58,15 @@ def adapter_param_groups(
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     return [
-        {"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)], "lr": lr, **decay},
+        {"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)] + _trained_parameters(model),
+         "lr": lr, **decay},
         {"params": [layer.dash_delta for layer in layers], "lr": lr * delta_lr_scale, **decay},
     ]
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
-    """Degrees of freedom the adapters train: ``r·(in + out)`` per layer, plus ``s`` once launched.
+    """Degrees of freedom the adapters train: ``r·(in + out)`` per layer, plus ``s`` once launched, plus
+    every parameter of the modules that train in full.
 
     ``δ`` exists from construction, but before launch ``U_s = V_s = 0`` and it cannot move the output,
     so it is counted from the launch on, as in the paper.
@@ -60,23 +74,44 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(
         layer.lora_A.numel() + layer.lora_B.numel() + (layer.s if layer.launched else 0)
         for layer in dash_layers(model).values()
-    )
+    ) + sum(p.numel() for p in _trained_parameters(model))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of every layer's adapter state, keyed ``"<layer name>.<key>"`` (keys: ``LAYER_STATE_KEYS``).
+    """A copy of every layer's adapter state, keyed ``"<layer name>.<key>"`` (keys: ``LAYER_STATE_KEYS``),
+    followed by :func:`trained_module_state_dict`. Every key is the model's own ``state_dict()`` key.
 
     Always whole tensors: under FSDP2 the shards are gathered, so every rank must call it.
     """
-    return {
-        f"{name}.{key}": full_tensor(getattr(layer, key)).detach().clone()
-        for name, layer in dash_layers(model).items()
-        for key in LAYER_STATE_KEYS
-    }
+    return {key: full_tensor(value).detach().clone() for key, value in _adapter_tensors(model).items()}
+
+
+def trained_module_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the state (parameters and persistent buffers) of every module that trains in full,
+    keyed as in ``model.state_dict()``: ``{"classifier.weight": (out, in), "classifier.bias": (out,)}``.
+
+    What a server needs beside the LoRA factors of :func:`lora_dash.export_lora`. Under FSDP2 the shards
+    are gathered, so every rank must call it.
+    """
+    return {key: full_tensor(value).detach().clone() for key, value in _trained_tensors(model).items()}
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The live tensors :func:`adapter_state_dict` copies, by key."""
+    layers = {f"{name}.{key}": getattr(layer, key) for name, layer in dash_layers(model).items()
+              for key in LAYER_STATE_KEYS}
+    return {**layers, **_trained_tensors(model)}
+
+
+def _trained_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The live state tensors of the modules that train in full, keyed as in ``model.state_dict()``."""
+    return {f"{name}.{key}": value for name, module in trained_modules(model).items()
+            for key, value in module.state_dict(keep_vars=True).items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load an adapter state dict, strictly: every problem is reported before anything is copied.
+    """Load an adapter state dict (:func:`adapter_state_dict`), strictly: every problem is reported before
+    anything is copied.
 
     Raises:
         ValueError: missing or unexpected keys, a non-tensor value, a wrong shape, or an inconsistent
@@ -87,7 +122,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     layers = dash_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
-    targets = {f"{name}.{key}": getattr(layer, key) for name, layer in layers.items() for key in LAYER_STATE_KEYS}
+    targets = _adapter_tensors(model)
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:

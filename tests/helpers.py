@@ -61,6 +61,14 @@ def build_adapted(init_seed: int = 1, **kwargs) -> MLP:
     return model
 
 
+def build_with_trained_head(init_seed: int = 1) -> MLP:
+    """The base model with LoRA-Dash on fc1 and fc2, and fc3 (the head) trained in full."""
+    model = build_base()
+    torch.manual_seed(init_seed)
+    lora_dash.inject(model, r"fc1|fc2", r=R, alpha=ALPHA, s=S, modules_to_save=["fc3"])
+    return model
+
+
 def batch(step: int, micro: int = 0, size: int = 8) -> tuple[Tensor, Tensor]:
     """Synthetic regression data, a pure function of (step, micro-batch) so resumed runs see the same."""
     generator = torch.Generator().manual_seed(10_000 + 100 * step + micro)

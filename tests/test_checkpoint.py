@@ -1,14 +1,20 @@
-"""Adapter files and training checkpoints (`lora_dash.checkpoint`): safe to load, atomic to write, and
-every bad file is a clear error that leaves the model (and optimizer, controller, RNG) as it was."""
+"""Adapter files (safetensors) and training checkpoints (torch, weights_only) (`lora_dash.checkpoint`): safe
+to load, atomic to write, and every bad file is a clear error that leaves the model (and optimizer,
+controller, RNG) as it was."""
 
 import builtins
+import json
 import os
 import pickle
 import random
+import re
+import sys
 
 import numpy as np
 import pytest
+import safetensors
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import (
     ADAPTED,
@@ -20,20 +26,27 @@ from helpers import (
     batch,
     build_adapted,
     build_base,
+    build_with_trained_head,
     make_optimizer,
     snapshot,
     train_step,
 )
-from lora_dash import LaunchController, adapter_state_dict, dash_layers, inject
+from lora_dash import (
+    LaunchController,
+    adapter_state_dict,
+    dash_layers,
+    inject,
+    load_adapter_state_dict,
+)
 from lora_dash import checkpoint
 from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
 
 T = 3  # launch step
 
 
-def trained(steps: int, init_seed: int = 1):
-    """A model, optimizer and attached controller after ``steps`` optimizer steps."""
-    model = build_adapted(init_seed=init_seed)
+def trained(steps: int, init_seed: int = 1, build=build_adapted):
+    """A model (``build(init_seed)``), optimizer and attached controller after ``steps`` optimizer steps."""
+    model = build(init_seed=init_seed)
     optimizer = make_optimizer(model)
     controller = LaunchController(model, launch_step=T).attach(optimizer)
     for step in range(1, steps + 1):
@@ -45,13 +58,31 @@ def trained(steps: int, init_seed: int = 1):
 def adapter_file(tmp_path_factory):
     """A launched model's adapter file (bytes and path), and the state it holds."""
     model, _, _ = trained(T + 2)
-    path = tmp_path_factory.mktemp("adapter") / "adapter.pt"
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
     save_adapter(model, path)
     return path, path.read_bytes(), adapter_state_dict(model)
 
 
+def read_adapter_file(path) -> tuple[dict, dict]:
+    """The header metadata and the tensors of an adapter file, read with safetensors alone."""
+    with safetensors.safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    return metadata, load_file(str(path))
+
+
 def resign(path, mutate) -> None:
-    """Rewrite a file with ``mutate(content)`` applied and a valid checksum: what a careful attacker can do."""
+    """Rewrite an adapter file with ``mutate({"metadata": ..., "tensors": ...})`` applied and a valid
+    checksum: what a careful attacker can do."""
+    metadata, tensors = read_adapter_file(path)
+    del metadata["checksum"]
+    content = {"metadata": metadata, "tensors": tensors}
+    mutate(content)
+    content["metadata"]["checksum"] = checkpoint._checksum(content)
+    save_file(content["tensors"], str(path), metadata=content["metadata"])
+
+
+def resign_training_checkpoint(path, mutate) -> None:
+    """Rewrite a training checkpoint with ``mutate(content)`` applied and a valid checksum."""
     payload = torch.load(path, weights_only=True)
     mutate(payload["content"])
     payload["checksum"] = checkpoint._checksum(payload["content"])
@@ -69,9 +100,9 @@ def assert_refused_and_unchanged(load, model, match: str | None, error=ValueErro
 @pytest.mark.parametrize("steps", [T - 1, T + 2], ids=["pre-launch", "launched"])
 def test_adapter_file_loads_into_a_fresh_model_with_identical_state_and_outputs(steps, tmp_path):
     model, _, _ = trained(steps)
-    save_adapter(model, tmp_path / "adapter.pt")
+    save_adapter(model, tmp_path / "adapter.safetensors")
     fresh = build_adapted(init_seed=2)  # another A: everything must come from the file
-    load_adapter(fresh, tmp_path / "adapter.pt")
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
     for key, value in adapter_state_dict(model).items():
         assert torch.equal(adapter_state_dict(fresh)[key], value), key
     probe = batch(-1, size=16)[0]
@@ -79,12 +110,49 @@ def test_adapter_file_loads_into_a_fresh_model_with_identical_state_and_outputs(
         assert torch.equal(fresh(probe), model(probe))
 
 
-def test_adapter_file_is_an_ordinary_weights_only_torch_file(adapter_file):
-    # Any stack can read it with torch.load(weights_only=True), no lora_dash needed.
+def test_adapter_file_is_an_ordinary_safetensors_file_with_the_state_and_a_readable_header(adapter_file):
+    # Any stack reads it with safetensors alone: the body is the adapter state dict plus one sketch per layer.
     path, _, state = adapter_file
-    payload = torch.load(path, weights_only=True)
-    assert (payload["format"], payload["version"]) == (checkpoint.ADAPTER_FORMAT, checkpoint.VERSION)
-    assert all(torch.equal(payload["content"]["state"][key], value) for key, value in state.items())
+    metadata, tensors = read_adapter_file(path)
+    assert set(tensors) == set(state) | {f"{name}.base_sketch" for name in ("fc1", "fc2", "fc3")}
+    assert all(torch.equal(tensors[key], value) and tensors[key].dtype == value.dtype for key, value in state.items())
+    assert (metadata["format"], metadata["version"]) == (checkpoint.ADAPTER_FORMAT, str(checkpoint.VERSION))
+    assert metadata["phase"] == "dash" and json.loads(metadata["trained_modules"]) == []
+    assert json.loads(metadata["layers"])["fc2"] == {"in_features": 16, "out_features": 16, "r": R, "alpha": ALPHA,
+                                                     "s": S, "use_rslora": False, "eps": 0.0}
+    assert metadata["checksum"].startswith("sha256:")
+    model = build_adapted(init_seed=3)
+    load_adapter_state_dict(model, {key: tensors[key] for key in state})  # the body minus sketches loads as it is
+
+
+def test_pre_launch_adapter_file_says_so_in_its_header(tmp_path):
+    model, _, _ = trained(T - 1)
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    assert read_adapter_file(tmp_path / "adapter.safetensors")[0]["phase"] == "pre-launch"
+
+
+def test_saving_layers_in_different_phases_is_refused_and_writes_nothing(tmp_path):
+    model, _, _ = trained(1)
+    model.fc2.launch()  # fc1 and fc3 pre-launch: no file could load such a state back
+    with pytest.raises(ValueError, match="different phases"):
+        save_adapter(model, tmp_path / "adapter.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_adapter_files_without_safetensors_name_what_to_install_and_change_nothing(call, adapter_file, tmp_path,
+                                                                                    monkeypatch):
+    model = build_adapted(init_seed=3)
+    before = snapshot(model)
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        if call == "save":
+            save_adapter(model, tmp_path / "adapter.safetensors")
+        else:
+            load_adapter(model, adapter_file[0])
+    assert_unchanged(model, before)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_training_checkpoint_restores_the_python_numpy_and_torch_random_streams(tmp_path):
@@ -121,23 +189,21 @@ class RunsCode:
         return builtins.open, (self.marker, "w")
 
 
-def malicious_files(folder, good_path):
-    """The same payload three ways: torch's zip format, a raw pickle, and inside a valid LoRA-Dash file."""
+def malicious_files(folder):
+    """The same payload two ways: torch's zip format and a raw pickle. (A safetensors file holds only
+    tensors and strings: there is no third way.)"""
     marker = folder / "code-ran"
-    zipped, raw, nested = folder / "zip.pt", folder / "raw.pt", folder / "nested.pt"
+    zipped, raw = folder / "zip.pt", folder / "raw.pt"
     torch.save({"state": RunsCode(marker)}, zipped)
     raw.write_bytes(pickle.dumps({"state": RunsCode(marker)}, protocol=2))  # torch.load's own protocol
-    payload = torch.load(good_path, weights_only=True)
-    payload["content"]["layers"]["fc1"]["r"] = RunsCode(marker)
-    torch.save(payload, nested)
-    return marker, [zipped, raw, nested]
+    return marker, [zipped, raw]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["torch-zip", "raw-pickle", "inside-adapter-file"])
-def test_malicious_pickle_is_refused_without_running_its_code(which, adapter_file, tmp_path):
-    marker, files = malicious_files(tmp_path, adapter_file[0])
+@pytest.mark.parametrize("which", [0, 1], ids=["torch-zip", "raw-pickle"])
+def test_malicious_pickle_given_as_adapter_file_is_refused_without_running_its_code(which, tmp_path):
+    marker, files = malicious_files(tmp_path)
     model = build_adapted(init_seed=3)
-    assert_refused_and_unchanged(lambda: load_adapter(model, files[which]), model, "refused")
+    assert_refused_and_unchanged(lambda: load_adapter(model, files[which]), model, "refused: a torch.save")
     assert not marker.exists()
     pickle.loads(files[1].read_bytes())  # the file really runs code under a plain unpickler
     assert marker.exists()
@@ -162,25 +228,26 @@ CUTS = [0, 1, 10, 100, 0.5, -100, -22, -1]  # bytes kept (a fraction; negative: 
 def test_truncated_adapter_file_is_rejected_and_model_unchanged(cut, adapter_file, tmp_path):
     _, data, _ = adapter_file
     keep = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
-    (tmp_path / "cut.pt").write_bytes(data[:keep])
+    (tmp_path / "cut.safetensors").write_bytes(data[:keep])
     model = build_adapted(init_seed=3)
-    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "cut.pt"), model, "truncated or corrupted")
+    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "cut.safetensors"), model,
+                                 "truncated or corrupted")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # a damaged pickle can make torch's unpickler warn
 def test_flipped_byte_anywhere_never_loads_different_values(adapter_file, tmp_path):
-    # torch.load itself checks no CRC (most flips inside a tensor load silently); the checksum must
-    # catch them. A flip in bytes the loader ignores may load: then the state must be the saved one.
+    # safetensors checks no CRC (a flip inside a tensor loads silently); the checksum must catch it. A flip
+    # in bytes the loader ignores may load: then the state must be the saved one.
     _, data, state = adapter_file
     model = build_adapted(init_seed=3)
     outcomes = {"rejected": 0, "harmless": 0}
-    for offset in range(0, len(data), 37):
+    body = 8 + int.from_bytes(data[:8], "little")
+    for offset in [*range(0, body, 23), *range(body, len(data), 37), len(data) - 1]:  # header and tensors
         damaged = bytearray(data)
         damaged[offset] ^= 0x5A
-        (tmp_path / "flip.pt").write_bytes(damaged)
+        (tmp_path / "flip.safetensors").write_bytes(damaged)
         before = snapshot(model)
         try:
-            load_adapter(model, tmp_path / "flip.pt")
+            load_adapter(model, tmp_path / "flip.safetensors")
         except ValueError:
             assert_unchanged(model, before)
             outcomes["rejected"] += 1
@@ -191,11 +258,29 @@ def test_flipped_byte_anywhere_never_loads_different_values(adapter_file, tmp_pa
     assert outcomes["rejected"] > 0, outcomes  # the sweep did reach the tensors
 
 
-def test_content_changed_without_updating_the_checksum_is_rejected(adapter_file, tmp_path):
-    path = tmp_path / "edited.pt"
-    payload = torch.load(adapter_file[0], weights_only=True)
-    payload["content"]["state"]["fc2.dash_delta"][0] += 1e-3
-    torch.save(payload, path)
+def test_safetensors_does_not_notice_a_flipped_byte_inside_a_tensor(adapter_file):
+    # Why the checksum exists: the damaged file is a valid safetensors file with other values.
+    _, data, state = adapter_file
+    header_length = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_length])["fc2.lora_A"]["data_offsets"]
+    damaged = bytearray(data)
+    damaged[8 + header_length + start] ^= 0x5A  # the first byte of fc2's A
+    loaded = safetensors.torch.load(bytes(damaged))
+    assert not torch.equal(loaded["fc2.lora_A"], state["fc2.lora_A"])
+
+
+EDITS = {
+    "tensor": lambda content: content["tensors"]["fc2.dash_delta"].add_(1e-3),
+    "header": lambda content: content["metadata"].update(phase="pre-launch"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
+def test_content_changed_without_updating_the_checksum_is_rejected(edit, adapter_file, tmp_path):
+    path = tmp_path / "edited.safetensors"
+    metadata, tensors = read_adapter_file(adapter_file[0])
+    edit({"metadata": metadata, "tensors": tensors})
+    save_file(tensors, str(path), metadata=metadata)  # the old checksum
     model = build_adapted(init_seed=3)
     assert_refused_and_unchanged(lambda: load_adapter(model, path), model, "checksum")
 
@@ -254,34 +339,45 @@ def test_saving_a_merged_model_is_refused_and_writes_nothing(tmp_path):
     model, _, _ = trained(T)
     model.fc1.merge()
     with pytest.raises(RuntimeError, match="fc1"):
-        save_adapter(model, tmp_path / "adapter.pt")
+        save_adapter(model, tmp_path / "adapter.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------- wrong phase
 def launched_flag_without_directions(content):
-    content["state"]["fc1.dash_index"].fill_(-1)
+    content["tensors"]["fc1.dash_index"].fill_(-1)
 
 
 def pre_launch_with_a_dash(content):
     for name in ("fc1", "fc2", "fc3"):
-        content["state"][f"{name}.dash_launched"].fill_(False)
+        content["tensors"][f"{name}.dash_launched"].fill_(False)
+    content["metadata"]["phase"] = "pre-launch"
 
 
 def mixed_phases(content):
-    content["state"]["fc3.dash_launched"].fill_(False)
+    content["tensors"]["fc3.dash_launched"].fill_(False)
+
+
+def header_phase_disagrees(content):
+    content["metadata"]["phase"] = "pre-launch"
+
+
+def unknown_header_phase(content):
+    content["metadata"]["phase"] = "launched"
 
 
 WRONG_PHASES = {
     "launched-without-directions": (launched_flag_without_directions, "'fc1.dash_index'"),
     "pre-launch-with-a-dash": (pre_launch_with_a_dash, "pre-launch but has non-zero dash state"),
-    "mixed-phases": (mixed_phases, "mixes launched and pre-launch"),
+    "mixed-phases": (mixed_phases, "phase 'dash', but layer 'fc3' is pre-launch"),
+    "header-phase-disagrees": (header_phase_disagrees, "phase 'pre-launch', but layer 'fc1' is dash"),
+    "unknown-header-phase": (unknown_header_phase, "phase 'launched'"),
 }
 
 
 @pytest.mark.parametrize("mutate, match", WRONG_PHASES.values(), ids=WRONG_PHASES.keys())
 def test_adapter_file_with_an_inconsistent_phase_is_rejected_and_model_unchanged(mutate, match, adapter_file, tmp_path):
-    path = tmp_path / "phase.pt"
+    path = tmp_path / "phase.safetensors"
     path.write_bytes(adapter_file[1])
     resign(path, mutate)
     model = build_adapted(init_seed=3)
@@ -357,7 +453,8 @@ def test_training_checkpoint_with_a_malformed_rng_state_is_rejected_and_run_unch
     # The RNG is restored after the adapter and controller: a failure there must undo them.
     model, optimizer, controller = trained(T + 1)
     save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
-    resign(tmp_path / "run.pt", lambda content: content["rng"].update(numpy={"bit_generator": "PCG64"}))
+    resign_training_checkpoint(tmp_path / "run.pt",
+                               lambda content: content["rng"].update(numpy={"bit_generator": "PCG64"}))
     target, target_optimizer, target_controller = trained(1, init_seed=3)
     before = snapshot_run(target, target_optimizer, target_controller)
     with pytest.raises(ValueError, match="run.pt: 'state'"):  # the KeyError NumPy raised, with the file named
@@ -366,19 +463,17 @@ def test_training_checkpoint_with_a_malformed_rng_state_is_rejected_and_run_unch
 
 
 # ------------------------------------------------------------------------ wrong or malformed file
-def plain_state_dict_file(path, _):
+def torch_state_dict_file(path, _):
     torch.save(build_adapted().state_dict(), path)
+
+
+def safetensors_state_dict_file(path, _):
+    save_file(build_adapted().state_dict(), str(path), metadata={"format": "pt"})  # e.g. a PEFT adapter file
 
 
 def training_checkpoint_file(path, _):
     model, optimizer, controller = trained(1)
     save_training_checkpoint(model, optimizer, controller, path)
-
-
-def future_version(path, data):
-    path.write_bytes(data)
-    payload = torch.load(path, weights_only=True)
-    torch.save({**payload, "version": checkpoint.VERSION + 1}, path)
 
 
 def signed(mutate):
@@ -388,18 +483,32 @@ def signed(mutate):
     return write
 
 
+def edit_layers(edit):
+    """Rewrite the header's layer configurations with ``edit(layers)``."""
+    def mutate(content):
+        layers = json.loads(content["metadata"]["layers"])
+        edit(layers)
+        content["metadata"]["layers"] = json.dumps(layers)
+    return mutate
+
+
 MALFORMED = {
-    "plain-state-dict": (plain_state_dict_file, "not a LoRA-Dash file"),
-    "training-checkpoint": (training_checkpoint_file, "'lora_dash.training' file"),
-    "future-version": (future_version, "format version 2"),
-    "content-not-a-dict": (signed(lambda c: c.clear()), "not a LoRA-Dash adapter"),
-    "config-missing": (signed(lambda c: c["layers"]["fc2"].pop("alpha")), "alpha=None"),
-    "config-not-a-dict": (signed(lambda c: c["layers"].update(fc2=[1, 2])), "no configuration for layer 'fc2'"),
-    "sketch-missing": (signed(lambda c: c["layers"]["fc1"].pop("base_sketch")), "sketch for layer 'fc1'"),
-    "sketch-wrong-shape": (signed(lambda c: c["layers"]["fc1"].update(base_sketch=torch.zeros(3))), "sketch"),
-    "state-key-missing": (signed(lambda c: c["state"].pop("fc3.lora_A")), "fc3.lora_A"),
-    "state-not-a-tensor": (signed(lambda c: c["state"].update({"fc3.lora_B": [0.0]})), "fc3.lora_B"),
-    "state-wrong-shape": (signed(lambda c: c["state"].update({"fc2.dash_U": torch.zeros(2, 2)})), "fc2.dash_U"),
+    "torch-state-dict": (torch_state_dict_file, "refused: a torch.save"),
+    "safetensors-state-dict": (safetensors_state_dict_file, "not a LoRA-Dash adapter file .*format 'pt'"),
+    "training-checkpoint": (training_checkpoint_file, "load_training_checkpoint"),
+    "future-version": (signed(lambda c: c["metadata"].update(version="3")), "format version '3'"),
+    "layers-not-json": (signed(lambda c: c["metadata"].update(layers="{fc1")), "no valid 'layers' entry"),
+    "layers-missing": (signed(lambda c: c["metadata"].pop("layers")), "no valid 'layers' entry"),
+    "layers-not-a-dict": (signed(lambda c: c["metadata"].update(layers="[]")), "'layers' is not a JSON dict"),
+    "trained-modules-missing": (signed(lambda c: c["metadata"].pop("trained_modules")), "'trained_modules'"),
+    "config-missing": (signed(edit_layers(lambda layers: layers["fc2"].pop("alpha"))), "alpha=None"),
+    "config-not-a-dict": (signed(edit_layers(lambda layers: layers.update(fc2=[1, 2]))),
+                          "no configuration for layer 'fc2'"),
+    "sketch-missing": (signed(lambda c: c["tensors"].pop("fc1.base_sketch")), "sketch for layer 'fc1'"),
+    "sketch-wrong-shape": (signed(lambda c: c["tensors"].update({"fc1.base_sketch": torch.zeros(3)})), "sketch"),
+    "state-key-missing": (signed(lambda c: c["tensors"].pop("fc3.lora_A")), "fc3.lora_A"),
+    "state-key-unexpected": (signed(lambda c: c["tensors"].update({"fc3": torch.zeros(2)})), "unexpected keys \\['fc3'\\]"),
+    "state-wrong-shape": (signed(lambda c: c["tensors"].update({"fc2.dash_U": torch.zeros(2, 2)})), "fc2.dash_U"),
 }
 
 
@@ -407,32 +516,90 @@ MALFORMED = {
 def test_wrong_or_malformed_adapter_file_is_rejected_naming_the_problem_and_model_unchanged(
     write, match, adapter_file, tmp_path
 ):
-    write(tmp_path / "bad.pt", adapter_file[1])
+    write(tmp_path / "bad.safetensors", adapter_file[1])
     model = build_adapted(init_seed=3)
-    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "bad.pt"), model, match)
+    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "bad.safetensors"), model, match)
+
+
+# ------------------------------------------------------------------------ modules trained in full
+def test_adapter_file_carries_the_modules_trained_in_full(tmp_path):
+    model, _, _ = trained(T + 2, build=build_with_trained_head)
+    assert not torch.equal(model.fc3.weight, build_base().fc3.weight)  # the head did train
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    metadata, tensors = read_adapter_file(tmp_path / "adapter.safetensors")
+    assert json.loads(metadata["trained_modules"]) == ["fc3"]
+    assert torch.equal(tensors["fc3.weight"], model.fc3.weight) and torch.equal(tensors["fc3.bias"], model.fc3.bias)
+    fresh = build_with_trained_head(init_seed=2)
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
+    probe = batch(-1, size=16)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(probe), model(probe))
+
+
+def test_adapter_file_with_other_modules_trained_in_full_is_rejected_and_model_unchanged(tmp_path):
+    model, _, _ = trained(T + 2, build=build_with_trained_head)
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    without_head = build_base()
+    inject(without_head, r"fc1|fc2", r=R, alpha=ALPHA, s=S)  # the same layers, but fc3 stays frozen
+    assert_refused_and_unchanged(lambda: load_adapter(without_head, tmp_path / "adapter.safetensors"), without_head,
+                                 re.escape("trains modules ['fc3'] in full, the model []"))
+
+
+@pytest.mark.parametrize("save_at", [T - 1, T + 1], ids=["pre-launch", "dash"])
+def test_training_checkpoint_with_a_head_resumes_bit_identical_to_an_uninterrupted_run(save_at, tmp_path):
+    model, optimizer, _ = trained(T + 4, build=build_with_trained_head)
+    uninterrupted = adapter_state_dict(model)
+    model, optimizer, controller = trained(save_at, build=build_with_trained_head)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    model, optimizer, controller = trained(0, init_seed=2, build=build_with_trained_head)
+    load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    for step in range(save_at + 1, T + 5):
+        train_step(model, optimizer, step)
+    resumed = adapter_state_dict(model)
+    assert resumed.keys() == uninterrupted.keys() and "fc3.weight" in resumed
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
 
 
 @pytest.mark.parametrize("path_kind, error", [("missing", FileNotFoundError), ("folder", IsADirectoryError)])
 def test_unreadable_path_raises_the_os_error_and_model_unchanged(path_kind, error, tmp_path):
     model = build_adapted(init_seed=3)
-    path = tmp_path / "nothing.pt" if path_kind == "missing" else tmp_path
+    path = tmp_path / "nothing.safetensors" if path_kind == "missing" else tmp_path
     assert_refused_and_unchanged(lambda: load_adapter(model, path), model, None, error)
 
 
 # ----------------------------------------------------------------------------------- atomicity
-def test_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(adapter_file, tmp_path, monkeypatch):
-    path = tmp_path / "adapter.pt"
+def test_adapter_save_that_fails_before_the_rename_leaves_the_previous_file_and_no_temporary(
+    adapter_file, tmp_path, monkeypatch
+):
+    path = tmp_path / "adapter.safetensors"
     path.write_bytes(adapter_file[1])
 
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)  # the new content is written, not yet durable
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(build_adapted(init_seed=4), path)
+    assert path.read_bytes() == adapter_file[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]
+
+
+def test_training_checkpoint_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    model, optimizer, controller = trained(1)
+    path = tmp_path / "run.pt"
+    save_training_checkpoint(model, optimizer, controller, path)
+    previous = path.read_bytes()
+
     def write_half_then_fail(obj, file):
-        file.write(adapter_file[1][: len(adapter_file[1]) // 2])
+        file.write(previous[: len(previous) // 2])
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        save_adapter(build_adapted(init_seed=4), path)
-    assert path.read_bytes() == adapter_file[1]
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]
+        save_training_checkpoint(model, optimizer, controller, path)
+    assert path.read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
 
 
 def test_save_syncs_the_new_file_before_replacing_the_old_and_syncs_the_folder_after(tmp_path, monkeypatch):
@@ -441,11 +608,11 @@ def test_save_syncs_the_new_file_before_replacing_the_old_and_syncs_the_folder_a
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda *args: (events.append(("replace",)), real_replace(*args)))
-    save_adapter(build_adapted(), tmp_path / "adapter.pt")
+    save_adapter(build_adapted(), tmp_path / "adapter.safetensors")
     assert events == [("fsync", False), ("replace",), ("fsync", True)]
 
 
 def test_saved_file_gets_the_permissions_open_would_give(tmp_path):
-    save_adapter(build_adapted(), tmp_path / "adapter.pt")
+    save_adapter(build_adapted(), tmp_path / "adapter.safetensors")
     (tmp_path / "reference").touch()
-    assert (tmp_path / "adapter.pt").stat().st_mode == (tmp_path / "reference").stat().st_mode
+    assert (tmp_path / "adapter.safetensors").stat().st_mode == (tmp_path / "reference").stat().st_mode

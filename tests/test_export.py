@@ -5,6 +5,7 @@ The PEFT oracle itself (loading the files with ``peft``) is in ``test_oracle_pef
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from helpers import IN, OUT, R, S, assert_unchanged, batch, build_adapted, make_optimizer, snapshot, train_step
+from helpers import (
+    IN,
+    OUT,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    build_with_trained_head,
+    make_optimizer,
+    snapshot,
+    train_step,
+)
 from lora_dash import LaunchController, dash_layers, inject
 from lora_dash.export import (
     CONFIG_NAME,
@@ -20,6 +33,7 @@ from lora_dash.export import (
     LoRAFactors,
     export_lora,
     pad_rank,
+    peft_modules_to_save,
     peft_target_modules,
     plain_lora_factors,
     save_peft_adapter,
@@ -252,11 +266,49 @@ def test_writer_refuses_layers_with_different_dropout_and_writes_nothing(tmp_pat
     assert not (tmp_path / "adapter").exists()
 
 
-def test_writer_without_safetensors_names_the_oracle_extra(tmp_path, monkeypatch):
+@needs_safetensors
+def test_writer_carries_a_head_in_peft_modules_to_save_layout(tmp_path):
+    model = trained(build_with_trained_head(), T + 3)
+    save_peft_adapter(model, tmp_path)
+    tensors, config, _ = read_adapter(tmp_path)
+    assert config["modules_to_save"] == ["fc3"] and config["target_modules"] == ["fc1", "fc2"]
+    assert {k for k in tensors if "lora_" not in k} == {"base_model.model.fc3.weight", "base_model.model.fc3.bias"}
+    assert torch.equal(tensors["base_model.model.fc3.weight"], model.fc3.weight)
+    assert torch.equal(tensors["base_model.model.fc3.bias"], model.fc3.bias)
+
+
+class Heads(nn.Module):
+    """Names PEFT's suffix rule confuses: ``head`` ends ``lm_head``; ``A`` ends ``fc.lora_A`` once PEFT adapts ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head, self.lm_head, self.A = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+
+@pytest.mark.parametrize("saved, clash", [("head", "lm_head"), ("A", "fc.lora_A")])
+def test_writer_refuses_a_module_to_save_whose_name_peft_would_also_match_elsewhere_and_writes_nothing(
+    saved, clash, tmp_path
+):
+    model = Heads()
+    inject(model, ["fc"], r=2, s=1, modules_to_save=[saved])  # exact for inject: a dot before a suffix
+    with pytest.raises(ValueError, match=re.escape(f"{{'{saved}': ['{clash}'")):
+        save_peft_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_modules_to_save_are_the_full_names_when_no_other_name_ends_with_them():
+    model = Heads()
+    inject(model, ["fc"], r=2, s=1, modules_to_save=["lm_head"])
+    assert peft_modules_to_save(model) == ["lm_head"]
+    assert peft_modules_to_save(build_adapted()) is None
+
+
+def test_writer_without_safetensors_names_what_to_install_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    with pytest.raises(ImportError, match=r"lora-dash\[oracle\]"):
-        save_peft_adapter(trained(linear_adapted(), 1), tmp_path)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        save_peft_adapter(trained(linear_adapted(), 1), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_importing_the_library_and_export_loads_no_peft_safetensors_or_transformers():

@@ -259,9 +259,9 @@ def test_model_moved_to_cuda_after_injection_launches_and_loads_as_on_cpu(tmp_pa
             optimizer.step()
     for name, layer in dash_layers(gpu).items():
         assert layer.dash_U.is_cuda and torch.equal(layer.dash_index.cpu(), dash_layers(cpu)[name].dash_index)
-    save_adapter(gpu, tmp_path / "adapter.pt")
+    save_adapter(gpu, tmp_path / "adapter.safetensors")
     fresh = build_adapted(init_seed=2).cuda()
-    load_adapter(fresh, tmp_path / "adapter.pt")
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
     probe = batch(-1, size=16)[0].cuda()
     with torch.no_grad():
         assert torch.equal(fresh(probe), gpu(probe))

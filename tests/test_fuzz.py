@@ -1,6 +1,6 @@
 """Property-based fuzzing of the public API (hypothesis, stateful): random small models (``nn.Linear`` and
-GPT-2 ``Conv1D`` layers), random target regexes, random r / s / t / α / dropout, and random sequences of
-step, launch, merge, unmerge, save, load, adapter round trip and train/eval switches.
+GPT-2 ``Conv1D`` layers), random targets (regexes and PEFT-style lists), random r / s / t / α / dropout, and
+random sequences of step, launch, merge, unmerge, save, load, adapter round trip and train/eval switches.
 
 After every operation the model must compute what METHOD.md says it computes, from the *pristine*
 pretrained weights and the adapter's current tensors; an operation that raises must raise a clear
@@ -67,7 +67,8 @@ def specs(draw) -> dict:
     chosen = sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1)))
     digits = [str(i) for i in chosen]
     alternatives = "|".join(digits)
-    styles = [rf"blocks\.({alternatives})", rf"blocks\.[{''.join(digits)}]", rf".*\.({alternatives})"]
+    styles = [rf"blocks\.({alternatives})", rf"blocks\.[{''.join(digits)}]", rf".*\.({alternatives})",
+              digits, [f"blocks.{i}" for i in chosen]]  # lists: a dotted suffix, whole names
     if len(chosen) == depth:
         styles.append(r"blocks\.\d+")
     r = draw(st.integers(1, 4))
@@ -75,8 +76,8 @@ def specs(draw) -> dict:
     return {
         "widths": widths,
         "conv1d": draw(st.lists(st.booleans(), min_size=depth, max_size=depth)),
-        "targets": [f"blocks.{i}" for i in chosen],
-        "regex": draw(st.sampled_from(styles)),
+        "adapted": [f"blocks.{i}" for i in chosen],
+        "targets": draw(st.sampled_from(styles)),
         "layer": {"r": r, "s": draw(st.integers(1, k)), "alpha": draw(st.sampled_from([1.0, 2.0 * r, 8.0])),
                   "use_rslora": draw(st.booleans()), "dropout": draw(st.sampled_from([0.0, 0.2]))},
         "launch_step": draw(st.integers(0, 4)),
@@ -87,7 +88,7 @@ def specs(draw) -> dict:
 def build(spec: dict) -> Chain:
     torch.manual_seed(spec["seed"])
     model = Chain(spec["widths"], spec["conv1d"])
-    inject(model, spec["regex"], **spec["layer"])
+    inject(model, spec["targets"], **spec["layer"])
     return model
 
 
@@ -106,7 +107,7 @@ class AdapterMachine(RuleBasedStateMachine):
     def build_model(self, spec: dict) -> None:
         self.spec = spec
         self.model = build(spec)
-        assert list(dash_layers(self.model)) == spec["targets"]  # the regex adapted exactly these
+        assert list(dash_layers(self.model)) == spec["adapted"]  # the targets adapted exactly these
         self.pristine = {}  # index → (W in (out, in) layout, b), float64, before any merge drift
         for index, block in enumerate(self.model.blocks):
             base = getattr(block, "base", block)
@@ -212,9 +213,9 @@ class AdapterMachine(RuleBasedStateMachine):
 
     def adapter_file_round_trip(self) -> None:
         def round_trip() -> None:
-            save_adapter(self.model, self.path("adapter.pt"))
+            save_adapter(self.model, self.path("adapter.safetensors"))
             fresh = build(self.spec)
-            load_adapter(fresh, self.path("adapter.pt"))
+            load_adapter(fresh, self.path("adapter.safetensors"))
             assert_same(adapter_state_dict(fresh), adapter_state_dict(self.model))
             fresh.eval()
             with torch.no_grad():  # the fresh copy has the pristine W, the model maybe merge-unmerge rounding

@@ -1,12 +1,14 @@
-"""`inject`: regex targeting on dotted names, in-place replacement, freezing, and strict validation."""
+"""`inject`: regex and list targeting on dotted names, in-place replacement, freezing, modules that train
+in full, and strict validation."""
 
 import re
 
 import pytest
+import torch
 from torch import nn
 
 from helpers import assert_unchanged, build_base, snapshot
-from lora_dash import LoRADashLinear, adapter_parameters, dash_layers, inject
+from lora_dash import LoRADashLinear, adapter_parameters, dash_layers, inject, trained_modules
 
 
 class Encoder(nn.Module):
@@ -167,3 +169,141 @@ def test_s_larger_than_one_layers_rank_rejects_every_layer():
     assert_unchanged(model, before)
     assert not dash_layers(model)
 
+
+
+# ------------------------------------------------------------------------- targets as a list
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (["query"], {"layers.0.query", "layers.1.query"}),  # a suffix after a dot: not `query_proj`
+        (["layers.1.query", "head"], {"layers.1.query", "head"}),  # whole names
+        (("0.query_proj", "block.0"), {"layers.0.query_proj", "block.0"}),  # a tuple
+        ({"query_proj"}, {"layers.0.query_proj", "layers.1.query_proj"}),
+    ],
+    ids=["suffix", "full-names", "tuple", "set"],
+)
+def test_list_targets_select_names_equal_to_or_ending_in_dot_plus_an_entry(targets, expected):
+    model = Encoder()
+    assert set(inject(model, targets, r=2, s=2)) == expected
+    assert set(dash_layers(model)) == expected
+
+
+@pytest.mark.parametrize("targets", [["uery"], ["layers.0.quer"], ["q_proj", "v_proj"]])
+def test_list_whose_entries_are_no_dotted_suffix_matches_nothing_and_model_unchanged(targets):
+    model = Encoder()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"targets {targets!r} matches no module")):
+        inject(model, targets, r=2, s=2)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", ["act", "block", "conv", "norm"])
+def test_list_match_that_is_not_a_linear_is_rejected_and_model_unchanged(bad):
+    model = Encoder()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"'{bad}'")):
+        inject(model, ["head", bad], r=2, s=2)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("targets", [[], ["fc1", 3], [""], 7, None, {"fc1": 1}])
+def test_targets_that_are_neither_a_regex_nor_a_list_of_names_are_rejected_and_model_unchanged(targets):
+    model = build_base()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="regex string or a non-empty list of module names"):
+        inject(model, targets, r=2, s=2)
+    assert_unchanged(model, before)
+
+
+# -------------------------------------------------------------------- modules that train in full
+def test_modules_to_save_train_in_full_and_everything_else_stays_frozen():
+    model = Encoder()
+    keys_before = set(model.state_dict())
+    inject(model, ["query"], r=2, s=2, modules_to_save=["head", "norm"])
+    assert set(trained_modules(model)) == {"head", "norm"}
+    trainable = {id(p) for p in adapter_parameters(model)}
+    assert trainable == {id(p) for p in (*model.head.parameters(), *model.norm.parameters())} | {
+        id(p) for layer in dash_layers(model).values() for p in layer.adapter_parameters()}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) in trainable), name
+    # A mark, not a wrapper: the trained modules keep their names and keys.
+    assert type(model.head) is nn.Linear and type(model.norm) is nn.LayerNorm
+    assert {k for k in model.state_dict() if not k.startswith("layers.")} == {
+        k for k in keys_before if not k.startswith("layers.")}
+
+
+def test_modules_to_save_as_a_regex_fullmatch_names():
+    model = Encoder()
+    inject(model, ["query"], r=2, s=2, modules_to_save=r"layers\.\d\.query_proj")
+    assert set(trained_modules(model)) == {"layers.0.query_proj", "layers.1.query_proj"}
+
+
+def test_modules_trained_in_full_stay_trainable_after_a_later_injection():
+    model = build_base()
+    inject(model, "fc1", r=2, s=2, modules_to_save=["fc3"])
+    inject(model, "fc2", r=2, s=2)  # freezes the model again; fc3 must train on
+    assert set(trained_modules(model)) == {"fc3"}
+    assert all(p.requires_grad for p in model.fc3.parameters())
+
+
+def tied_weight_model() -> nn.Module:
+    """``head.weight`` is ``proj.weight``: two modules, one parameter."""
+    model = nn.Module()
+    model.proj = nn.Linear(6, 6)
+    model.head = nn.Linear(6, 6)
+    model.head.weight = model.proj.weight
+    return model
+
+
+BAD_MODULES_TO_SAVE = {
+    "also-a-target": (Encoder, {"targets": ["head"], "modules_to_save": ["head"]}, "'head' trains in full"),
+    "contains-a-target": (Encoder, {"targets": ["query"], "modules_to_save": ["layers.0"]}, "'layers.0'"),
+    "shares-a-parameter": (tied_weight_model, {"targets": "proj", "modules_to_save": "head"}, "shares a parameter"),
+    "matches-nothing": (Encoder, {"targets": ["query"], "modules_to_save": ["classifier"]},
+                        re.escape("modules_to_save ['classifier'] matches no module")),
+    "inside-another": (Encoder, {"targets": ["query"], "modules_to_save": r"block|block\.0"},
+                       re.escape("['block.0'] lie inside 'block'")),
+    "invalid-regex": (Encoder, {"targets": ["query"], "modules_to_save": "head("}, "invalid modules_to_save regex"),
+    "not-names": (Encoder, {"targets": ["query"], "modules_to_save": [1]}, "modules_to_save must be"),
+}
+
+
+@pytest.mark.parametrize("build, kwargs, match", BAD_MODULES_TO_SAVE.values(), ids=BAD_MODULES_TO_SAVE.keys())
+def test_bad_modules_to_save_are_rejected_and_model_unchanged(build, kwargs, match):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        inject(model, kwargs["targets"], r=2, s=2, modules_to_save=kwargs["modules_to_save"])
+    assert_unchanged(model, before)
+    assert not trained_modules(model)
+
+
+@pytest.mark.parametrize("inside", ["fc1.base", "fc1.dropout"])
+def test_module_to_save_inside_an_adapted_layer_is_rejected_and_model_unchanged(inside):
+    model = build_base()
+    inject(model, "fc1", r=2, s=2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(f"'{inside}' trains in full")):
+        inject(model, "fc2", r=2, s=2, modules_to_save=[inside])
+    assert_unchanged(model, before)
+
+
+def test_adapting_a_module_that_trains_in_full_is_rejected_later_too():
+    model = build_base()
+    inject(model, "fc1", r=2, s=2, modules_to_save=["fc3"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'fc3' trains in full"):
+        inject(model, "fc3", r=2, s=2)
+    assert_unchanged(model, before)
+
+
+def test_the_mark_survives_a_deep_copy_and_is_not_state():
+    import copy
+
+    model = build_base()
+    inject(model, "fc1", r=2, s=2, modules_to_save=["fc3"])
+    assert set(trained_modules(copy.deepcopy(model))) == {"fc3"}
+    fresh = build_base()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc1.")}, strict=False)
+    assert not trained_modules(fresh)  # a mark set by inject, not by loading weights
+    assert torch.equal(fresh.fc3.weight, model.fc3.weight)

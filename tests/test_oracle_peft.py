@@ -5,6 +5,8 @@
 - After launch, the rank-(r + s) export (METHOD.md §5) written by ``save_peft_adapter`` and loaded by
   ``PeftModel.from_pretrained`` reproduces the LoRA-Dash model (<= 1e-5 relative), for ``nn.Linear``
   and GPT-2 ``Conv1D`` layers, and merging it with PEFT gives LoRA-Dash's own merged weights.
+- A tiny BERT classifier adapted with list targets (``["query", "value"]``, PEFT's habit) and a freshly
+  initialised head trained in full (``modules_to_save``): PEFT serves exactly the trained classifier.
 """
 
 import pytest
@@ -16,7 +18,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("safetensors")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
-from lora_dash import LaunchController, adapter_parameters, dash_layers, inject  # noqa: E402
+from lora_dash import LaunchController, adapter_parameters, dash_layers, inject, trained_modules  # noqa: E402
 from lora_dash.export import export_lora, pad_rank, save_peft_adapter  # noqa: E402
 from oracle_helpers import load_into_peft, peft_lora_layers, relative_error  # noqa: E402
 
@@ -216,3 +218,63 @@ def test_ambiguous_names_load_through_the_regex_and_adapt_nothing_else(tmp_path)
     x = data(-1)[0]
     with torch.no_grad():
         assert relative_error(oracle(x), dash(x)) <= RELATIVE
+
+
+# ------------------------------------------------------------- a classifier with a head trained in full
+BERT_TARGETS, HEAD = ["query", "value"], ["classifier"]
+
+
+def tiny_bert() -> nn.Module:
+    """A seeded ``BertForSequenceClassification`` from a tiny config: the "pretrained" model, head included."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def tokens(step: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(2000 + step)
+    return torch.randint(64, (8, 12), generator=generator), torch.randint(3, (8,), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def bert_with_trained_head() -> nn.Module:
+    """LoRA-Dash on query and value, the classifier trained in full, a few steps past the launch."""
+    model = tiny_bert()
+    torch.manual_seed(1)
+    inject(model, BERT_TARGETS, r=R, alpha=ALPHA, s=S, modules_to_save=HEAD)
+    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    model.train()
+    for step in range(1, T + 4):
+        ids, labels = tokens(step)
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    assert controller.launched and set(trained_modules(model)) == set(HEAD)
+    return model.eval()
+
+
+def test_peft_serves_the_trained_classifier_head_included(bert_with_trained_head, tmp_path):
+    dash = bert_with_trained_head
+    assert not torch.equal(dash.classifier.weight, tiny_bert().classifier.weight)  # the head did train
+    save_peft_adapter(dash, tmp_path)
+    oracle = load_into_peft(tiny_bert(), tmp_path)
+    assert peft_lora_layers(oracle).keys() == dash_layers(dash).keys()  # list targets select as PEFT's do
+    ids = tokens(-1)[0]
+    with torch.no_grad():
+        assert relative_error(oracle(input_ids=ids).logits, dash(input_ids=ids).logits) <= RELATIVE
+
+
+def test_head_keys_and_config_match_peft_save_pretrained(bert_with_trained_head, tmp_path):
+    from safetensors.torch import load_file
+
+    save_peft_adapter(bert_with_trained_head, tmp_path / "ours")
+    config = peft.LoraConfig(r=R + S, lora_alpha=R + S, target_modules=BERT_TARGETS, modules_to_save=HEAD)
+    peft.get_peft_model(tiny_bert(), config).save_pretrained(str(tmp_path / "peft"))
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert "base_model.model.classifier.weight" in ours
+    assert peft.LoraConfig.from_pretrained(str(tmp_path / "ours")).modules_to_save == HEAD

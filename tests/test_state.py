@@ -7,14 +7,29 @@ import warnings
 import pytest
 import torch
 
-from helpers import OUT, R, assert_unchanged, batch, build_adapted, make_optimizer, snapshot, train_step
+from helpers import (
+    OUT,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    build_base,
+    build_with_trained_head,
+    make_optimizer,
+    snapshot,
+    train_step,
+)
 from lora_dash import (
     LaunchController,
     adapter_param_groups,
     adapter_parameters,
     adapter_state_dict,
+    count_trainable_parameters,
     dash_layers,
+    inject,
     load_adapter_state_dict,
+    trained_module_state_dict,
 )
 from lora_dash.state import LAYER_STATE_KEYS
 
@@ -295,3 +310,71 @@ def test_first_delta_update_after_launch_is_minus_scaled_lr_times_its_gradient()
     for delta, gradient in zip(deltas, gradients, strict=True):
         assert gradient.any()
         torch.testing.assert_close(delta.detach(), -(lr * scale) * gradient, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ modules that train in full
+def test_adapter_state_of_a_model_with_a_head_holds_its_whole_state_under_the_models_own_keys():
+    model = build_with_trained_head()
+    state = adapter_state_dict(model)
+    expected = {f"{name}.{key}" for name in ("fc1", "fc2") for key in LAYER_STATE_KEYS} | {"fc3.weight", "fc3.bias"}
+    assert set(state) == expected
+    model_state = model.state_dict()
+    assert all(torch.equal(value, model_state[key]) for key, value in state.items())
+    assert trained_module_state_dict(model).keys() == {"fc3.weight", "fc3.bias"}
+    state["fc3.weight"].add_(1.0)  # a copy
+    assert not torch.equal(state["fc3.weight"], model.fc3.weight)
+
+
+def test_head_state_loads_and_reproduces_the_trained_outputs():
+    model = build_with_trained_head()
+    optimizer = make_optimizer(model)
+    LaunchController(model, launch_step=T).attach(optimizer)
+    train(model, optimizer, 1, T + 2)
+    assert not torch.equal(model.fc3.weight, build_base().fc3.weight)  # the head trained
+    other = build_with_trained_head(init_seed=3)
+    load_adapter_state_dict(other, adapter_state_dict(model))
+    probe = batch(-3, size=16)[0]
+    with torch.no_grad():
+        assert torch.equal(other(probe), model(probe))
+
+
+@pytest.mark.parametrize("corrupt", [lambda state: state.pop("fc3.bias"),
+                                     lambda state: state.update({"fc3.weight": torch.zeros(OUT, 3)})],
+                         ids=["missing", "wrong-shape"])
+def test_bad_head_state_is_rejected_naming_the_key_and_model_unchanged(corrupt):
+    state = adapter_state_dict(build_with_trained_head())
+    corrupt(state)
+    target = build_with_trained_head(init_seed=3)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="fc3"):
+        load_adapter_state_dict(target, state)
+    assert_unchanged(target, before)
+
+
+def test_head_state_into_a_model_without_that_head_is_rejected_as_unexpected():
+    state = adapter_state_dict(build_with_trained_head())
+    target = build_base()
+    inject(target, r"fc1|fc2", r=R, s=S)
+    with pytest.raises(ValueError, match=re.escape("unexpected keys ['fc3.bias', 'fc3.weight']")):
+        load_adapter_state_dict(target, state)
+
+
+def test_head_parameters_train_in_the_lr_group_and_count_as_trainable():
+    model = build_with_trained_head()
+    head = [model.fc3.weight, model.fc3.bias]
+    assert [id(p) for p in adapter_parameters(model)[-2:]] == [id(p) for p in head]
+    lora, dash = adapter_param_groups(model, lr=1e-3, delta_lr_scale=5.0)
+    assert [id(p) for p in lora["params"][-2:]] == [id(p) for p in head]
+    assert not {id(p) for p in head} & {id(p) for p in dash["params"]}
+    lora_only = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in dash_layers(model).values())
+    assert count_trainable_parameters(model) == lora_only + model.fc3.weight.numel() + model.fc3.bias.numel()
+
+
+def test_a_parameter_shared_by_two_modules_that_train_in_full_is_listed_once():
+    model = build_base()
+    model.fc4 = torch.nn.Linear(16, 10)
+    model.fc4.weight = model.fc3.weight
+    inject(model, "fc1", r=R, s=S, modules_to_save=["fc3", "fc4"])
+    ids = [id(p) for p in adapter_parameters(model)]
+    assert len(ids) == len(set(ids)) == 3 + 3  # A, B, δ; fc3 weight and bias, fc4 bias
+    torch.optim.AdamW(adapter_parameters(model))  # no "duplicate parameters" error
