@@ -1,4 +1,7 @@
-# `make test` builds its own pinned environment in .venv on first use, then runs the suite.
+# `make test` builds its own pinned environment in .venv on first use, then runs the whole suite (what CI
+# runs; several minutes on 2 cores). `make test-fast` runs all but the tests marked `slow` (subprocesses:
+# distributed, crash-resume, notebooks, demo, bench, reproduction; training the real MiniLM), well under a
+# minute: the edit-test loop. Both take pytest arguments in ARGS, e.g. `make test-fast ARGS="-k launch"`.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures
@@ -10,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench reproduce clean
+.PHONY: test test-fast demo bench reproduce clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +24,9 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m lora_dash.demo $(ARGS)

@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 RATIO_ROW = re.compile(r"^\| (?P<case>[^|]+) \| (?P<ratio>[^|]+ / [^|]+) \| (?P<value>[^|]+) \| (?P<target>[^|]+) \| "
                        r"(?P<verdict>PASS|MISS|—) \|$")
 
+pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file out
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):

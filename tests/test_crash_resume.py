@@ -26,6 +26,8 @@ from lora_dash.checkpoint import load_training_checkpoint
 WORKER = Path(__file__).parent / "workers" / "crash_resume_run.py"
 TIMEOUT_S = 90  # per process; one takes a few seconds
 
+pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file out
+
 
 class Run:
     """A worker process. Its reports (``start S``, ``saved S``) arrive through a queue, so every wait has a

@@ -1,5 +1,6 @@
 """The demo: its data split, its model targeting, and a quick end-to-end run of `python -m lora_dash.demo`."""
 
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_dash
 from helpers import require_demo_packages
 
 require_demo_packages()
@@ -118,7 +120,26 @@ def test_a_launch_step_past_the_budget_is_refused(capsys):
     assert "--t must be in [0, --steps)" in capsys.readouterr().err
 
 
+def test_alpha_is_left_to_the_config_unless_given_and_must_be_positive(capsys):
+    assert parse_args([]).alpha is None and parse_args(["--alpha", "4"]).alpha == 4.0
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parse_args(["--alpha", bad])
+        assert "--alpha must be a finite number > 0" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ training
+def test_alpha_is_twice_the_rank_unless_given():
+    assert TrainConfig(r=4).effective_alpha == 8.0
+    assert TrainConfig(r=4, alpha=3.0).effective_alpha == 3.0
+    assert dataclasses.replace(TrainConfig(r=8), r=2).effective_alpha == 4.0  # resolved when read, not stored
+
+
+def test_build_gives_every_adapted_layer_the_configured_alpha():
+    _, model, _, _ = build("LoRA", TrainConfig(r=2, alpha=3.0))
+    assert {(layer.alpha, layer.scaling) for layer in lora_dash.dash_layers(model).values()} == {(3.0, 1.5)}
+
+
 def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, capsys):
     config = TrainConfig(steps=3, t=1, batch_size=4)
     tokenizer, model, optimizer, controller = build("LoRA-Dash", config)
@@ -130,6 +151,7 @@ def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_bars_still_obey_tqdm_disable_in_the_environment():
     # The notebooks silence every bar with TQDM_DISABLE=1; progress=True must not override it.
     code = "from lora_dash.demo.train import progress_bar\nfor _ in progress_bar(range(3), True, desc='x'): pass"
@@ -146,31 +168,36 @@ def test_bars_still_obey_tqdm_disable_in_the_environment():
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lora_dash.demo", "--quick", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "lora_dash.demo", "--quick", "--alpha", "24", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return done, out
 
 
+@pytest.mark.slow
 def test_quick_demo_exits_cleanly(quick_demo):
     done, _ = quick_demo
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_quick_demo_shows_progress_bars_for_training_launch_and_evaluation(quick_demo):
     stderr = quick_demo[0].stderr
     for bar in ("LoRA train", "LoRA-Dash train", "launch: SVD of every W", "LoRA eval", "LoRA-Dash eval"):
         assert bar in stderr
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_the_table_and_the_tsd_report(quick_demo):
     stdout = quick_demo[0].stdout
     assert "test acc" in stdout and "trainable params" in stdout and "steps/s" in stdout
     assert "\nLoRA " in stdout and "\nLoRA-Dash " in stdout
+    assert "r=8, α=24, s=8, t=4" in stdout  # the α of --alpha, not 2r = 16
     assert "Task-specific directions: 8 per layer x 36 layers = 288" in stdout
     assert "mean |δ|" in stdout
     assert str(quick_demo[1]) in stdout.strip().splitlines()[-1]  # names its results folder last
 
 
+@pytest.mark.slow
 def test_quick_demo_json_holds_both_methods_and_the_launch_at_t(quick_demo):
     results = json.loads((quick_demo[1] / "results.json").read_text())
     lora, dash = results["methods"]["LoRA"], results["methods"]["LoRA-Dash"]
@@ -178,11 +205,13 @@ def test_quick_demo_json_holds_both_methods_and_the_launch_at_t(quick_demo):
         assert 0.0 <= method["test_accuracy"] <= 1.0
         assert len(method["losses"]) == results["config"]["steps"]
     assert dash["launched_at_step"] == results["config"]["t"] and lora["launched_at_step"] is None
+    assert results["config"]["alpha"] == 24.0  # --alpha, recorded as used
     assert dash["trainable_parameters"] == lora["trainable_parameters"] + 36 * results["config"]["s"]
     assert results["max_loss_gap_through_step_t_plus_1"] == 0.0  # δ = 0 at launch: the same computation
     assert len(results["tsd"]["layers"]) == 36
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_its_plots(quick_demo):
     for name in ("loss.png", "ranks.png", "delta.png"):
         png = quick_demo[1] / name

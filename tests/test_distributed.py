@@ -27,6 +27,8 @@ WORLD = 2
 TIMEOUT_S = 240  # both scenarios; a run takes about 30 s on two busy cores
 ATOL, RTOL = 1e-5, 1e-4  # one process vs. two: the same sums in another order
 
+pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file out
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:

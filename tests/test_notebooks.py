@@ -17,6 +17,8 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
 
+pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file out
+
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.name)
 def test_notebook_runs_in_quick_mode(path):

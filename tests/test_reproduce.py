@@ -17,8 +17,9 @@ from lora_dash.demo.data import load_convention_sentences, load_rotten_tomatoes,
 from lora_dash.demo.model import MINILM_TARGETS  # noqa: E402
 from lora_dash.demo.train import TrainConfig, build, train  # noqa: E402
 from lora_dash.reproduce import plan  # noqa: E402
+from lora_dash.reproduce.plan import Family, Settings, Variant  # noqa: E402
 from lora_dash.reproduce.report import mean_std, paired  # noqa: E402
-from lora_dash.reproduce.runner import Family, Settings, Variant, run_family  # noqa: E402
+from lora_dash.reproduce.runner import run_family  # noqa: E402
 from lora_dash.reproduce.study import run_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def small_split():
     return split._replace(test_texts=split.test_texts[:16], test_labels=split.test_labels[:16])
 
 
+@pytest.mark.slow
 def test_a_forked_lora_dash_run_is_the_run_from_step_one(small_split):
     # The study never trains LoRA-Dash from step 1: it forks the LoRA run at t. That must change nothing.
     settings = Settings(steps=6, short_steps=4, batch_size=4, n_test=16)
@@ -49,6 +51,7 @@ def test_a_forked_lora_dash_run_is_the_run_from_step_one(small_split):
     assert forked["trainable_parameters"] == lora_dash.count_trainable_parameters(model)
 
 
+@pytest.mark.slow
 def test_an_evaluation_at_or_before_the_launch_is_the_lora_runs(small_split):
     settings = Settings(steps=5, short_steps=2, batch_size=4, n_test=16)
     family = Family("rotten_tomatoes", r=2, seed=0, variants=(Variant(t=3),), default=Variant(t=3))
@@ -110,6 +113,7 @@ def test_paired_differences_count_the_seeds_with_a_gain():
 
 
 # -------------------------------------------------------------------------------- quick study
+@pytest.mark.slow
 def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "lora_dash.reproduce", "--quick", "--out", str(tmp_path)],

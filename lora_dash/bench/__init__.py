@@ -6,6 +6,6 @@ layer alone and a bare SVD. Run it with ``python -m lora_dash.bench`` (``--help`
 - :mod:`~lora_dash.bench.memory`: the child process that measures one memory contender.
 - :mod:`~lora_dash.bench.report`: measurements, ratios against targets, the printed table and markdown.
 
-It needs the optional extras (peft from ``oracle``; transformers and the MiniLM package from ``demo``);
-the core ``lora_dash`` never imports it.
+It needs the ``oracle`` extra (peft, transformers) and the MiniLM model package, checked once its flags
+are parsed (``--help`` needs only the core); the core ``lora_dash`` never imports it.
 """

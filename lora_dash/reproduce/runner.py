@@ -16,7 +16,6 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,56 +27,7 @@ from lora_dash.demo.data import Split
 from lora_dash.demo.model import SentenceClassifier, load_minilm
 from lora_dash.demo.report import tsd_layers
 from lora_dash.demo.train import TrainConfig, build, evaluate, train
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A LoRA-Dash run forked from its LoRA run right after optimizer step ``t``."""
-
-    t: int = 100
-    s: int = 8
-    strategy: str = "tsd"
-    delta_lr_scale: float = 1.0
-
-    def label(self, default: "Variant") -> str:
-        """``"LoRA-Dash"`` plus every knob that differs from ``default``, e.g. ``"LoRA-Dash t=25"``."""
-        changed = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value != getattr(default, field.name):
-                changed.append(f"{field.name}={value:g}" if isinstance(value, float) else f"{field.name}={value}")
-        return " ".join(["LoRA-Dash", *changed])
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every run of a study shares: budgets, batch size, learning rates and test-set size."""
-
-    steps: int  # the long budget; the short one is read off the same runs at ``short_steps``
-    short_steps: int
-    batch_size: int
-    n_test: int  # Rotten Tomatoes test reviews (the convention task holds out whole speeches instead)
-    lr: float = 1e-3
-    ft_steps: int = 250
-    ft_batch_size: int = 16
-    ft_lr: float = 2e-5  # full fine-tuning of the encoder; the head keeps ``lr``
-    record_every: int = 25  # LoRA's TSD prediction is scored every this many steps
-
-
-@dataclass(frozen=True)
-class Family:
-    """A LoRA run of rank ``r`` and the LoRA-Dash variants forked from it."""
-
-    task: str
-    r: int
-    seed: int
-    variants: tuple[Variant, ...] = ()
-    record_tsd: bool = False  # score LoRA's TSD prediction against the full fine-tuning reference
-    default: Variant = Variant()  # the study's LoRA-Dash settings; labels name what differs from them
-
-    @property
-    def key(self) -> str:
-        return f"{self.task}-r{self.r}-seed{self.seed}"
+from lora_dash.reproduce.plan import Family, Settings, Variant
 
 
 # ------------------------------------------------------------------------------- full fine-tuning
