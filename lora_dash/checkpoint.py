@@ -115,8 +115,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         tensors = load(data)
     except Exception as error:  # safetensors raises its own SafetensorError, or others on odd input
         if data.startswith(TORCH_FILE_STARTS):
-            raise ValueError(f"{path}: refused: a torch.save (pickle) file, not a safetensors adapter file; it was "
-                             "not unpickled (a training checkpoint loads with load_training_checkpoint)") from error
+            raise ValueError(f"{path}: refused: it looks like a torch.save (pickle) file, not a safetensors adapter "
+                             "file, and was not unpickled (a training checkpoint loads with load_training_checkpoint)"
+                             ) from error
         raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
     # safetensors has just parsed this header: an 8-byte little-endian length, then JSON.
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
@@ -208,7 +209,8 @@ def _adapter_content(model: nn.Module) -> dict[str, Any]:
         "layers": json.dumps({name: _layer_config(layer) for name, layer in layers.items()}),
         "trained_modules": json.dumps(list(trained_modules(model))),
     }
-    tensors = {key: value.cpu().contiguous() for key, value in adapter_state_dict(model).items()}  # as safetensors wants
+    # safetensors writes contiguous CPU tensors only.
+    tensors = {key: value.cpu().contiguous() for key, value in adapter_state_dict(model).items()}
     tensors.update({name + SKETCH_SUFFIX: _base_sketch(layer) for name, layer in layers.items()})
     return {"metadata": metadata, "tensors": tensors}
 

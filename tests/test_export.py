@@ -278,7 +278,8 @@ def test_writer_carries_a_head_in_peft_modules_to_save_layout(tmp_path):
 
 
 class Heads(nn.Module):
-    """Names PEFT's suffix rule confuses: ``head`` ends ``lm_head``; ``A`` ends ``fc.lora_A`` once PEFT adapts ``fc``."""
+    """Names PEFT's suffix rule confuses: ``head`` ends ``lm_head``; ``A`` ends ``fc.lora_A`` once PEFT adapts
+    ``fc``."""
 
     def __init__(self) -> None:
         super().__init__()
