@@ -14,6 +14,7 @@ from lora_dash.checkpoint import (
 from lora_dash.export import export_lora, plain_lora_factors, save_peft_adapter
 from lora_dash.inject import dash_layers, inject, trained_modules
 from lora_dash.layer import DashDirections, LoRADashLinear
+from lora_dash.merge import merge_and_unload
 from lora_dash.schedule import LaunchController, launch
 from lora_dash.state import (
     adapter_param_groups,
@@ -41,6 +42,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "load_training_checkpoint",
+    "merge_and_unload",
     "plain_lora_factors",
     "save_adapter",
     "save_peft_adapter",

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lora_dash import directions
+from lora_dash import directions, quantized
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -44,10 +44,17 @@ def _is_count(value: object) -> bool:
 
 
 def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
-    """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``."""
+    """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
+
+    A quantized base must be one :mod:`lora_dash.quantized` can dequantize; it is dequantized once here
+    to prove it, so an unsupported one is refused now rather than at launch.
+    """
     if not is_supported_linear(base):
         raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-    in_features, out_features = base.weight.shape if is_conv1d(base) else base.weight.shape[::-1]
+    if quantized.is_quantized(base):
+        quantized.dequantized_weight(base)
+    # From the layer's declared features: a quantized weight may be packed into another shape.
+    in_features, out_features = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
     if not _is_count(r) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if not _is_count(s) or not 1 <= s <= min(in_features, out_features):
@@ -85,7 +92,10 @@ class LoRADashLinear(nn.Module):
     no phase logic: before launch the dash columns are zero and contribute exactly nothing.
 
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
-    buffers are float32 for a half-precision base (float64 for a float64 one).
+    buffers are float32 for a half-precision or quantized base (float64 for a float64 one).
+
+    A weight-only quantized base (torchao, bitsandbytes 8-bit and 4-bit; see :mod:`lora_dash.quantized`)
+    still computes ``W x`` in its own kernels; ``W`` for the SVD is the weight its library dequantizes to.
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -158,8 +168,11 @@ class LoRADashLinear(nn.Module):
     def base_weight(self) -> Tensor:
         """The whole frozen weight in ``(out, in)`` layout.
 
-        ``Conv1D`` stores its transpose; under FSDP2 the shards are gathered (every rank must call this).
+        ``Conv1D`` stores its transpose; under FSDP2 the shards are gathered (every rank must call this);
+        a quantized base is dequantized (a new floating-point tensor, as its library computes it).
         """
+        if quantized.is_quantized(self.base):
+            return quantized.dequantized_weight(self.base)
         weight = full_tensor(self.base.weight)
         return weight.T if is_conv1d(self.base) else weight
 
@@ -252,9 +265,19 @@ class LoRADashLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW`` alone."""
+        """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW`` alone.
+
+        Raises:
+            RuntimeError: already merged, or the base is quantized (its integer codes cannot hold
+                ``W + ΔW``; :func:`lora_dash.merge_and_unload` with ``dequantize=True`` builds a float layer).
+        """
         if self.merged:
             raise RuntimeError(f"{self._where()} is already merged")
+        if quantized.is_quantized(self.base):
+            raise RuntimeError(
+                f"{self._where()}: cannot merge into the quantized {quantized.describe(self.base)}; "
+                "use lora_dash.merge_and_unload(model, dequantize=True) for a floating-point model"
+            )
         self._add_to_base(self.delta_weight())
         self.merged = True
 
