@@ -2,7 +2,9 @@
 
 Pure functions on tensors, built on :mod:`lora_dash.directions` (which holds the method's math): the
 change-rate spectrum of a weight under an update, the paper's two overlap measures between a predicted
-and a true set of TSDs, and where selected directions sit in the singular-value order.
+and a true set of TSDs, where selected directions sit in the singular-value order, and (beyond the paper)
+whether a layer's selection says more than an isotropic update would (:func:`null_evidence`, and
+:func:`model_null_evidence` for every layer of a model).
 
 The overlap measures follow the paper's analysis (Si et al., ICLR 2025): with ``top_j(ρ)`` the indices of
 the ``j`` eligible directions with the largest change rates,
@@ -14,9 +16,12 @@ the ``j`` eligible directions with the largest change rates,
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lora_dash import directions
+from lora_dash.inject import dash_layers
+from lora_dash.layer import full_tensor
+from lora_dash.schedule import layer_generators
 
 
 class ChangeRateSpectrum(NamedTuple):
@@ -196,3 +201,241 @@ def relative_singular_value_ranks(index: Tensor, k: int) -> Tensor:
     if index.numel() and not (0 <= int(index.min()) and int(index.max()) < k):
         raise ValueError(f"index entries must lie in [0, k={k}), got {index.tolist()}")
     return index.to(torch.float32) / max(k - 1, 1)
+
+
+# --- is the selection more than the 1/σ artefact? --------------------------------------------------
+
+#: Null draws are sampled this many numbers at a time, so memory stays flat at any ``k`` and ``draws``.
+_CHUNK_NUMBERS = 2**22
+
+
+def null_coordinates(
+    draws: int, k: int, factor_rank: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Coordinates of isotropic random updates on ``k`` core directions, up to their common scale.
+
+    - ``factor_rank=None`` (a dense update with i.i.d. ``N(0, τ²)`` entries): ``c ~ N(0, I_k)``.
+    - ``factor_rank=r`` (``ΔW = scaling · B A`` with i.i.d. centred Gaussian ``B: (n, r)``, ``A: (r, m)``):
+      ``c_i = Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``; i.i.d. over ``i``, variance ``r``,
+      kurtosis ``3 + 6/r``.
+
+    See :func:`null_evidence` for why these laws hold whatever ``W`` is. The rank-``r`` law is sampled as
+    ``Z_i · ‖X_i‖`` (given ``X_i``, the component of ``Y_i`` along ``X_i`` is ``N(0, 1)``) with
+    ``‖X_i‖² ~ χ²_r = -2 Σ_{j ≤ r/2} log U_j`` (plus ``N²`` for odd ``r``), ``U`` uniform on ``(0, 1]``:
+    ``⌊r/2⌋ + 1`` numbers per coordinate (``+ 1`` for odd ``r``) instead of ``2 r``.
+
+    Shapes: → ``(draws, k)`` float64, on ``generator``'s device (CPU when it is None).
+    """
+    device = None if generator is None else generator.device
+    options = {"generator": generator, "dtype": torch.float64, "device": device}
+    z = torch.randn(draws, k, **options)
+    if factor_rank is None:
+        return z
+    chi_square = -2 * torch.rand(draws, k, factor_rank // 2, **options).neg().log1p().sum(-1)  # log(1 - U)
+    if factor_rank % 2:
+        chi_square += torch.randn(draws, k, **options).square()
+    return z * chi_square.sqrt()
+
+
+def _top_share(rates: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """Per row of ``rates: (rows, k)``: the share ``Σ top_s / Σ all`` ``(rows,)`` and the top-``s`` columns
+    ``(rows, s)``."""
+    top = rates.topk(s, dim=1)
+    return top.values.sum(1) / rates.sum(1), top.indices
+
+
+def _check_draws(draws: int) -> None:
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"draws must be an int >= 2, got {draws!r}")
+
+
+class NullEvidence(NamedTuple):
+    """A layer's top-``s`` change rates against an isotropic update's; see :func:`null_evidence`.
+
+    Attributes:
+        index: ``(s,)`` int64, the selected directions: the ``s`` largest change rates (the TSD rule).
+        share: ``Σ_{i ∈ index} ρ_i / Σ_{i eligible} ρ_i``, the observed top-``s`` share of the change rate.
+        null_mean: the mean of that share under the null.
+        null_std: its standard deviation under the null.
+        selection_probability: ``(s,)`` float64, for each selected direction the probability under the
+            null that it is among the top ``s`` (near 1: any update would have selected it).
+        p_value: ``P_null(share ≥ observed share)``, the one-sided score; small means more concentrated
+            than noise.
+        draws: the Monte Carlo draws behind the estimates (0 when they are exact); the p-value's resolution
+            is ``1 / (draws + 1)`` and a probability's standard error ``√(p (1 - p) / draws)``.
+    """
+
+    index: Tensor
+    share: float
+    null_mean: float
+    null_std: float
+    selection_probability: Tensor
+    p_value: float
+    draws: int
+
+
+def null_evidence(
+    sigma: Tensor,
+    coords: Tensor,
+    eligible: Tensor,
+    s: int,
+    eps: float = 0.0,
+    factor_rank: int | None = None,
+    draws: int = 999,
+    generator: torch.Generator | None = None,
+) -> NullEvidence:
+    """Evidence against the null "this update is isotropic noise" for one layer's top-``s`` change rates.
+
+    **The null.** The core directions ``u_i v_iᵀ`` are orthonormal in the Frobenius inner product, so a
+    dense ``ΔW`` with i.i.d. ``N(0, τ²)`` entries has coordinates ``c_i = u_iᵀ ΔW v_i`` that are i.i.d.
+    ``N(0, τ²)``, whatever ``W`` is. For a LoRA update ``ΔW = scaling · B A`` (``factor_rank = r``) the
+    null is ``B: (n, r)`` and ``A: (r, m)`` with i.i.d. centred Gaussian entries of any variances ``b²``,
+    ``a²``: ``Uᵀ B`` and ``Vᵀ Aᵀ`` then have i.i.d. Gaussian entries too (``U``, ``V`` have orthonormal
+    columns), so ``c_i = scaling · a b · Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``, i.i.d. over
+    ``i``: heavier-tailed than the dense null (kurtosis ``3 + 6/r``), which is its ``r → ∞`` limit (divided
+    by ``√r``). Either way the rates ``ρ_i = |c_i| / (σ_i + eps)`` have a law fixed by ``σ`` up to one
+    common scale (``τ``, or ``scaling · a b``: the observed norms need not be matched), and every statistic
+    here cancels that scale. So the null is sampled by :func:`null_coordinates` in ``O(k)`` (``O(k r)``) per
+    draw, without forming a matrix.
+
+    **The statistic.** ``share = Σ_{i ∈ top_s(ρ)} ρ_i / Σ_{i eligible} ρ_i``, in ``[s / k_e, 1]`` with
+    ``k_e`` eligible directions. Its null law (a ratio involving order statistics of differently scaled
+    half-normals, or of variance-gamma variables) has no closed form, so ``null_mean``, ``null_std``,
+    ``selection_probability`` and ``p_value`` are Monte Carlo estimates over ``draws`` null updates drawn
+    with ``generator``; when ``s = k_e`` the share is 1 for every update and all of them are exact.
+
+    **The score.** ``p = (1 + #{b : share_b ≥ share}) / (1 + draws)``. Under the null the observed share
+    and the draws are exchangeable, so the test is exact at any ``draws``:
+    ``P(p ≤ α) = ⌊α (draws + 1)⌋ / (draws + 1) ≤ α``. With the default 999 draws and a threshold
+    ``α = 0.05``, an update that is isotropic noise is flagged 5 % of the time, and ``p`` cannot go below
+    0.001; over ``L`` layers expect ``α L`` flags from noise alone. A small ``p`` says the update puts more
+    of its change rate on its top ``s`` than noise would: its selection is not only the ``1/σ`` weighting.
+    It does not say that the directions help the task. The test is one-sided: an update that is
+    structured but spread out (``ΔW = λ W`` gives equal rates) scores a large ``p``.
+
+    Shapes: ``sigma, coords, eligible: (k,)`` (``eligible`` boolean) → ``index, selection_probability:
+    (s,)`` on ``sigma``'s device; the draws are made on ``generator``'s device.
+
+    Args:
+        sigma: singular values of ``W`` (see :func:`lora_dash.directions.svd_basis`).
+        coords: coordinates of the update (:func:`lora_dash.directions.coordinates` or
+            :func:`lora_dash.directions.coordinates_from_factors`).
+        eligible: :func:`lora_dash.directions.eligible_directions`; other directions play no part.
+        s: the number of selected directions, ``1 <= s <= k_e``.
+        eps: the ``ε`` of ``ρ_i = |c_i| / (σ_i + ε)``, as in :func:`lora_dash.directions.change_rates`.
+        factor_rank: ``None`` for the dense null, ``r`` for the null of a rank-``r`` Gaussian product.
+        draws: Monte Carlo draws, ``>= 2``.
+        generator: the source of the draws; None means a CPU generator seeded with 0.
+
+    Raises:
+        ValueError: shapes differ or are not 1-D, ``eligible`` not boolean, a non-finite eligible ``σ`` or
+            coordinate, an update with no component on the eligible directions (share undefined), a bad
+            ``s``, ``eps``, ``factor_rank`` or ``draws``.
+    """
+    _check_draws(draws)
+    if factor_rank is not None and (
+        isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1
+    ):
+        raise ValueError(f"factor_rank must be None or an int >= 1, got {factor_rank!r}")
+    if sigma.dim() != 1 or coords.shape != sigma.shape or eligible.shape != sigma.shape:
+        raise ValueError(
+            f"sigma, coords and eligible must be 1-D of one shape (k,), got {tuple(sigma.shape)}, "
+            f"{tuple(coords.shape)} and {tuple(eligible.shape)}"
+        )
+    if eligible.dtype != torch.bool:
+        raise ValueError(f"eligible must be a bool mask, got {eligible.dtype}")
+    if not (torch.isfinite(sigma[eligible]).all() and torch.isfinite(coords[eligible]).all()):
+        raise ValueError("sigma and coords must be finite on the eligible directions")
+    rates = directions.change_rates(coords.double(), sigma.double(), eligible, eps)
+    index = directions.select_directions(rates, eligible, s)
+    eligible_rates = rates[eligible]
+    if not eligible_rates.any():
+        raise ValueError("the update has no component on the eligible directions; its top-s share is undefined")
+    k_eligible = eligible_rates.numel()
+    if s == k_eligible:  # every update selects everything: share 1, exactly
+        ones = torch.ones(s, dtype=torch.float64, device=sigma.device)
+        return NullEvidence(index, 1.0, 1.0, 0.0, ones, 1.0, 0)
+
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    weights = 1.0 / (sigma[eligible].double() + eps).to(generator.device)  # ρ = |c| · weight
+    share = _top_share(eligible_rates[None].to(generator.device), s)[0]
+    rows = max(1, _CHUNK_NUMBERS // (k_eligible * (factor_rank or 1)))
+    null_shares, counts = [], torch.zeros(k_eligible, dtype=torch.int64, device=generator.device)
+    for start in range(0, draws, rows):
+        null_rates = null_coordinates(min(rows, draws - start), k_eligible, factor_rank, generator).abs() * weights
+        chunk_shares, top = _top_share(null_rates, s)
+        null_shares.append(chunk_shares)
+        counts += torch.bincount(top.flatten(), minlength=k_eligible)
+    null_shares = torch.cat(null_shares)
+    position = eligible.cumsum(0) - 1  # a direction's column among the eligible ones
+    selected = counts[position[index].to(counts.device)].double() / draws
+    p_value = (1 + int((null_shares >= share).sum())) / (1 + draws)
+    return NullEvidence(
+        index=index,
+        share=share.item(),
+        null_mean=null_shares.mean().item(),
+        null_std=null_shares.std().item(),
+        selection_probability=selected.to(sigma.device),
+        p_value=p_value,
+        draws=draws,
+    )
+
+
+@torch.no_grad()
+def model_null_evidence(
+    model: nn.Module, null: str = "factors", draws: int = 999, seed: int = 0, svd_dtype: torch.dtype = torch.float32
+) -> dict[str, NullEvidence]:
+    """:func:`null_evidence` for every LoRA-Dash layer of ``model``, from its current LoRA update.
+
+    For each layer of :func:`lora_dash.dash_layers`: the SVD of the pretrained ``W``
+    (``base_weight()``), the coordinates of ``scaling · B A`` from the factors, and its top ``s`` change
+    rates with the layer's ``eps``: what launch with the ``"tsd"`` strategy would select now. Right at
+    launch, ``index`` is the launched selection; later it follows ``B A`` as it trains. The dash term is
+    not part of the update judged. Changes nothing.
+
+    Cost per layer: one SVD plus ``O(draws · k · r)`` for the null. Call it when you want the report;
+    nothing else in the library computes it.
+
+    Args:
+        model: a model with LoRA-Dash layers (not merged: ``W`` would include ``ΔW``).
+        null: ``"factors"`` (default): the layer's update is judged against Gaussian ``B``, ``A`` of its
+            own rank ``r``, the null that matches a LoRA update; ``"dense"``: against a dense Gaussian ``ΔW``.
+        draws: Monte Carlo draws per layer, ``>= 2`` (p-value resolution ``1 / (draws + 1)``).
+        seed: an int in ``[0, 2⁶³)``; layer ``i`` draws with generator ``i`` of
+            :func:`lora_dash.schedule.layer_generators`, so its result does not depend on the others.
+        svd_dtype: ``torch.float32`` (as at launch) or ``torch.float64``.
+
+    Returns:
+        A :class:`NullEvidence` per layer, by dotted name, in :func:`lora_dash.dash_layers` order.
+
+    Raises:
+        ValueError: a bad ``null``, ``draws`` or ``seed``, no LoRA-Dash layer, or a layer whose update or
+            weight is not finite or is zero on the eligible directions (the message names it).
+        RuntimeError: a merged layer (before any work).
+    """
+    if null not in ("factors", "dense"):
+        raise ValueError(f'null must be "factors" or "dense", got {null!r}')
+    _check_draws(draws)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    layers = dash_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged} are merged; unmerge() them first (W would include ΔW)")
+    report = {}
+    for (name, layer), generator in zip(layers.items(), layer_generators(seed, len(layers))):
+        A, B, weight = full_tensor(layer.lora_A), full_tensor(layer.lora_B), layer.base_weight()
+        if not all(torch.isfinite(tensor).all() for tensor in (A, B, weight)):
+            raise ValueError(f"layer {name!r}: the pretrained weight or the LoRA factors are not finite")
+        U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
+        coords = directions.coordinates_from_factors(B, A, layer.scaling, U, V)
+        eligible = directions.eligible_directions(sigma, tuple(weight.shape))
+        factor_rank = layer.r if null == "factors" else None
+        try:
+            report[name] = null_evidence(sigma, coords, eligible, layer.s, layer.eps, factor_rank, draws, generator)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from error
+    return report

@@ -5,7 +5,8 @@ Notation (see METHOD.md): a frozen weight ``W`` of shape ``(n, m) = (out, in)`` 
 ``u_i v_iᵀ``. The coordinate of any matrix ``M`` on direction ``i`` is ``p_i(M) = u_iᵀ M v_i``, and the
 change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``s`` eligible directions
 with the largest change rates are the task-specific directions (TSDs). ``pick_directions`` also
-offers baseline choices (the largest σ, the smallest σ, a uniform draw) for ablations.
+offers baseline choices (the largest σ, the smallest σ, a uniform draw) for ablations, and, beyond
+the paper, the largest ``|c_i|``.
 
 Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
 """
@@ -133,8 +134,9 @@ def _check_enough_eligible(eligible: Tensor, s: int) -> None:
         raise ValueError(f"only {n_eligible} of {eligible.numel()} directions are eligible, fewer than s={s}")
 
 
-#: How to choose the ``s`` dashed directions: the method's TSDs, then three baselines for ablations.
-STRATEGIES = ("tsd", "largest_sigma", "smallest_sigma", "random")
+#: How to choose the ``s`` dashed directions: the method's TSDs, three baselines for ablations, and
+#: (beyond the paper) the largest coordinates.
+STRATEGIES = ("tsd", "largest_sigma", "smallest_sigma", "random", "coordinate")
 
 
 def check_strategy(strategy: str) -> None:
@@ -144,7 +146,12 @@ def check_strategy(strategy: str) -> None:
 
 
 def pick_directions(
-    rates: Tensor, eligible: Tensor, s: int, strategy: str = "tsd", generator: torch.Generator | None = None
+    rates: Tensor,
+    eligible: Tensor,
+    s: int,
+    strategy: str = "tsd",
+    generator: torch.Generator | None = None,
+    coords: Tensor | None = None,
 ) -> Tensor:
     """Indices of ``s`` distinct eligible directions, chosen by ``strategy``.
 
@@ -154,20 +161,35 @@ def pick_directions(
     - ``"random"``: ``s`` distinct eligible indices drawn uniformly with ``generator``. The generator is
       required, not defaulted, so that every draw is reproducible and its seed is the caller's choice
       (a silent default would give every layer the same draw). Other strategies ignore it.
+    - ``"coordinate"`` (beyond the paper): the ``s`` largest ``|c_i|``, the directions the update moved
+      most in absolute terms, larger first, ties to the lower index. It needs ``coords``. This is the
+      change rate normalised by its spread under an isotropic update: when ``ΔW`` has i.i.d.
+      ``N(0, τ²)`` entries every ``c_i ~ N(0, τ²)``, so ``ρ_i`` has scale ``τ / σ_i`` and
+      ``ρ_i / (τ / σ_i) = |c_i| / τ`` ranks like ``|c_i|`` (with ``eps = 0``); the ``1/σ`` weighting that
+      makes ``"tsd"`` favour the smallest ``σ`` for any update is divided out.
 
-    Only ``"tsd"`` reads ``rates``; the baselines use the same eligibility rule.
+    Only ``"tsd"`` reads ``rates`` and only ``"coordinate"`` reads ``coords``; all use the same
+    eligibility rule.
 
-    Shapes: ``rates, eligible: (k,)`` → ``index: (s,)`` (int64, on ``eligible``'s device).
+    Shapes: ``rates, eligible, coords: (k,)`` → ``index: (s,)`` (int64, on ``eligible``'s device).
 
     Raises:
-        ValueError: an unknown strategy, ``"random"`` without a generator, ``s < 1``, fewer than ``s``
-            eligible directions, or (for ``"tsd"``) a non-finite eligible rate.
+        ValueError: an unknown strategy, ``"random"`` without a generator, ``"coordinate"`` without
+            ``coords`` (or with a non-finite eligible one), ``s < 1``, fewer than ``s`` eligible
+            directions, or (for ``"tsd"``) a non-finite eligible rate.
     """
     check_strategy(strategy)
     if strategy == "random" and generator is None:
         raise ValueError('strategy "random" needs a torch.Generator (pass generator=...)')
     if strategy == "tsd":
         return select_directions(rates, eligible, s)
+    if strategy == "coordinate":
+        if coords is None or coords.shape != eligible.shape:
+            shape = None if coords is None else tuple(coords.shape)
+            raise ValueError(f'strategy "coordinate" needs coords of shape {tuple(eligible.shape)}, got {shape}')
+        if not torch.isfinite(coords[eligible]).all():
+            raise ValueError("coordinates are not finite")
+        return select_directions(coords.abs(), eligible, s)
     _check_enough_eligible(eligible, s)
     candidates = eligible.nonzero().flatten()  # ascending index = descending σ
     if strategy == "largest_sigma":

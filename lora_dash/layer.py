@@ -230,7 +230,7 @@ class LoRADashLinear(nn.Module):
         eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))
         rates = directions.change_rates(coords, sigma, eligible, self.eps)
         try:
-            index = directions.pick_directions(rates, eligible, self.s, strategy, generator)
+            index = directions.pick_directions(rates, eligible, self.s, strategy, generator, coords)
         except ValueError as error:
             raise ValueError(f"{self._where()}: {error}") from error
         return DashDirections(U_s=U[:, index], V_s=V[:, index], index=index)

@@ -621,10 +621,14 @@ def test_non_finite_eligible_rate_raises(vectors, bad, data):
 
 @st.composite
 def pickable(draw):
-    """(rates, eligible, s) with 1 <= s <= the number of eligible directions."""
+    """(rates, eligible, s, coords) with 1 <= s <= the number of eligible directions; |coords| may tie."""
     rates, eligible = draw(rate_vectors())
     eligible[draw(st.integers(0, eligible.numel() - 1))] = True
-    return rates, eligible, draw(st.integers(1, int(eligible.sum())))
+    k = rates.numel()
+    magnitudes = draw(st.lists(st.sampled_from((0.0, 1.0, 2.5, 1e6)), min_size=k, max_size=k))
+    signs = draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=k, max_size=k))
+    coords = torch.tensor(magnitudes, dtype=F64) * torch.tensor(signs, dtype=F64)
+    return rates, eligible, draw(st.integers(1, int(eligible.sum()))), coords
 
 
 def generator(seed: int) -> torch.Generator:
@@ -634,8 +638,8 @@ def generator(seed: int) -> torch.Generator:
 @THOROUGH
 @given(pickable(), st.sampled_from(STRATEGIES), seeds)
 def test_every_strategy_returns_s_distinct_eligible_indices(case, strategy, seed):
-    rates, eligible, s = case
-    index = pick_directions(rates, eligible, s, strategy, generator(seed))
+    rates, eligible, s, coords = case
+    index = pick_directions(rates, eligible, s, strategy, generator(seed), coords)
     assert index.dtype == torch.long and index.shape == (s,)
     assert index.unique().numel() == s
     assert eligible[index].all()
@@ -644,7 +648,7 @@ def test_every_strategy_returns_s_distinct_eligible_indices(case, strategy, seed
 @THOROUGH
 @given(pickable())
 def test_tsd_strategy_is_the_default_and_is_select_directions(case):
-    rates, eligible, s = case
+    rates, eligible, s, _ = case
     expected = select_directions(rates, eligible, s)
     assert torch.equal(pick_directions(rates, eligible, s), expected)
     assert torch.equal(pick_directions(rates, eligible, s, "tsd", generator(0)), expected)
@@ -655,7 +659,7 @@ def test_tsd_strategy_is_the_default_and_is_select_directions(case):
 def test_largest_and_smallest_sigma_pick_the_ends_of_the_eligible_set(case):
     """σ descends with the index, so the largest σ are the first eligible indices, the smallest the last;
     ineligible directions are skipped, and rates play no part."""
-    rates, eligible, s = case
+    rates, eligible, s, _ = case
     candidates = [i for i in range(eligible.numel()) if eligible[i]]
     assert pick_directions(rates, eligible, s, "largest_sigma").tolist() == candidates[:s]
     assert pick_directions(rates, eligible, s, "smallest_sigma").tolist() == candidates[::-1][:s]
@@ -664,7 +668,7 @@ def test_largest_and_smallest_sigma_pick_the_ends_of_the_eligible_set(case):
 @FAST
 @given(pickable(), seeds)
 def test_random_strategy_is_reproducible_with_the_same_seed(case, seed):
-    rates, eligible, s = case
+    rates, eligible, s, _ = case
     first = pick_directions(rates, eligible, s, "random", generator(seed))
     assert torch.equal(pick_directions(rates, eligible, s, "random", generator(seed)), first)
 
@@ -705,4 +709,58 @@ def test_unknown_strategy_is_rejected_naming_the_valid_ones(strategy):
 def test_every_strategy_refuses_fewer_than_s_eligible(vectors, strategy, extra):
     rates, eligible = vectors
     with pytest.raises(ValueError, match="eligible"):
-        pick_directions(rates, eligible, int(eligible.sum()) + extra, strategy, generator(0))
+        pick_directions(rates, eligible, int(eligible.sum()) + extra, strategy, generator(0), rates)
+
+
+@THOROUGH
+@given(pickable())
+def test_coordinate_strategy_is_top_s_by_absolute_coordinate_then_lower_index(case):
+    """The s largest |c_i| among eligible directions, larger first, ties to the lower index; rates unused."""
+    rates, eligible, s, coords = case
+    expected = expected_selection(coords.abs(), eligible, s)
+    assert pick_directions(rates, eligible, s, "coordinate", coords=coords).tolist() == expected
+    assert pick_directions(rates.flip(0), eligible, s, "coordinate", coords=coords).tolist() == expected
+
+
+@FAST
+@given(pickable(), st.integers(-30, 30), st.data())
+def test_coordinate_strategy_ignores_signs_and_scale(case, exponent, data):
+    """Flipping signs of c or rescaling it by ±2^e keeps the selection (invariants 2 and 4)."""
+    rates, eligible, s, coords = case
+    k = coords.numel()
+    flips = torch.tensor(data.draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=k, max_size=k)), dtype=F64)
+    expected = pick_directions(rates, eligible, s, "coordinate", coords=coords)
+    for changed in (flips * coords, -(2.0**exponent) * coords):
+        assert torch.equal(pick_directions(rates, eligible, s, "coordinate", coords=changed), expected)
+
+
+def test_coordinate_strategy_finds_a_planted_update_at_large_sigma_where_tsd_does_not():
+    """ΔW = noise + large coordinates on the 3 largest-σ directions: "coordinate" finds them; "tsd" picks
+    the smallest σ instead, where dividing by σ inflates the noise."""
+    k = 32
+    sigma = torch.logspace(1, -2, k, dtype=F64)
+    U, V = orthonormal(generator(0), 40, k), orthonormal(generator(1), k, k)
+    W = U @ torch.diag(sigma) @ V.mT
+    a = torch.zeros(k, dtype=F64)
+    a[:3] = torch.tensor([5.0, -4.0, 3.0])
+    noise = 0.1 * torch.randn(*W.shape, generator=generator(2), dtype=F64)
+    c = coordinates(noise + U @ torch.diag(a) @ V.mT, U, V)
+    eligible = eligible_directions(sigma, tuple(W.shape))
+    rates = change_rates(c, sigma, eligible)
+    assert pick_directions(rates, eligible, 3, "coordinate", coords=c).tolist() == [0, 1, 2]
+    assert set(pick_directions(rates, eligible, 3, "tsd").tolist()) <= set(range(k - 8, k))
+
+
+@pytest.mark.parametrize("coords", [None, torch.ones(3), torch.ones(4, 1)])
+def test_coordinate_strategy_needs_coordinates_of_the_right_shape(coords):
+    with pytest.raises(ValueError, match="coords of shape \\(4,\\)"):
+        pick_directions(torch.ones(4), torch.ones(4, dtype=torch.bool), 2, "coordinate", coords=coords)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_coordinate_strategy_refuses_a_non_finite_eligible_coordinate(bad):
+    eligible = torch.tensor([True, True, False, True])
+    with pytest.raises(ValueError, match="coordinates are not finite"):
+        pick_directions(torch.ones(4), eligible, 2, "coordinate", coords=torch.tensor([1.0, bad, 2.0, 3.0]))
+    ignored = torch.tensor([1.0, 4.0, bad, 3.0])  # non-finite but ineligible: skipped
+    assert pick_directions(torch.ones(4), eligible, 2, "coordinate", coords=ignored).tolist() == [1, 3]
