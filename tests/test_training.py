@@ -362,28 +362,75 @@ def test_attach_refuses_what_is_not_an_optimizer_and_wraps_none(not_an_optimizer
     assert controller._optimizers == [] and controller._hooks == []
 
 
-def scaled_step(model, optimizer, scaler, step, overflow):
-    """One step under a grad scaler; ``overflow`` plants an inf gradient, so the scaler skips the step."""
+def scaled_step(model, optimizer, scaler, step, overflow, scaler_for_backward=None):
+    """One step under a grad scaler; ``overflow`` plants an inf gradient, so the scaler skips the step.
+    ``scaler=None``: the optimizer steps through its own scaler (``scaler_for_backward``)."""
     optimizer.zero_grad()
     x, y = batch(step)
-    scaler.scale(F.mse_loss(model(x), y)).backward()
+    (scaler or scaler_for_backward).scale(F.mse_loss(model(x), y)).backward()
     if overflow:
         model.fc1.lora_B.grad[0, 0] = float("inf")
-    scaler.step(optimizer)
-    scaler.update()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+@pytest.fixture
+def accelerator():
+    """An accelerate ``Accelerator`` on the CPU, accumulating 2 micro-batches; its shared state is reset after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True, gradient_accumulation_steps=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_attach_counts_only_the_real_steps_of_accelerates_optimizer_under_accumulation(accelerator):
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    model = build_adapted()
+    model, optimizer = accelerator.prepare(model, make_optimizer(model))
+    assert isinstance(optimizer, AcceleratedOptimizer)
+    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    counted = []
+    for micro in range(2 * (T + 2)):
+        with accelerator.accumulate(model):
+            x, y = batch(micro)
+            accelerator.backward(F.mse_loss(model(x), y))
+            optimizer.step()  # steps the real optimizer on every second micro-batch only
+            optimizer.zero_grad()
+        counted.append((controller.steps, controller.launched))
+    assert counted == [((micro + 1) // 2, (micro + 1) // 2 >= T) for micro in range(2 * (T + 2))]
+
+
+def wrap_for(wrapper, optimizer, request):
+    """``optimizer`` as is, or inside accelerate's wrapper with a CPU grad scaler (what fp16 training builds)."""
+    if wrapper == "torch":
+        return optimizer, torch.amp.GradScaler("cpu")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    request.getfixturevalue("accelerator")
+    wrapped = AcceleratedOptimizer(optimizer, scaler=torch.amp.GradScaler("cpu"))
+    return wrapped, wrapped.scaler
 
 
 # Plain AdamW: the scaler does not call step(). Fused AdamW: it calls step() with found_inf set.
+# accelerate's wrapper steps through the scaler (its step_was_skipped misses the fused case).
+@pytest.mark.parametrize("wrapper", ["torch", "accelerate"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_a_step_the_grad_scaler_skips_is_not_counted(fused):
+def test_a_step_the_grad_scaler_skips_is_not_counted(fused, wrapper, request):
     model = build_adapted()
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2, fused=fused)
+    optimizer, scaler = wrap_for(wrapper, torch.optim.AdamW(adapter_parameters(model), lr=1e-2, fused=fused), request)
     controller = LaunchController(model, launch_step=T).attach(optimizer)
-    scaler = torch.amp.GradScaler("cpu")
     counted = []
     for call in range(1, T + 2):
         before = model.fc2.lora_A.detach().clone()
-        scaled_step(model, optimizer, scaler, call, overflow=call == 2)
+        if wrapper == "torch":
+            scaled_step(model, optimizer, scaler, call, overflow=call == 2)
+        else:  # AcceleratedOptimizer.step() calls scaler.step and scaler.update itself
+            scaled_step(model, optimizer, None, call, overflow=call == 2, scaler_for_backward=scaler)
         assert torch.equal(model.fc2.lora_A, before) == (call == 2)  # the skip is real
         counted.append((controller.steps, controller.launched))
     assert counted == [(1, False), (1, False)] + [(step, step == T) for step in range(2, T + 1)]

@@ -1,0 +1,156 @@
+"""LoRA-Dash with 🤗 ``transformers.Trainer``: the launch at global step ``t``, exact resume, adapter-only saves.
+
+* :class:`LoRADashCallback` launches right after optimizer step ``t`` (gradient accumulation, evaluation
+  and skipped fp16 steps do not count), gives δ a fresh optimizer state then, and stores its step count
+  in every checkpoint's ``trainer_state.json``, so ``trainer.train(resume_from_checkpoint=...)`` from a
+  checkpoint taken before or after the launch is the run that never stopped.
+* :class:`LoRADashTrainer` is a ``Trainer`` whose checkpoints and ``save_model`` hold only the adapter
+  (:data:`ADAPTER_FILE`, written by :func:`lora_dash.save_adapter`), not the base model, and resume from
+  them. To use a saved adapter: build the base model, :func:`lora_dash.inject` with the arguments of
+  training, then :func:`lora_dash.load_adapter` the file.
+
+Nothing in the core imports this module; it needs the ``hf`` extra (transformers and accelerate).
+"""
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer import TRAINING_ARGS_NAME
+    from transformers.trainer_callback import ExportableState
+except ImportError as error:  # one line that names the fix, not a traceback from deep inside an import
+    raise ImportError(f'lora_dash.hf needs the hf extra: pip install "lora-dash[hf]" (missing: {error.name})') from None
+
+from lora_dash.checkpoint import load_adapter, save_adapter
+from lora_dash.schedule import LaunchController, check_launch_options, check_launch_step
+
+#: The file that :class:`LoRADashTrainer` writes into each checkpoint and ``save_model`` folder. Not
+#: PEFT's ``adapter_model.safetensors``: Trainer would take that for a PEFT adapter.
+ADAPTER_FILE = "lora_dash_adapter.safetensors"
+
+
+class LoRADashCallback(TrainerCallback, ExportableState):
+    """Makes ``transformers.Trainer`` launch LoRA-Dash right after optimizer step ``launch_step``.
+
+    At ``on_train_begin`` it builds a :class:`lora_dash.LaunchController` for the Trainer's model and
+    attaches it to the Trainer's optimizer (built by then, from every parameter with
+    ``requires_grad``: ``A``, ``B`` and ``δ`` after :func:`lora_dash.inject`). The controller counts real
+    optimizer steps, so with no fp16 overflow the launch comes right after global step ``t``; it drops
+    δ's optimizer state at the launch. The step count is saved in ``trainer_state.json``
+    (``stateful_callbacks``) and restored from it when training resumes; the phase comes with the model
+    (its buffers), so a resume before or after the launch continues exactly.
+
+    Usage::
+
+        lora_dash.inject(model, r".*\\.(query|value)", r=8, alpha=16, s=8)
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[LoRADashCallback(launch_step=100)])
+
+    Args:
+        launch_step, strategy, seed: as for :class:`lora_dash.LaunchController`. Resume with the same
+            ones: a checkpoint saved with others is refused.
+
+    Attributes:
+        controller: the :class:`lora_dash.LaunchController` of the current (or last) ``train()``; ``None``
+            before the first.
+    """
+
+    def __init__(self, launch_step: int = 100, strategy: str = "tsd", seed: int = 0) -> None:
+        check_launch_step(launch_step)
+        check_launch_options(strategy, seed)
+        self.launch_step, self.strategy, self.seed = launch_step, strategy, seed
+        self.controller: LaunchController | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` keeps: the arguments and the controller's ``state_dict``.
+
+        ``"attributes"`` stays empty: the step count belongs to the controller, built at ``on_train_begin``
+        from the ``"controller"`` entry (also when Trainer re-creates callbacks from ``"args"``, with
+        ``restore_callback_states_from_checkpoint``).
+        """
+        controller = self.controller.state_dict() if self.controller else {"launch_step": self.launch_step, "steps": 0}
+        return {"args": self._arguments(), "attributes": {}, "controller": controller}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        """Build the controller, restore its count from the (possibly resumed) Trainer state, attach it.
+
+        Raises:
+            ValueError: several ``LoRADashCallback``\\ s; a resumed checkpoint saved without this callback
+                or with other arguments; no model or optimizer; as :meth:`LaunchController.load_state_dict`.
+        """
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(saved, list):
+            raise ValueError("a Trainer takes one LoRADashCallback; it has several")
+        if saved is None:  # a fresh TrainerState lists this callback: only a resumed one can lack it
+            raise ValueError(
+                f"the checkpoint being resumed (global step {state.global_step}) was saved without "
+                "LoRADashCallback, so the optimizer steps already taken toward launch_step are unknown"
+            )
+        if saved.get("args") != self._arguments():
+            raise ValueError(f"the checkpoint being resumed was trained with LoRADashCallback{saved.get('args')}, "
+                             f"this callback has {self._arguments()}; resume with the same arguments")
+        if model is None or optimizer is None:
+            raise ValueError("LoRADashCallback needs the Trainer's model and optimizer at on_train_begin")
+        if self.controller is not None:  # a previous train() that did not reach on_train_end
+            self.controller.detach()
+        controller = LaunchController(model, self.launch_step, self.strategy, self.seed)
+        controller.load_state_dict(saved["controller"])
+        self.controller = controller.attach(optimizer)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Stop counting: the next ``train()`` builds a new optimizer wrapper and attaches anew."""
+        if self.controller is not None:
+            self.controller.detach()
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"launch_step": self.launch_step, "strategy": self.strategy, "seed": self.seed}
+
+
+class LoRADashTrainer(Trainer):
+    """A ``transformers.Trainer`` that saves only the adapter and resumes from it.
+
+    ``save_model`` and every checkpoint write :data:`ADAPTER_FILE` (:func:`lora_dash.save_adapter`:
+    every LoRA-Dash layer's ``A``, ``B``, ``δ`` and launch buffers, and the modules trained in full),
+    the processing class if any and the training arguments: no base weights. Resuming
+    (``train(resume_from_checkpoint=...)``) and ``load_best_model_at_end`` load that file with
+    :func:`lora_dash.load_adapter`, which refuses an adapter saved for another base model; a folder
+    without it is left to ``Trainer``. Checkpoints still hold the optimizer, scheduler, RNG and Trainer
+    state, so a resume is exact. Combine with another Trainer subclass by listing this one first,
+    ``class MyTrainer(LoRADashTrainer, OtherTrainer)``.
+
+    Single process or DDP; FSDP and DeepSpeed save through their own paths and are refused.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("LoRADashTrainer saves adapters from one process; FSDP and DeepSpeed are not supported")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter, not ``state_dict`` (the whole model's); only the process that saves writes."""
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(self.model, os.path.join(output_dir, ADAPTER_FILE))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        path = os.path.join(resume_from_checkpoint, ADAPTER_FILE)
+        if not os.path.isfile(path):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_adapter(self.model if model is None else model, path)
+
+    def _load_best_model(self) -> None:
+        path = os.path.join(self.state.best_model_checkpoint, ADAPTER_FILE)
+        if not os.path.isfile(path):
+            super()._load_best_model()
+            return
+        load_adapter(self.model, path)
