@@ -57,14 +57,20 @@ def training_arguments(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(str(output_dir), **{**settings, **overrides})
 
 
-def train(output_dir, trainer_class=Trainer, resume=None, callback=None, model=None, **overrides):
-    """Train ``build_model()`` (or ``model``) with a LoRADashCallback; returns the trainer."""
-    model = build_model() if model is None else model
+def train(output_dir, trainer_class=Trainer, resume=None, callback=None, **overrides):
+    """Train ``build_model()`` with a LoRADashCallback (by default at ``T``); returns the trainer."""
     callback = LoRADashCallback(launch_step=T) if callback is None else callback
-    trainer = trainer_class(model=model, args=training_arguments(output_dir, **overrides), train_dataset=Tokens(),
-                            callbacks=[callback])
+    arguments = training_arguments(output_dir, **overrides)
+    trainer = trainer_class(model=build_model(), args=arguments, train_dataset=Tokens(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+def assert_same_adapter(expected_model, actual_model) -> None:
+    """Every adapter tensor (A, B, δ, U_s, V_s, indices, phase) bit-identical."""
+    expected, actual = adapter_state_dict(expected_model), adapter_state_dict(actual_model)
+    assert expected.keys() == actual.keys()
+    assert {key for key in expected if not torch.equal(expected[key], actual[key])} == set()
 
 
 def callback_of(trainer) -> LoRADashCallback:
@@ -95,7 +101,8 @@ class PhaseRecorder(TrainerCallback):
         model.register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.phases.append((state.global_step, self.forwards, {layer.launched for layer in dash_layers(model).values()}))
+        phase = {layer.launched for layer in dash_layers(model).values()}
+        self.phases.append((state.global_step, self.forwards, phase))
 
 
 def test_callback_launches_right_after_global_step_t_under_gradient_accumulation(tmp_path):
@@ -118,15 +125,20 @@ def test_callback_launches_right_after_global_step_t_under_gradient_accumulation
 # Trainer's checkpoints hold the whole model; LoRADashTrainer's only the adapter.
 @pytest.mark.parametrize("trainer_class", [Trainer, LoRADashTrainer], ids=["Trainer", "LoRADashTrainer"])
 @pytest.mark.parametrize("checkpoint", [2, 4], ids=["before-launch", "after-launch"])
-def test_resume_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(checkpoint, trainer_class, run_of, tmp_path):
+def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(checkpoint, trainer_class, run_of, tmp_path):
     trainer, output_dir = run_of(trainer_class)
     resumed = train(tmp_path, trainer_class, resume=output_dir / f"checkpoint-{checkpoint}")
-    expected, actual = adapter_state_dict(trainer.model), adapter_state_dict(resumed.model)
-    assert expected.keys() == actual.keys()
-    assert {key for key in expected if not torch.equal(expected[key], actual[key])} == set()
+    assert_same_adapter(trainer.model, resumed.model)
     for name, layer in dash_layers(resumed.model).items():  # the same directions, selected at the same step
         assert layer.dash_index.tolist() == dash_layers(trainer.model)[name].dash_index.tolist()
     assert callback_of(resumed).controller.state_dict() == callback_of(trainer).controller.state_dict()
+
+
+def test_resume_is_exact_when_trainer_recreates_the_callback_from_its_saved_state(run_of, tmp_path):
+    # restore_callback_states_from_checkpoint: Trainer replaces the callback by LoRADashCallback(**saved args).
+    trainer, output_dir = run_of(Trainer)
+    resumed = train(tmp_path, Trainer, resume=output_dir / "checkpoint-2", restore_callback_states_from_checkpoint=True)
+    assert_same_adapter(trainer.model, resumed.model)
 
 
 def test_resume_with_other_callback_arguments_is_refused(run_of, tmp_path):
@@ -163,7 +175,7 @@ def test_adapter_only_checkpoints_hold_no_base_weights(run_of, tmp_path):
         assert sorted(os.listdir(folder)) == sorted([ADAPTER_FILE, "optimizer.pt", "rng_state.pth", "scheduler.pt",
                                                      "trainer_state.json", "training_args.bin"])
     assert sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, "training_args.bin"]
-    # The adapter file is a fraction of the base weights it leaves out (~11 kB here against ~80 kB).
+    # The adapter file is a fraction of the base weights it leaves out (~11 kB here against ~75 kB).
     assert os.path.getsize(tmp_path / ADAPTER_FILE) < base_weight_bytes(trainer.model) / 4
 
 
@@ -192,8 +204,7 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
     reference = build_model(init_seed=2)
     load_adapter(reference, tmp_path / "checkpoint-4" / ADAPTER_FILE)
-    expected, actual = adapter_state_dict(reference), adapter_state_dict(model)
-    assert {key for key in expected if not torch.equal(expected[key], actual[key])} == set()
+    assert_same_adapter(reference, model)
 
 
 @pytest.mark.parametrize("engine", ["is_fsdp_enabled", "is_deepspeed_enabled"])
@@ -214,5 +225,7 @@ def test_lora_dash_trainer_refuses_fsdp_and_deepspeed(engine, tmp_path, monkeypa
 def test_importing_without_transformers_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package looks like to import
     monkeypatch.delitem(sys.modules, "lora_dash.hf")
-    with pytest.raises(ImportError, match=r'^lora_dash\.hf needs the hf extra: pip install "lora-dash\[hf\]"'):
+    expected = 'lora_dash.hf needs the hf extra: pip install "lora-dash[hf]" (missing: transformers)'
+    with pytest.raises(ImportError) as raised:
         importlib.import_module("lora_dash.hf")
+    assert str(raised.value) == expected
