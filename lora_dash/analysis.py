@@ -250,11 +250,12 @@ def _check_draws(draws: int) -> None:
 
 
 class NullEvidence(NamedTuple):
-    """A layer's top-``s`` change rates against an isotropic update's; see :func:`null_evidence`.
+    """A layer's selection against an isotropic update's; see :func:`null_evidence`.
 
     Attributes:
-        index: ``(s,)`` int64, the selected directions: the ``s`` largest change rates (the TSD rule).
-        share: ``Σ_{i ∈ index} ρ_i / Σ_{i eligible} ρ_i``, the observed top-``s`` share of the change rate.
+        index: ``(s,)`` int64, the selected directions: the ``s`` largest scores (``ρ`` for ``"tsd"``,
+            ``|c|`` for ``"coordinate"``), as :func:`lora_dash.directions.pick_directions` selects them.
+        share: the observed top-``s`` share of the score, ``Σ_{i ∈ index} score_i / Σ_{i eligible} score_i``.
         null_mean: the mean of that share under the null.
         null_std: its standard deviation under the null.
         selection_probability: ``(s,)`` float64, for each selected direction the probability under the
@@ -274,6 +275,15 @@ class NullEvidence(NamedTuple):
     draws: int
 
 
+#: The selections :func:`null_evidence` can judge: those that read the update.
+NULL_EVIDENCE_STRATEGIES = ("tsd", "coordinate")
+
+
+def _check_judged_strategy(strategy: str) -> None:
+    if strategy not in NULL_EVIDENCE_STRATEGIES:
+        raise ValueError(f"null_evidence judges the strategies {NULL_EVIDENCE_STRATEGIES}, got {strategy!r}")
+
+
 def null_evidence(
     sigma: Tensor,
     coords: Tensor,
@@ -283,8 +293,9 @@ def null_evidence(
     factor_rank: int | None = None,
     draws: int = 999,
     generator: torch.Generator | None = None,
+    strategy: str = "tsd",
 ) -> NullEvidence:
-    """Evidence against the null "this update is isotropic noise" for one layer's top-``s`` change rates.
+    """Evidence against the null "this update is isotropic noise" for one layer's top-``s`` selection.
 
     **The null.** The core directions ``u_i v_iᵀ`` are orthonormal in the Frobenius inner product, so a
     dense ``ΔW`` with i.i.d. ``N(0, τ²)`` entries has coordinates ``c_i = u_iᵀ ΔW v_i`` that are i.i.d.
@@ -293,25 +304,33 @@ def null_evidence(
     ``a²``: ``Uᵀ B`` and ``Vᵀ Aᵀ`` then have i.i.d. Gaussian entries too (``U``, ``V`` have orthonormal
     columns), so ``c_i = scaling · a b · Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``, i.i.d. over
     ``i``: heavier-tailed than the dense null (kurtosis ``3 + 6/r``), which is its ``r → ∞`` limit (divided
-    by ``√r``). Either way the rates ``ρ_i = |c_i| / (σ_i + eps)`` have a law fixed by ``σ`` up to one
-    common scale (``τ``, or ``scaling · a b``: the observed norms need not be matched), and every statistic
-    here cancels that scale. So the null is sampled by :func:`null_coordinates` in ``O(k)`` (``O(k r)``) per
-    draw, without forming a matrix.
+    by ``√r``). Either way the coordinates have a law fixed up to one common scale (``τ``, or
+    ``scaling · a b``: the observed norms need not be matched), and every statistic here cancels that
+    scale. So the null is sampled by :func:`null_coordinates` in ``O(k)`` (``O(k r)``) per draw, without
+    forming a matrix.
 
-    **The statistic.** ``share = Σ_{i ∈ top_s(ρ)} ρ_i / Σ_{i eligible} ρ_i``, in ``[s / k_e, 1]`` with
-    ``k_e`` eligible directions. Its null law (a ratio involving order statistics of differently scaled
-    half-normals, or of variance-gamma variables) has no closed form, so ``null_mean``, ``null_std``,
-    ``selection_probability`` and ``p_value`` are Monte Carlo estimates over ``draws`` null updates drawn
-    with ``generator``; when ``s = k_e`` the share is 1 for every update and all of them are exact.
+    **The statistic.** With ``score_i = ρ_i = |c_i| / (σ_i + eps)`` (``strategy="tsd"``) or
+    ``score_i = |c_i|`` (``"coordinate"``), ``share = Σ_{i ∈ top_s(score)} score_i / Σ_{i eligible} score_i``,
+    in ``[s / k_e, 1]`` with ``k_e`` eligible directions. Its null law (a ratio involving order statistics)
+    has no closed form, so ``null_mean``, ``null_std`` and ``p_value`` are Monte Carlo estimates over
+    ``draws`` null updates drawn with ``generator``; so is ``selection_probability`` for ``"tsd"``, while for
+    ``"coordinate"`` it is exactly ``s / k_e`` (the null's coordinates are exchangeable). When ``s = k_e``
+    the share is 1 for every update and everything is exact.
 
     **The score.** ``p = (1 + #{b : share_b ≥ share}) / (1 + draws)``. Under the null the observed share
     and the draws are exchangeable, so the test is exact at any ``draws``:
     ``P(p ≤ α) = ⌊α (draws + 1)⌋ / (draws + 1) ≤ α``. With the default 999 draws and a threshold
     ``α = 0.05``, an update that is isotropic noise is flagged 5 % of the time, and ``p`` cannot go below
     0.001; over ``L`` layers expect ``α L`` flags from noise alone. A small ``p`` says the update puts more
-    of its change rate on its top ``s`` than noise would: its selection is not only the ``1/σ`` weighting.
-    It does not say that the directions help the task. The test is one-sided: an update that is
-    structured but spread out (``ΔW = λ W`` gives equal rates) scores a large ``p``.
+    of its score on its top ``s`` than noise would; it does not say that the directions help the task.
+    The test is one-sided: an update that is structured but spread out (``ΔW = λ W`` gives equal rates)
+    scores a large ``p``.
+
+    **Which to ask.** ``"tsd"`` asks whether the change rates are more concentrated than the ``1/σ``
+    weighting makes them for any update. On a spectrum spanning decades the smallest ``σ`` dominate both
+    the observed and the null rates, so signal on directions of larger ``σ`` barely moves this share: the
+    ``"tsd"`` test can only see signal strong enough to change which rates lead. ``"coordinate"`` asks
+    whether the update itself is concentrated on a few core directions, wherever they sit.
 
     Shapes: ``sigma, coords, eligible: (k,)`` (``eligible`` boolean) → ``index, selection_probability:
     (s,)`` on ``sigma``'s device; the draws are made on ``generator``'s device.
@@ -326,13 +345,15 @@ def null_evidence(
         factor_rank: ``None`` for the dense null, ``r`` for the null of a rank-``r`` Gaussian product.
         draws: Monte Carlo draws, ``>= 2``.
         generator: the source of the draws; None means a CPU generator seeded with 0.
+        strategy: the selection judged, one of :data:`NULL_EVIDENCE_STRATEGIES`.
 
     Raises:
         ValueError: shapes differ or are not 1-D, ``eligible`` not boolean, a non-finite eligible ``σ`` or
             coordinate, an update with no component on the eligible directions (share undefined), a bad
-            ``s``, ``eps``, ``factor_rank`` or ``draws``.
+            ``s``, ``eps``, ``factor_rank``, ``draws`` or ``strategy``.
     """
     _check_draws(draws)
+    _check_judged_strategy(strategy)
     if factor_rank is not None and (
         isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1
     ):
@@ -346,30 +367,37 @@ def null_evidence(
         raise ValueError(f"eligible must be a bool mask, got {eligible.dtype}")
     if not (torch.isfinite(sigma[eligible]).all() and torch.isfinite(coords[eligible]).all()):
         raise ValueError("sigma and coords must be finite on the eligible directions")
-    rates = directions.change_rates(coords.double(), sigma.double(), eligible, eps)
-    index = directions.select_directions(rates, eligible, s)
-    eligible_rates = rates[eligible]
-    if not eligible_rates.any():
+    coords = coords.double()
+    rates = directions.change_rates(coords, sigma.double(), eligible, eps)
+    index = directions.pick_directions(rates, eligible, s, strategy, coords=coords)
+    by_rate = strategy == "tsd"
+    scores = rates[eligible] if by_rate else coords[eligible].abs()
+    if not scores.any():
         raise ValueError("the update has no component on the eligible directions; its top-s share is undefined")
-    k_eligible = eligible_rates.numel()
+    k_eligible = scores.numel()
     if s == k_eligible:  # every update selects everything: share 1, exactly
         ones = torch.ones(s, dtype=torch.float64, device=sigma.device)
         return NullEvidence(index, 1.0, 1.0, 0.0, ones, 1.0, 0)
 
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    weights = 1.0 / (sigma[eligible].double() + eps).to(generator.device)  # ρ = |c| · weight
-    share = _top_share(eligible_rates[None].to(generator.device), s)[0]
+    # score = |c| · weight: 1/(σ + eps) for the change rate, 1 for the coordinate itself.
+    weights = 1.0 / (sigma[eligible].double() + eps) if by_rate else torch.ones_like(scores)
+    weights = weights.to(generator.device)
+    share = _top_share(scores[None].to(generator.device), s)[0]
     rows = max(1, _CHUNK_NUMBERS // (k_eligible * (factor_rank or 1)))
     null_shares, counts = [], torch.zeros(k_eligible, dtype=torch.int64, device=generator.device)
     for start in range(0, draws, rows):
-        null_rates = null_coordinates(min(rows, draws - start), k_eligible, factor_rank, generator).abs() * weights
-        chunk_shares, top = _top_share(null_rates, s)
+        null_scores = null_coordinates(min(rows, draws - start), k_eligible, factor_rank, generator).abs() * weights
+        chunk_shares, top = _top_share(null_scores, s)
         null_shares.append(chunk_shares)
         counts += torch.bincount(top.flatten(), minlength=k_eligible)
     null_shares = torch.cat(null_shares)
-    position = eligible.cumsum(0) - 1  # a direction's column among the eligible ones
-    selected = counts[position[index].to(counts.device)].double() / draws
+    if by_rate:
+        position = eligible.cumsum(0) - 1  # a direction's column among the eligible ones
+        selected = counts[position[index].to(counts.device)].double() / draws
+    else:
+        selected = torch.full((s,), s / k_eligible, dtype=torch.float64)
     p_value = (1 + int((null_shares >= share).sum())) / (1 + draws)
     return NullEvidence(
         index=index,
@@ -384,23 +412,29 @@ def null_evidence(
 
 @torch.no_grad()
 def model_null_evidence(
-    model: nn.Module, null: str = "factors", draws: int = 999, seed: int = 0, svd_dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    strategy: str = "tsd",
+    null: str = "factors",
+    draws: int = 999,
+    seed: int = 0,
+    svd_dtype: torch.dtype = torch.float32,
 ) -> dict[str, NullEvidence]:
     """:func:`null_evidence` for every LoRA-Dash layer of ``model``, from its current LoRA update.
 
     For each layer of :func:`lora_dash.dash_layers`: the SVD of the pretrained ``W``
-    (``base_weight()``), the coordinates of ``scaling · B A`` from the factors, and its top ``s`` change
-    rates with the layer's ``eps``: what launch with the ``"tsd"`` strategy would select now. Right at
-    launch, ``index`` is the launched selection; later it follows ``B A`` as it trains. The dash term is
-    not part of the update judged. Changes nothing.
+    (``base_weight()``), the coordinates of ``scaling · B A`` from the factors, and the top ``s`` by
+    ``strategy`` (change rates with the layer's ``eps``, or ``|c|``): what launch with that strategy would
+    select now. Right at launch, ``index`` is the launched selection; later it follows ``B A`` as it
+    trains. The dash term is not part of the update judged. Changes nothing.
 
     Cost per layer: one SVD plus ``O(draws · k · r)`` for the null. Call it when you want the report;
     nothing else in the library computes it.
 
     Args:
         model: a model with LoRA-Dash layers (not merged: ``W`` would include ``ΔW``).
+        strategy: ``"tsd"`` (the method) or ``"coordinate"``; see :func:`null_evidence` for what each asks.
         null: ``"factors"`` (default): the layer's update is judged against Gaussian ``B``, ``A`` of its
-            own rank ``r``, the null that matches a LoRA update; ``"dense"``: against a dense Gaussian ``ΔW``.
+            own rank ``r``, the null that matches a LoRA update; ``"dense"``: a dense Gaussian ``ΔW``.
         draws: Monte Carlo draws per layer, ``>= 2`` (p-value resolution ``1 / (draws + 1)``).
         seed: an int in ``[0, 2⁶³)``; layer ``i`` draws with generator ``i`` of
             :func:`lora_dash.schedule.layer_generators`, so its result does not depend on the others.
@@ -410,10 +444,11 @@ def model_null_evidence(
         A :class:`NullEvidence` per layer, by dotted name, in :func:`lora_dash.dash_layers` order.
 
     Raises:
-        ValueError: a bad ``null``, ``draws`` or ``seed``, no LoRA-Dash layer, or a layer whose update or
-            weight is not finite or is zero on the eligible directions (the message names it).
+        ValueError: a bad ``strategy``, ``null``, ``draws`` or ``seed``, no LoRA-Dash layer, or a layer whose
+            update or weight is not finite or is zero on the eligible directions (the message names it).
         RuntimeError: a merged layer (before any work).
     """
+    _check_judged_strategy(strategy)
     if null not in ("factors", "dense"):
         raise ValueError(f'null must be "factors" or "dense", got {null!r}')
     _check_draws(draws)
@@ -435,7 +470,9 @@ def model_null_evidence(
         eligible = directions.eligible_directions(sigma, tuple(weight.shape))
         factor_rank = layer.r if null == "factors" else None
         try:
-            report[name] = null_evidence(sigma, coords, eligible, layer.s, layer.eps, factor_rank, draws, generator)
+            report[name] = null_evidence(
+                sigma, coords, eligible, layer.s, layer.eps, factor_rank, draws, generator, strategy
+            )
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from error
     return report

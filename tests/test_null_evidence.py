@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 
 import lora_dash
 from lora_dash import directions
-from lora_dash.analysis import change_rate_spectrum, model_null_evidence, null_coordinates, null_evidence
+from lora_dash.analysis import (
+    NULL_EVIDENCE_STRATEGIES,
+    change_rate_spectrum,
+    model_null_evidence,
+    null_coordinates,
+    null_evidence,
+)
 from lora_dash.schedule import layer_generators
 
 F64 = torch.float64
@@ -205,16 +211,19 @@ def test_a_planted_update_is_flagged(k, s, seed, data):
     a[planted] = 100 * tau * signs
     update = tau * torch.randn(k + 3, k, generator=generator(seed + 1), dtype=F64) + U @ torch.diag(a) @ V.mT
     spectrum = change_rate_spectrum(W, update, svd_dtype=F64)
-    for factor_rank in (None, 8):
+    for factor_rank, strategy in ((None, "tsd"), (8, "tsd"), (None, "coordinate"), (8, "coordinate")):
         evidence = null_evidence(
-            spectrum.sigma, spectrum.coords, spectrum.eligible, s, factor_rank=factor_rank, draws=199
+            spectrum.sigma, spectrum.coords, spectrum.eligible, s, factor_rank=factor_rank, draws=199,
+            strategy=strategy,
         )
         assert evidence.p_value == 1 / 200
         assert sorted(evidence.index.tolist()) == sorted(planted)
         assert evidence.share > evidence.null_mean + 3 * evidence.null_std
 
 
-def false_positive_rate(update_rank: int | None, null_rank: int | None, runs: int = 300) -> dict[float, float]:
+def false_positive_rate(
+    update_rank: int | None, null_rank: int | None, runs: int = 300, strategy: str = "tsd"
+) -> dict[float, float]:
     """The fraction of Gaussian updates (dense, or rank-r Gaussian factors) with p <= α, at draws = 99."""
     n, m, s = 24, 16, 4
     W = torch.randn(n, m, generator=generator(123), dtype=F64)
@@ -230,18 +239,20 @@ def false_positive_rate(update_rank: int | None, null_rank: int | None, runs: in
             A = torch.randn(update_rank, m, generator=gen, dtype=F64)
             coords = directions.coordinates_from_factors(B, A, 2.0, U, V)
         evidence = null_evidence(
-            sigma, coords, eligible, s, factor_rank=null_rank, draws=99, generator=generator(runs + run)
+            sigma, coords, eligible, s, factor_rank=null_rank, draws=99, generator=generator(runs + run),
+            strategy=strategy,
         )
         p_values.append(evidence.p_value)
     p_values = torch.tensor(p_values)
     return {alpha: (p_values <= alpha).double().mean().item() for alpha in (0.05, 0.1, 0.5)}
 
 
+@pytest.mark.parametrize("strategy", NULL_EVIDENCE_STRATEGIES)
 @pytest.mark.parametrize("rank", [None, 1, 4])
-def test_a_gaussian_update_is_flagged_at_the_stated_rate(rank):
+def test_a_gaussian_update_is_flagged_at_the_stated_rate(rank, strategy):
     """With 99 draws, P(p <= α) = ⌊100 α⌋ / 100 exactly under the null: 300 updates, within 4 binomial sd."""
     runs = 300
-    for alpha, rate in false_positive_rate(rank, rank, runs).items():
+    for alpha, rate in false_positive_rate(rank, rank, runs, strategy).items():
         assert abs(rate - alpha) <= 4 * math.sqrt(alpha * (1 - alpha) / runs), (alpha, rate)
 
 
@@ -252,8 +263,11 @@ def test_the_dense_null_is_wrong_for_a_rank_one_product():
 
 
 @FAST
-@given(st.integers(2, 40), seeds, st.integers(-40, 40), st.booleans(), st.sampled_from((None, 2)))
-def test_scaling_the_update_changes_nothing(k, seed, exponent, negative, factor_rank):
+@given(
+    st.integers(2, 40), seeds, st.integers(-40, 40), st.booleans(), st.sampled_from((None, 2)),
+    st.sampled_from(NULL_EVIDENCE_STRATEGIES),
+)
+def test_scaling_the_update_changes_nothing(k, seed, exponent, negative, factor_rank, strategy):
     """c → λc with λ = ±2^e (exact in floating point): every field is identical."""
     gen = generator(seed)
     sigma = torch.rand(k, generator=gen, dtype=F64).sort(descending=True).values + 0.1
@@ -261,37 +275,39 @@ def test_scaling_the_update_changes_nothing(k, seed, exponent, negative, factor_
     s = max(1, k // 4)
     factor = (-1.0 if negative else 1.0) * 2.0**exponent
     eligible = torch.ones(k, dtype=torch.bool)
-    options = {"factor_rank": factor_rank, "draws": 50}
+    options = {"factor_rank": factor_rank, "draws": 50, "strategy": strategy}
     before = null_evidence(sigma, coords, eligible, s, **options, generator=generator(seed + 1))
     after = null_evidence(sigma, factor * coords, eligible, s, **options, generator=generator(seed + 1))
     assert_same_evidence(after, before)
 
 
 @FAST
-@given(st.integers(2, 40), seeds, st.floats(1e-6, 1e6))
-def test_any_positive_rescaling_keeps_share_and_score(k, seed, factor):
+@given(st.integers(2, 40), seeds, st.floats(1e-6, 1e6), st.sampled_from(NULL_EVIDENCE_STRATEGIES))
+def test_any_positive_rescaling_keeps_share_and_score(k, seed, factor, strategy):
     """c → λc for any λ > 0: the same share (to rounding), the same p-value and selection."""
     gen = generator(seed)
     sigma = torch.rand(k, generator=gen, dtype=F64) + 0.1
     coords = torch.randn(k, generator=gen, dtype=F64)
     eligible, s = torch.ones(k, dtype=torch.bool), max(1, k // 3)
-    before = null_evidence(sigma, coords, eligible, s, draws=50, generator=generator(seed + 1))
-    after = null_evidence(sigma, factor * coords, eligible, s, draws=50, generator=generator(seed + 1))
+    options = {"draws": 50, "strategy": strategy}
+    before = null_evidence(sigma, coords, eligible, s, **options, generator=generator(seed + 1))
+    after = null_evidence(sigma, factor * coords, eligible, s, **options, generator=generator(seed + 1))
     assert after.share == pytest.approx(before.share, rel=1e-12)
     assert after.p_value == before.p_value and torch.equal(after.index, before.index)
 
 
 @FAST
-@given(st.integers(2, 40), seeds, st.data())
-def test_sign_flips_of_the_coordinates_change_nothing(k, seed, data):
+@given(st.integers(2, 40), seeds, st.sampled_from(NULL_EVIDENCE_STRATEGIES), st.data())
+def test_sign_flips_of_the_coordinates_change_nothing(k, seed, strategy, data):
     """Negating any c_i (a sign flip of (u_i, v_i) or of the update along it): identical evidence."""
     gen = generator(seed)
     sigma = torch.rand(k, generator=gen, dtype=F64) + 0.1
     coords = torch.randn(k, generator=gen, dtype=F64)
     flips = torch.tensor(data.draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=k, max_size=k)), dtype=F64)
     eligible, s = torch.ones(k, dtype=torch.bool), data.draw(st.integers(1, k))
-    before = null_evidence(sigma, coords, eligible, s, draws=50, generator=generator(seed + 1))
-    after = null_evidence(sigma, flips * coords, eligible, s, draws=50, generator=generator(seed + 1))
+    options = {"draws": 50, "strategy": strategy}
+    before = null_evidence(sigma, coords, eligible, s, **options, generator=generator(seed + 1))
+    after = null_evidence(sigma, flips * coords, eligible, s, **options, generator=generator(seed + 1))
     assert_same_evidence(after, before)
 
 
@@ -304,8 +320,8 @@ def assert_same_evidence(actual, expected) -> None:
 
 
 @FAST
-@given(st.integers(2, 20), st.integers(1, 20), seeds, st.data())
-def test_ineligible_directions_play_no_part(k, extra, seed, data):
+@given(st.integers(2, 20), st.integers(1, 20), seeds, st.sampled_from(NULL_EVIDENCE_STRATEGIES), st.data())
+def test_ineligible_directions_play_no_part(k, extra, seed, strategy, data):
     """Adding ineligible directions (σ = 0, any coordinate, even NaN) changes nothing but the indices."""
     gen = generator(seed)
     sigma = torch.rand(k, generator=gen, dtype=F64) + 0.1
@@ -316,20 +332,21 @@ def test_ineligible_directions_play_no_part(k, extra, seed, data):
     padded_sigma[positions], padded_coords[positions] = sigma, coords
     eligible = torch.zeros(k + extra, dtype=torch.bool)
     eligible[positions] = True
-    every = torch.ones(k, dtype=torch.bool)
-    expected = null_evidence(sigma, coords, every, s, draws=50, generator=generator(seed + 1))
-    actual = null_evidence(padded_sigma, padded_coords, eligible, s, draws=50, generator=generator(seed + 1))
+    every, options = torch.ones(k, dtype=torch.bool), {"draws": 50, "strategy": strategy}
+    expected = null_evidence(sigma, coords, every, s, **options, generator=generator(seed + 1))
+    actual = null_evidence(padded_sigma, padded_coords, eligible, s, **options, generator=generator(seed + 1))
     assert actual.index.tolist() == [positions[i] for i in expected.index.tolist()]
     assert_same_evidence(actual._replace(index=expected.index), expected)
 
 
+@pytest.mark.parametrize("strategy, index", [("tsd", [2, 0, 3]), ("coordinate", [2, 0, 3])])
 @pytest.mark.parametrize("factor_rank", [None, 4])
-def test_selecting_every_eligible_direction_is_exact(factor_rank):
+def test_selecting_every_eligible_direction_is_exact(factor_rank, strategy, index):
     """s = k_e: every update has share 1, so the result is exact and draws nothing."""
     eligible = torch.tensor([True, False, True, True])
     sigma, coords = torch.tensor([3.0, 2.0, 1.0, 0.5]), torch.tensor([0.1, 5.0, -0.2, 0.0])
-    evidence = null_evidence(sigma, coords, eligible, 3, factor_rank=factor_rank)
-    assert evidence.index.tolist() == [2, 0, 3]
+    evidence = null_evidence(sigma, coords, eligible, 3, factor_rank=factor_rank, strategy=strategy)
+    assert evidence.index.tolist() == index
     summary = (evidence.share, evidence.null_mean, evidence.null_std, evidence.p_value, evidence.draws)
     assert summary == (1, 1, 0, 1, 0)
     assert evidence.selection_probability.tolist() == [1.0, 1.0, 1.0]
@@ -360,6 +377,49 @@ def test_results_live_on_the_inputs_device_and_dtype_does_not_matter():
     assert single.index.device == sigma.device and single.selection_probability.dtype == F64
 
 
+@FAST
+@given(st.integers(3, 40), seeds, st.sampled_from((None, 3)), st.data())
+def test_coordinate_evidence_is_the_rate_evidence_of_equal_singular_values(k, seed, factor_rank, data):
+    """score = |c| is ρ with σ ≡ 1: the same share, null and p-value; and the selection probability is
+    exactly s/k_e, since the null's coordinates are exchangeable."""
+    gen = generator(seed)
+    sigma = torch.rand(k, generator=gen, dtype=F64).sort(descending=True).values + 0.1
+    coords = torch.randn(k, generator=gen, dtype=F64)
+    eligible = torch.rand(k, generator=gen) < 0.8
+    eligible[:2] = True
+    s = data.draw(st.integers(1, int(eligible.sum()) - 1))
+    options = {"factor_rank": factor_rank, "draws": 60}
+    by_coordinate = null_evidence(
+        sigma, coords, eligible, s, **options, generator=generator(seed + 1), strategy="coordinate"
+    )
+    by_rate = null_evidence(torch.ones_like(sigma), coords, eligible, s, **options, generator=generator(seed + 1))
+    picked = directions.pick_directions(None, eligible, s, "coordinate", coords=coords)
+    assert torch.equal(by_coordinate.index, picked) and torch.equal(by_rate.index, picked)
+    assert (by_coordinate.share, by_coordinate.null_mean, by_coordinate.null_std, by_coordinate.p_value) == (
+        by_rate.share, by_rate.null_mean, by_rate.null_std, by_rate.p_value,
+    )
+    assert by_coordinate.selection_probability.tolist() == [s / int(eligible.sum())] * s
+
+
+def test_the_rate_share_is_blind_to_signal_at_large_sigma_where_the_coordinate_share_sees_it():
+    """σ over 4 decades, ΔW = noise + 8 coordinates of 8τ on the largest σ: the change rates stay led by the
+    smallest σ, so the "tsd" share looks like noise; the "coordinate" share flags the update."""
+    k, s = 128, 8
+    sigma = torch.logspace(1, -3, k, dtype=F64)
+    W, U, V = planted_weight(k, k, sigma, seed=20)
+    a = torch.zeros(k, dtype=F64)
+    a[:s] = 8.0
+    update = torch.randn(k, k, generator=generator(21), dtype=F64) + U @ torch.diag(a) @ V.mT
+    spectrum = change_rate_spectrum(W, update, svd_dtype=F64)
+    evidence = {
+        strategy: null_evidence(spectrum.sigma, spectrum.coords, spectrum.eligible, s, strategy=strategy)
+        for strategy in NULL_EVIDENCE_STRATEGIES
+    }
+    assert evidence["coordinate"].p_value == 1 / 1000
+    assert sorted(evidence["coordinate"].index.tolist()) == list(range(s))
+    assert evidence["tsd"].p_value > 0.05 and min(evidence["tsd"].index.tolist()) >= k // 2
+
+
 GOOD = {"sigma": torch.ones(4), "coords": torch.ones(4), "eligible": torch.ones(4, dtype=torch.bool), "s": 2}
 
 
@@ -380,6 +440,8 @@ GOOD = {"sigma": torch.ones(4), "coords": torch.ones(4), "eligible": torch.ones(
         ({"factor_rank": 0}, "factor_rank must be None or an int >= 1, got 0"),
         ({"factor_rank": 2.5}, "factor_rank must be None or an int >= 1, got 2.5"),
         ({"eps": -1.0}, "eps must be a finite number >= 0, got -1.0"),
+        ({"strategy": "random"}, "null_evidence judges the strategies ('tsd', 'coordinate'), got 'random'"),
+        ({"strategy": "coordinate", "coords": torch.zeros(4)}, "no component on the eligible directions"),
     ],
 )
 def test_bad_arguments_are_rejected(changes, message):
@@ -390,23 +452,23 @@ def test_bad_arguments_are_rejected(changes, message):
 # --- the model-level report -----------------------------------------------------------------------
 
 
-def trained_model(steps: int = 3, launch: bool = True):
+def trained_model(steps: int = 3, launch: bool = True, strategy: str = "tsd"):
     """The tests' MLP with LoRA-Dash on fc1..fc3 (r = 4, s = 3), trained a few steps, then launched."""
     model = build_adapted()
     optimizer = make_optimizer(model)
     for step in range(steps):
         train_step(model, optimizer, step)
     if launch:
-        lora_dash.launch(model)
+        lora_dash.launch(model, strategy=strategy)
     return model
 
 
-@pytest.mark.parametrize("null", ["factors", "dense"])
-def test_model_report_is_each_layers_evidence_from_its_dense_update(null):
+@pytest.mark.parametrize("strategy, null", [("tsd", "factors"), ("tsd", "dense"), ("coordinate", "factors")])
+def test_model_report_is_each_layers_evidence_from_its_dense_update(strategy, null):
     """Every layer, in dash_layers order: the evidence of the dense (α/r)·B A on the base weight's spectrum,
     with the layer's own generator; right after launch its index is the launched selection."""
-    model = trained_model()
-    report = model_null_evidence(model, null=null, draws=300, seed=5, svd_dtype=F64)
+    model = trained_model(strategy=strategy)
+    report = model_null_evidence(model, strategy, null=null, draws=300, seed=5, svd_dtype=F64)
     layers = lora_dash.dash_layers(model)
     assert list(report) == list(layers) == ["fc1", "fc2", "fc3"]
     for (name, layer), gen in zip(layers.items(), layer_generators(5, len(layers))):
@@ -415,7 +477,7 @@ def test_model_report_is_each_layers_evidence_from_its_dense_update(null):
         factor_rank = layer.r if null == "factors" else None
         expected = null_evidence(
             spectrum.sigma, spectrum.coords, spectrum.eligible, layer.s, factor_rank=factor_rank, draws=300,
-            generator=gen,
+            generator=gen, strategy=strategy,
         )
         evidence = report[name]
         assert torch.equal(evidence.index, expected.index) and torch.equal(evidence.index, layer.dash_index)
@@ -449,6 +511,7 @@ def test_model_report_refuses_a_merged_layer_before_any_work():
     "kwargs, message",
     [
         ({"null": "gaussian"}, "null must be \"factors\" or \"dense\", got 'gaussian'"),
+        ({"strategy": "smallest_sigma"}, "null_evidence judges the strategies ('tsd', 'coordinate')"),
         ({"draws": 1}, "draws must be an int >= 2, got 1"),
         ({"seed": -1}, "seed must be an int in [0, 2**63), got -1"),
         ({"seed": 1.0}, "seed must be an int in [0, 2**63), got 1.0"),
