@@ -1,7 +1,7 @@
 # `make test` builds its own pinned environment in .venv on first use, then runs the whole suite (what CI
-# runs; several minutes on 2 cores). `make test-fast` runs all but the tests marked `slow` (subprocesses:
-# distributed, crash-resume, notebooks, demo, bench, reproduction; training the real MiniLM), well under a
-# minute: the edit-test loop. Both take pytest arguments in ARGS, e.g. `make test-fast ARGS="-k launch"`.
+# runs; several minutes on 2 cores). `make test-fast` runs all but the tests marked `slow` (the distributed,
+# crash-resume, notebook, demo, bench and reproduction subprocesses; the real MiniLM; the HF Trainer; the fuzzer),
+# in well under a minute: the edit-test loop. Both pass ARGS to pytest, e.g. `make test-fast ARGS="-k launch"`.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures

@@ -120,7 +120,7 @@ def test_an_unknown_extra_is_refused():
 
 def test_the_known_extras_and_data_packages_are_the_ones_the_project_declares():
     setup = configparser.ConfigParser()
-    setup.read(REPO / "setup.cfg")
+    setup.read(REPO / "setup.cfg", encoding="utf-8")
     declared = setup["options.extras_require"]
     for extra, modules in EXTRAS.items():
         names = {re.match(r"[\w.-]+", line).group() for line in declared[extra].splitlines() if line.strip()}

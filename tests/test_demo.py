@@ -88,6 +88,7 @@ def test_bucketed_batches_pad_far_less_than_random_ones(split):
 
 
 # ----------------------------------------------------------------------------------------- model
+@pytest.mark.slow  # loads the real MiniLM
 def test_minilm_targets_match_exactly_the_36_encoder_linears():
     _, encoder = load_minilm()
     model = SentenceClassifier(encoder)
@@ -135,11 +136,13 @@ def test_alpha_is_twice_the_rank_unless_given():
     assert dataclasses.replace(TrainConfig(r=8), r=2).effective_alpha == 4.0  # resolved when read, not stored
 
 
+@pytest.mark.slow  # loads the real MiniLM
 def test_build_gives_every_adapted_layer_the_configured_alpha():
     _, model, _, _ = build("LoRA", TrainConfig(r=2, alpha=3.0))
     assert {(layer.alpha, layer.scaling) for layer in lora_dash.dash_layers(model).values()} == {(3.0, 1.5)}
 
 
+@pytest.mark.slow  # loads the real MiniLM
 def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, capsys):
     config = TrainConfig(steps=3, t=1, batch_size=4)
     tokenizer, model, optimizer, controller = build("LoRA-Dash", config)

@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, settings
@@ -24,6 +25,7 @@ from helpers import assert_unchanged, snapshot
 from lora_dash import LaunchController, adapter_parameters, adapter_state_dict, dash_layers, inject
 from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
 
+pytestmark = pytest.mark.slow  # seconds of random operation sequences: make test-fast leaves this file out
 EXAMPLES, STEPS_PER_EXAMPLE = 60, 14
 #: Hypothesis draws early entries more often: training steps first, the costly file round trip last.
 OPERATIONS = ["step", "launch", "merge", "unmerge", "toggle_training", "save", "load", "adapter_file_round_trip"]

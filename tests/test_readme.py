@@ -28,6 +28,7 @@ def test_readme_quickstart_runs_and_launches_after_step_10():
     assert model[0].dash_delta.abs().sum() > 0  # δ trained during the 20 dash steps
 
 
+@pytest.mark.slow  # trains through 🤗 Trainer
 def test_readme_trainer_snippet_saves_an_adapter_that_serves_the_trained_logits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = run_snippet("**🤗 Trainer.**")

@@ -37,6 +37,8 @@ MINILM_TARGETS = (
     r"|intermediate\.dense|output\.dense)"
 )
 
+pytestmark = pytest.mark.slow  # loads the real MiniLM and builds HF models: make test-fast leaves this file out
+
 
 def build_decoder(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
