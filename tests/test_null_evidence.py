@@ -393,7 +393,7 @@ def test_coordinate_evidence_is_the_rate_evidence_of_equal_singular_values(k, se
         sigma, coords, eligible, s, **options, generator=generator(seed + 1), strategy="coordinate"
     )
     by_rate = null_evidence(torch.ones_like(sigma), coords, eligible, s, **options, generator=generator(seed + 1))
-    picked = directions.pick_directions(None, eligible, s, "coordinate", coords=coords)
+    picked = directions.pick_directions(torch.zeros(k), eligible, s, "coordinate", coords=coords)
     assert torch.equal(by_coordinate.index, picked) and torch.equal(by_rate.index, picked)
     assert (by_coordinate.share, by_coordinate.null_mean, by_coordinate.null_std, by_coordinate.p_value) == (
         by_rate.share, by_rate.null_mean, by_rate.null_std, by_rate.p_value,
