@@ -25,8 +25,9 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# One torch thread unless told otherwise: on these tiny tensors thread pools cost more than they give.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow" $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m lora_dash.demo $(ARGS)

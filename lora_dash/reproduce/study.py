@@ -17,7 +17,8 @@ import torch
 from lora_dash.analysis import ChangeRateSpectrum
 from lora_dash.demo.model import MINILM_TARGETS
 from lora_dash.reproduce import plan
-from lora_dash.reproduce.runner import Family, full_fine_tuning, run_family, spectrum_summary
+from lora_dash.reproduce.plan import Family
+from lora_dash.reproduce.runner import full_fine_tuning, run_family, spectrum_summary
 
 REFERENCE_TASK = "rotten_tomatoes"  # the task whose full fine-tuning defines the "true" TSDs
 
