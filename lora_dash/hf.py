@@ -7,7 +7,8 @@
 * :class:`LoRADashTrainer` is a ``Trainer`` whose checkpoints and ``save_model`` hold only the adapter
   (:data:`ADAPTER_FILE`, written by :func:`lora_dash.save_adapter`), not the base model, and resume from
   them. To use a saved adapter: build the base model, :func:`lora_dash.inject` with the arguments of
-  training, then :func:`lora_dash.load_adapter` the file.
+  training, then :func:`lora_dash.load_adapter` the file. It also trains a model loaded with a
+  ``quantization_config`` (bitsandbytes, torchao), which a plain ``Trainer`` refuses.
 
 Nothing in the core imports this module; it needs the ``hf`` extra (transformers and accelerate).
 """
@@ -26,11 +27,16 @@ except ImportError as error:  # one line that names the fix, not a traceback fro
     raise ImportError(f'lora_dash.hf needs the hf extra: pip install "lora-dash[hf]" (missing: {error.name})') from None
 
 from lora_dash.checkpoint import load_adapter, save_adapter
+from lora_dash.inject import dash_layers
 from lora_dash.schedule import LaunchController, check_launch_options, check_launch_step
 
 #: The file that :class:`LoRADashTrainer` writes into each checkpoint and ``save_model`` folder. Not
 #: PEFT's ``adapter_model.safetensors``: Trainer would take that for a PEFT adapter.
 ADAPTER_FILE = "lora_dash_adapter.safetensors"
+#: PEFT's private flag, read by ``Trainer.__init__`` (``validate_quantization_for_training``) as "adapters are
+#: attached"; :class:`LoRADashTrainer` sets it on a quantized model for the constructor only.
+PEFT_FLAG = "_hf_peft_config_loaded"
+_ABSENT = object()  # the model had no flag of its own (only the class default), as opposed to one set to False
 
 
 class LoRADashCallback(TrainerCallback, ExportableState):
@@ -48,6 +54,10 @@ class LoRADashCallback(TrainerCallback, ExportableState):
 
         lora_dash.inject(model, r".*\\.(query|value)", r=8, alpha=16, s=8)
         trainer = Trainer(model, args, train_dataset=data, callbacks=[LoRADashCallback(launch_step=100)])
+
+    With a model loaded with a ``quantization_config`` (bitsandbytes, torchao), use it with
+    :class:`LoRADashTrainer`: a plain ``Trainer`` refuses such a model in its constructor, before any
+    callback runs.
 
     Args:
         launch_step, strategy, seed: as for :class:`lora_dash.LaunchController`. Resume with the same
@@ -123,12 +133,61 @@ class LoRADashTrainer(Trainer):
     ``class MyTrainer(LoRADashTrainer, OtherTrainer)``.
 
     Single process or DDP; FSDP and DeepSpeed save through their own paths and are refused.
+
+    **Quantized bases.** ``Trainer.__init__`` refuses a model loaded with a ``quantization_config``
+    (bitsandbytes 4-bit or 8-bit, torchao) unless PEFT adapters are attached: it knows adapters only by
+    PEFT's private flag ``model._hf_peft_config_loaded``. A model with LoRA-Dash layers has trainable
+    adapters, so this class sets that flag for the duration of ``Trainer.__init__`` only, and puts back
+    what was there before (also if the constructor raises): the flag also changes ``save_pretrained``
+    and input gradients, so it is not left on the model. As for PEFT adapters, Trainer then also skips
+    its checks that the quantization method supports training and that the model is not compiled.
+    A plain ``Trainer`` with :class:`LoRADashCallback` cannot do this: its constructor refuses such a
+    model before any callback runs.
+
+    **bitsandbytes 4-bit on CPU.** On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` in
+    place for its inference kernel at the first eval-mode forward without gradients (an evaluation,
+    say), and that kernel passes no gradient back: every adapter before it would silently stop
+    training. A training step on a model with a repacked layer is therefore refused. To evaluate
+    during training on such a CPU, set ``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``
+    of a freshly loaded model first.
+
+    Raises:
+        ValueError: ``model`` has no LoRA-Dash layers (call :func:`lora_dash.inject` first); FSDP or
+            DeepSpeed is enabled.
+        RuntimeError: at a training step, a bitsandbytes layer repacked for the CPU inference kernel.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        # With model_init (model=None) Trainer builds the model itself: there is nothing to check yet.
+        if model is not None and not dash_layers(model):
+            raise ValueError(f"LoRADashTrainer needs a model with LoRA-Dash layers; {type(model).__name__} has "
+                             "none: call lora_dash.inject(model, ...) first")
+        if not getattr(model, "is_quantized", False):
+            super().__init__(model, *args, **kwargs)
+        else:
+            previous = vars(model).get(PEFT_FLAG, _ABSENT)
+            setattr(model, PEFT_FLAG, True)
+            try:
+                super().__init__(model, *args, **kwargs)
+            finally:
+                if previous is _ABSENT:
+                    delattr(model, PEFT_FLAG)
+                else:
+                    setattr(model, PEFT_FLAG, previous)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError("LoRADashTrainer saves adapters from one process; FSDP and DeepSpeed are not supported")
+
+    def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``Trainer.training_step``, refused on a model whose gradients a repacked 4-bit layer would stop."""
+        packed = [name for name, module in model.named_modules() if _packed_for_cpu_inference(module)]
+        if packed:
+            raise RuntimeError(
+                f"bitsandbytes repacked {len(packed)} 4-bit layers (first: {packed[0]!r}) for its CPU inference "
+                "kernel at an eval-mode forward without gradients; that kernel passes no gradient back, so the "
+                "adapters would stop training. Load the model again and set support_avx512bf16_for_cpu = False "
+                "on its Linear4bit layers before evaluating or training"
+            )
+        return super().training_step(model, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter, not ``state_dict`` (the whole model's); only the process that saves writes."""
@@ -154,3 +213,9 @@ class LoRADashTrainer(Trainer):
             super()._load_best_model()
             return
         load_adapter(self.model, path)
+
+
+def _packed_for_cpu_inference(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` whose weight is in the layout of its CPU inference kernel."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))

@@ -1,23 +1,36 @@
 """🤗 Trainer: the launch right after global step t under gradient accumulation, exact resume from
-checkpoints before and after the launch, adapter-only checkpoints. (accelerate's optimizer wrapper on
-its own: tests/test_training.py.)"""
+checkpoints before and after the launch, adapter-only checkpoints, a base loaded 4-bit quantized.
+(accelerate's optimizer wrapper on its own: tests/test_training.py.)"""
 
 import importlib
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from test_quantized import S, bnb, expected_selection, library_dequantized
 from torch.utils.data import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from lora_dash import adapter_state_dict, dash_layers, inject, load_adapter
-from lora_dash.hf import ADAPTER_FILE, LoRADashCallback, LoRADashTrainer
+from lora_dash.hf import ADAPTER_FILE, PEFT_FLAG, LoRADashCallback, LoRADashTrainer
 
 T = 3  # launch step
 STEPS = 6  # optimizer steps per run; checkpoints every 2, so at 2 (before the launch) and 4 (after)
 ACCUMULATION = 4
 TARGETS = r".*\.(query|value)"
+
+pytestmark = pytest.mark.slow  # every test trains through 🤗 Trainer: make test-fast leaves this file out
 
 
 def build_base() -> BertForSequenceClassification:
@@ -229,3 +242,152 @@ def test_importing_without_transformers_names_the_extra_to_install(monkeypatch):
     with pytest.raises(ImportError) as raised:
         importlib.import_module("lora_dash.hf")
     assert str(raised.value) == expected
+
+
+# --------------------------------------------------------------- a base loaded 4-bit quantized
+LLAMA_TARGETS = r".*\.(q_proj|v_proj)"
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A two-layer Llama written by ``save_pretrained``: the "pretrained" checkpoint, loaded quantized below.
+    Hidden size 64: bitsandbytes' CPU kernel needs ``in_features`` to be a multiple of its 64-wide blocks."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load_llama(folder, quantized: bool = True, init_seed: int = 1) -> LlamaForCausalLM:
+    """The saved Llama loaded with a bitsandbytes nf4 ``quantization_config`` (or in float32), injected."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if quantized else None
+    model = LlamaForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    torch.manual_seed(init_seed)
+    inject(model, LLAMA_TARGETS, r=4, alpha=8, s=S)
+    return model
+
+
+def causal_tokens(size: int = STEPS * ACCUMULATION * 2) -> list[dict]:
+    return [{"input_ids": ids, "labels": ids} for ids in Tokens(size).ids]
+
+
+class SelectionAtLaunch(TrainerCallback):
+    """What ``lora_dash.directions`` selects from given weights and the ``A``, ``B`` that global step t left
+    (the launch ran in that step's optimizer hook, just before ``on_step_end``)."""
+
+    def __init__(self, weights: dict) -> None:
+        self.weights, self.expected = weights, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == T:
+            self.expected = {name: expected_selection(self.weights[name], layer)
+                             for name, layer in dash_layers(model).items()}
+
+
+@pytest.fixture(scope="module")
+def quantized_run(llama_folder, tmp_path_factory):
+    """LoRADashTrainer on the 4-bit Llama: ``STEPS`` steps, launch at ``T``, then ``save_model``."""
+    model = load_llama(llama_folder)
+    bases = {name: layer.base for name, layer in dash_layers(model).items()}
+    dequantized = {name: library_dequantized("bnb-nf4", base).float() for name, base in bases.items()}
+    codes = {name: base.weight.data.clone() for name, base in bases.items()}
+    selection = SelectionAtLaunch(dequantized)
+    output_dir = tmp_path_factory.mktemp("quantized")
+    trainer = LoRADashTrainer(model=model, args=training_arguments(output_dir, save_strategy="no"),
+                              train_dataset=causal_tokens(), callbacks=[LoRADashCallback(T), selection])
+    flag_after_init = vars(model).get(PEFT_FLAG, "absent")
+    trainer.train()
+    trainer.save_model(output_dir / "adapter")
+    return SimpleNamespace(trainer=trainer, model=model, bases=bases, codes=codes, expected=selection.expected,
+                           flag_after_init=flag_after_init, adapter=output_dir / "adapter" / ADAPTER_FILE)
+
+
+def test_a_plain_trainer_refuses_a_4bit_model_even_with_the_callback(llama_folder, tmp_path):
+    # Why LoRADashTrainer exists for quantized bases: the refusal comes before any callback runs.
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=load_llama(llama_folder), args=training_arguments(tmp_path), train_dataset=causal_tokens(),
+                callbacks=[LoRADashCallback(T)])
+
+
+def test_lora_dash_trainer_trains_a_4bit_model_and_launches_on_the_dequantized_weight(quantized_run):
+    assert quantized_run.model.is_quantized
+    for name, base in quantized_run.bases.items():  # quantized on CPU, at load: packed 4-bit codes
+        assert type(base) is bnb.nn.Linear4bit and base.weight.bnb_quantized and base.weight.dtype == torch.uint8
+        assert torch.equal(base.weight.data, quantized_run.codes[name]), name
+    assert callback_of(quantized_run.trainer).controller.state_dict() == {"launch_step": T, "steps": STEPS}
+    for name, layer in dash_layers(quantized_run.model).items():
+        index, U_s, V_s = quantized_run.expected[name]
+        assert layer.launched and layer.dash_index.tolist() == index.tolist(), name
+        torch.testing.assert_close(layer.dash_U, U_s, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.dash_V, V_s, rtol=0, atol=1e-6)
+        assert layer.dash_delta.ne(0).all(), name  # δ trained after the launch
+
+
+def test_lora_dash_trainer_leaves_no_peft_flag_on_the_model(quantized_run):
+    assert quantized_run.flag_after_init == "absent" and PEFT_FLAG not in vars(quantized_run.model)
+    assert quantized_run.model._hf_peft_config_loaded is False  # transformers' class default, as before
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["constructed", "constructor-raises"])
+def test_the_peft_flag_is_set_only_inside_trainers_constructor(fails, llama_folder, tmp_path, monkeypatch):
+    model = load_llama(llama_folder)
+    model._hf_peft_config_loaded = False  # the model's own value is what must come back
+    seen = []
+    initialize = Trainer.__init__
+
+    def recording_initialize(self, model, *args, **kwargs):
+        seen.append(model._hf_peft_config_loaded)
+        if fails:
+            raise RuntimeError("constructor failed")
+        initialize(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", recording_initialize)
+    if fails:
+        with pytest.raises(RuntimeError, match="constructor failed"):
+            LoRADashTrainer(model=model, args=training_arguments(tmp_path))
+    else:
+        LoRADashTrainer(model=model, args=training_arguments(tmp_path))
+    assert seen == [True] and vars(model)[PEFT_FLAG] is False
+
+
+def test_lora_dash_trainer_refuses_a_model_without_lora_dash_layers(tmp_path):
+    with pytest.raises(ValueError, match=r"BertForSequenceClassification has none: call lora_dash.inject"):
+        LoRADashTrainer(model=build_base(), args=training_arguments(tmp_path))
+
+
+def test_a_saved_adapter_loaded_into_a_fresh_4bit_base_gives_the_trained_logits(quantized_run, llama_folder):
+    fresh = load_llama(llama_folder, init_seed=2).eval()  # another A: only the file can make it the trained model
+    probe = Tokens(4).ids
+    with torch.no_grad():
+        expected = quantized_run.model.eval()(input_ids=probe).logits
+        assert not torch.equal(fresh(input_ids=probe).logits, expected)
+        load_adapter(fresh, quantized_run.adapter)
+        assert torch.equal(fresh(input_ids=probe).logits, expected)
+
+
+def test_an_adapter_trained_on_the_4bit_base_loads_into_the_float_base_with_check_base_false(quantized_run,
+                                                                                            llama_folder):
+    float_model = load_llama(llama_folder, quantized=False, init_seed=2)
+    with pytest.raises(ValueError, match=r"check_base=False .*quantized copy of this weight"):
+        load_adapter(float_model, quantized_run.adapter)
+    load_adapter(float_model, quantized_run.adapter, check_base=False)
+    assert_same_adapter(quantized_run.model, float_model)
+
+
+def test_a_training_step_after_bitsandbytes_repacked_a_layer_for_cpu_inference_is_refused(llama_folder, tmp_path):
+    """bitsandbytes repacks a Linear4bit at an eval-mode forward without gradients on AVX512-BF16 CPUs, and its
+    kernel then passes no gradient back; done here by its own function, so the test runs on every CPU."""
+    model = load_llama(llama_folder)
+    down = model.model.layers[1].mlp.down_proj  # not adapted: it still stops the gradient of the layers before it
+    down.weight.data, down.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        down.weight.data, down.weight.quant_state)
+    before = adapter_state_dict(model)
+    trainer = LoRADashTrainer(model=model, args=training_arguments(tmp_path, save_strategy="no"),
+                              train_dataset=causal_tokens(), callbacks=[LoRADashCallback(T)])
+    refusal = r"1 4-bit layers \(first: 'model.layers.1.mlp.down_proj'\).*support_avx512bf16_for_cpu = False"
+    with pytest.raises(RuntimeError, match=refusal):
+        trainer.train()
+    after = adapter_state_dict(model)
+    assert all(torch.equal(before[key], after[key]) for key in before)
