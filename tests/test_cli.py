@@ -21,7 +21,8 @@ from lora_dash.reproduce.__main__ import main as reproduce_main
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("demo", "bench", "reproduce")
 HIDDEN_EXTRAS = ("transformers", "tqdm", "matplotlib", "peft")
-DEMO_MISSING = 'lora_dash.demo needs the demo extra: pip install "lora-dash[demo]" (missing: transformers, tqdm, matplotlib)'
+DEMO_MISSING = ('lora_dash.demo needs the demo extra: pip install "lora-dash[demo]" '
+                "(missing: transformers, tqdm, matplotlib)")
 
 
 def run_hiding(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProcess:

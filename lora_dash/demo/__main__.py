@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     plots = save_plots(args.out, results, config, layers)
     total_seconds = time.perf_counter() - started
     save_json(args.out / "results.json", {
-        "config": {**dataclasses.asdict(config), "alpha": config.effective_alpha, "n_test": args.n_test, "quick": args.quick},
+        "config": {**dataclasses.asdict(config), "alpha": config.effective_alpha, "n_test": args.n_test,
+                   "quick": args.quick},
         "data": {"train": len(split.train_texts), "test": len(split.test_texts),
                  "test_fresh_share": split.test_labels.float().mean().item()},
         "methods": {

@@ -193,7 +193,8 @@ def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -
             for r in sorted({run["r"] for run in recorded}):
                 steps = [score["step"] for score in next(run for run in recorded if run["r"] == r)["tsd_prediction"]]
                 values = [statistics.mean(score[metric] for run in recorded if run["r"] == r
-                                          for score in run["tsd_prediction"] if score["step"] == step) for step in steps]
+                                          for score in run["tsd_prediction"] if score["step"] == step)
+                          for step in steps]
                 ax.plot(steps, values, "o-", label=f"r = {r}")
             ax.set(xlabel="LoRA optimizer step", ylabel=metric, ylim=(0, 1),
                    title=f"TSD {metric} of LoRA's ΔW vs full fine-tuning")
@@ -210,7 +211,8 @@ def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -
             left.plot(layer[:64], color="tab:gray", alpha=0.15, linewidth=0.8)
         depth = min(64, min(map(len, layers)))
         left.plot([statistics.mean(layer[i] for layer in layers) for i in range(depth)], color="black", label="mean")
-        left.set(xlabel="direction, by change rate", ylabel="ρ / max ρ", title="Full fine-tuning: sorted change rates")
+        left.set(xlabel="direction, by change rate", ylabel="ρ / max ρ",
+                 title="Full fine-tuning: sorted change rates")
         left.legend()
         right.hist([p for ref in references for p in ref["spectrum"]["top_positions"]], bins=20, range=(0, 1))
         right.set(xlabel="position in σ's order (0 = largest, 1 = smallest)", ylabel="top-8 directions",
@@ -268,8 +270,8 @@ def write_report(out: Path, quick: bool, seeds: tuple[int, ...], run_seconds: fl
                    "threads": torch.get_num_threads()}
     training = sum(run["seconds"] for run in runs) + sum(ref["seconds"] for ref in references)
     sections += [f"Environment: {environment}. Time summed over every run (its training steps and the evaluations "
-                 f"during it; model loading excluded): {training / 60:.0f} min. Wall time of the invocation that wrote this file: "
-                 f"{run_seconds / 60:.0f} min (units already on disk are not rerun)."]
+                 f"during it; model loading excluded): {training / 60:.0f} min. Wall time of the invocation that "
+                 f"wrote this file: {run_seconds / 60:.0f} min (units already on disk are not rerun)."]
     (out / "tables.md").write_text("\n".join(sections) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"quick": quick, "seeds": list(seeds), "settings": mode.settings.__dict__, "runs": runs,

@@ -36,8 +36,8 @@ def run_reference(quick: bool, seed: int, units: Path) -> str:
     mode = plan.QUICK if quick else plan.FULL
     split = plan.load_task(REFERENCE_TASK, mode)
     reference = full_fine_tuning(split, mode.settings, seed, MINILM_TARGETS)
-    torch.save({name: {"rates": layer.rates, "eligible": layer.eligible} for name, layer in reference["layers"].items()},
-               units / f"ft-{REFERENCE_TASK}-seed{seed}.pt")
+    spectra = {name: {"rates": layer.rates, "eligible": layer.eligible} for name, layer in reference["layers"].items()}
+    torch.save(spectra, units / f"ft-{REFERENCE_TASK}-seed{seed}.pt")
     summary = {"task": REFERENCE_TASK, "seed": seed, "accuracy": reference["accuracy"],
                "seconds": reference["seconds"], "spectrum": spectrum_summary(reference["layers"])}
     _write(units / f"ft-{REFERENCE_TASK}-seed{seed}.json", summary)
