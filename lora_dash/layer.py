@@ -2,6 +2,7 @@
 
 import math
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -165,16 +166,18 @@ class LoRADashLinear(nn.Module):
         """The trainable parameters of this adapter: ``A``, ``B`` and ``δ`` (never the base layer's)."""
         return [self.lora_A, self.lora_B, self.dash_delta]
 
-    def base_weight(self) -> Tensor:
+    def base_weight(self, gather: Callable[[Tensor], Tensor | None] = full_tensor) -> Tensor | None:
         """The whole frozen weight in ``(out, in)`` layout.
 
-        ``Conv1D`` stores its transpose; under FSDP2 the shards are gathered (every rank must call this);
-        a quantized base is dequantized (a new floating-point tensor, as its library computes it).
+        ``Conv1D`` stores its transpose; a quantized base is dequantized (a new floating-point tensor, as its
+        library computes it). Otherwise ``gather`` makes the stored weight whole: by default FSDP2's shards
+        are all-gathered (every rank must call this); :func:`lora_dash.distributed.gather_to` gathers them to
+        one rank and gives the others ``None``, which is returned as it is.
         """
         if quantized.is_quantized(self.base):
             return quantized.dequantized_weight(self.base)
-        weight = full_tensor(self.base.weight)
-        return weight.T if is_conv1d(self.base) else weight
+        weight = gather(self.base.weight)
+        return weight.T if weight is not None and is_conv1d(self.base) else weight
 
     def _where(self) -> str:
         return f"layer {self.name!r}" if self.name else "LoRADashLinear"
@@ -215,12 +218,37 @@ class LoRADashLinear(nn.Module):
                 finite, or fewer than ``s`` eligible directions.
         """
         directions.check_strategy(strategy)
+        self.check_launchable()
+        # Under FSDP2 every rank gathers the whole W, A and B, so every rank selects what one process would.
+        A, B, weight = full_tensor(self.lora_A), full_tensor(self.lora_B), self.base_weight()
+        return self.directions_from(weight, A, B, svd_dtype, strategy, generator)
+
+    def check_launchable(self) -> None:
+        """Raise ``RuntimeError`` if the layer is already launched or is merged (``W`` would include ``ΔW``)."""
         if self.launched:
             raise RuntimeError(f"{self._where()} is already launched; launch happens once")
         if self.merged:
             raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
-        # Under FSDP2 every rank gathers the whole W, A and B, so every rank selects what one process would.
-        A, B, weight = full_tensor(self.lora_A), full_tensor(self.lora_B), self.base_weight()
+
+    @torch.no_grad()
+    def directions_from(
+        self,
+        weight: Tensor,
+        A: Tensor,
+        B: Tensor,
+        svd_dtype: torch.dtype = torch.float32,
+        strategy: str = "tsd",
+        generator: torch.Generator | None = None,
+    ) -> DashDirections:
+        """:meth:`find_directions` from this layer's whole tensors, already gathered: ``weight: (out, in)``
+        (:meth:`base_weight`), ``A: (r, in)``, ``B: (out, r)``. It checks neither the phase
+        (:meth:`check_launchable`) nor the strategy; :func:`lora_dash.launch` calls it on the one rank
+        that selects this layer's directions.
+
+        Raises:
+            ValueError: ``A``, ``B`` or ``weight`` not finite, ``"random"`` without a generator, or fewer
+                than ``s`` eligible directions (the message names the layer).
+        """
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
         if not torch.isfinite(weight).all():

@@ -2,14 +2,19 @@
 
 import warnings
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lora_dash import distributed as shared
+from lora_dash import quantized
 from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers
+from lora_dash.layer import DashDirections, LoRADashLinear
 
 
 #: How many ``.optimizer`` wrappers :meth:`LaunchController.attach` looks through (accelerate's wrapper of a
@@ -23,11 +28,13 @@ def check_launch_step(launch_step: int) -> None:
         raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
 
 
-def check_launch_options(strategy: str, seed: int) -> None:
-    """Validate :func:`launch`'s ``strategy`` and ``seed`` (an int in ``[0, 2⁶³)``)."""
+def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> None:
+    """Validate :func:`launch`'s ``strategy``, ``seed`` (an int in ``[0, 2⁶³)``) and ``distributed`` (a bool)."""
     check_strategy(strategy)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be a bool, got {distributed!r}")
 
 
 def layer_generators(seed: int, count: int) -> list[torch.Generator]:
@@ -40,11 +47,20 @@ def layer_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(layer_seed)) for layer_seed in layer_seeds]
 
 
-def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0) -> dict[str, Tensor]:
+def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: bool = True) -> dict[str, Tensor]:
     """Launch every LoRA-Dash layer of ``model`` now: all of them, or (on any error) none.
 
     Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
     and committed only once every layer has found its own.
+
+    Under ``torch.distributed`` with more than one rank (DDP, FSDP2) the ranks share the work: each
+    layer's SVD and selection runs on one rank, chosen by
+    :func:`lora_dash.distributed.assign_owners` (largest ``n·m·min(n, m)`` first, to the least-loaded
+    rank); under FSDP2 only that rank gathers the whole weight; each owner then broadcasts ``U_s``, ``V_s``
+    and the indices (``s·(n + m) + s`` numbers a layer), so every rank commits bit for bit what it would
+    have selected alone. Every rank must call this, as for any collective. An error on any rank is raised
+    on every rank with the same message (that of the lowest-numbered failing layer, as one process would
+    raise it) and no layer launches.
 
     Args:
         model: a model with LoRA-Dash layers.
@@ -52,27 +68,109 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0) -> dict[str, 
             :data:`lora_dash.directions.STRATEGIES`; see :func:`lora_dash.directions.pick_directions`.
         seed: for ``"random"``: the layer at position ``i`` of :func:`dash_layers` order draws with its
             own generator from :func:`layer_generators`, so every rank and every rerun draws the same.
+        distributed: share the launch among the ranks when ``torch.distributed`` is initialised with more
+            than one (the default); ``False``: every rank decomposes every layer itself (the redundant
+            launch: no communication but FSDP2's all-gathers, and ``world`` times the work).
 
     Returns:
         The selected singular-value indices, ``(s,)`` each, by layer name.
 
     Raises:
-        ValueError: an unknown strategy or a bad seed (before any work), no LoRA-Dash layer, or a
-            layer's update is not finite or has too few eligible directions (the message names it).
+        ValueError: an unknown strategy, a bad seed or ``distributed`` (before any work), no LoRA-Dash
+            layer, ranks holding different layers, or a layer's update is not finite or has too few
+            eligible directions (the message names it).
         RuntimeError: a layer is already launched or merged.
     """
-    check_launch_options(strategy, seed)
+    check_launch_options(strategy, seed, distributed)
     layers = dash_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
     generators = layer_generators(seed, len(layers))
-    chosen = {
-        name: layer.find_directions(strategy=strategy, generator=generator)
-        for (name, layer), generator in zip(layers.items(), generators)
-    }
+    if distributed and shared.is_active():
+        chosen = _find_directions_shared(layers, strategy, generators)
+    else:
+        chosen = {
+            name: layer.find_directions(strategy=strategy, generator=generator)
+            for (name, layer), generator in zip(layers.items(), generators)
+        }
     for name, layer in layers.items():
         layer.launch(chosen[name])
     return {name: directions.index for name, directions in chosen.items()}
+
+
+def _whole_on(layer: LoRADashLinear, owner: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(W, A, B)`` of ``layer``, whole, on rank ``owner``; ``None`` elsewhere. Every rank must call it: a
+    sharded tensor is gathered to ``owner`` (:func:`lora_dash.distributed.gather_to`)."""
+    gather = partial(shared.gather_to, dst=owner)
+    A, B = gather(layer.lora_A), gather(layer.lora_B)
+    if quantized.is_quantized(layer.base) and dist.get_rank() != owner:
+        return None  # dequantized by its owner alone, as one process would
+    weight = layer.base_weight(gather)
+    return None if weight is None else (weight, A, B)
+
+
+def _find_directions_shared(
+    layers: dict[str, LoRADashLinear], strategy: str, generators: list[torch.Generator]
+) -> dict[str, DashDirections]:
+    """:func:`launch`'s selection shared among the ranks of the default group (a collective).
+
+    Rounds: in round ``j`` every rank gathers (if sharded) and then decomposes its ``j``-th layer, largest
+    first, so each rank holds one whole weight and one full SVD at a time, and the ranks decompose at
+    once. A rank that failed skips its later layers but keeps joining the gathers. Then the ranks agree on
+    the first error, and each owner broadcasts its selections.
+    """
+    items = list(layers.values())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = items[0].dash_U.device  # where the adapter lives: a tensor the process group can send
+    shared.check_same_on_every_rank(repr([(name, layer.out_features, layer.in_features, layer.s)
+                                          for name, layer in layers.items()]), device)
+    errors: dict[int, Exception] = {}
+    for index, layer in enumerate(items):
+        try:
+            layer.check_launchable()
+        except RuntimeError as error:
+            errors[index] = error
+            break
+    shared.raise_first_error(errors, len(items), device)
+
+    costs = [shared.svd_cost(layer.out_features, layer.in_features) for layer in items]
+    owners = shared.assign_owners(costs, world)
+    queues = [[index for index in shared.cost_order(costs) if owners[index] == owner] for owner in range(world)]
+    found: dict[int, DashDirections] = {}
+    for round_index in range(max(map(len, queues))):
+        own = None
+        for owner, queue in enumerate(queues):
+            if round_index < len(queue):
+                index = queue[round_index]
+                try:
+                    whole = _whole_on(items[index], owner)
+                except Exception as error:  # a quantized weight that fails to dequantize on its owner
+                    errors[index], whole = error, None
+                if whole is not None:
+                    own = index, whole
+        if own is not None and own[0] < min(errors, default=len(items)):
+            index, whole = own
+            try:
+                found[index] = items[index].directions_from(*whole, strategy=strategy, generator=generators[index])
+            except Exception as error:  # raised on every rank below, once the ranks agree
+                errors[index] = error
+        own = whole = None  # the whole weight goes before the next round gathers another
+    shared.raise_first_error(errors, len(items), device)
+
+    chosen: dict[int, DashDirections] = {}
+    for owner, queue in enumerate(queues):
+        if rank == owner:
+            mine = [found[index] for index in queue]
+        else:
+            mine = [DashDirections(U_s=torch.empty_like(items[index].dash_U, dtype=torch.float32),
+                                   V_s=torch.empty_like(items[index].dash_V, dtype=torch.float32),
+                                   index=torch.empty_like(items[index].dash_index)) for index in queue]
+        vectors = shared.broadcast_from([v.to(device) for d in mine for v in (d.U_s, d.V_s)], src=owner)
+        indices = shared.broadcast_from([d.index.to(device) for d in mine], src=owner)
+        for position, index in enumerate(queue):
+            chosen[index] = DashDirections(U_s=vectors[2 * position], V_s=vectors[2 * position + 1],
+                                           index=indices[position])
+    return {name: chosen[index] for index, name in enumerate(layers)}
 
 
 class LaunchController:
@@ -106,19 +204,22 @@ class LaunchController:
     Args:
         model: a model with LoRA-Dash layers (see :func:`inject`).
         launch_step: ``t >= 0``; ``0`` launches at once (``ΔW = 0``, so the ``s`` largest σ are chosen).
-        strategy, seed: how :func:`launch` chooses the directions (default: the method's TSDs). They are
-            arguments, not saved state: pass the same ones when resuming.
+        strategy, seed, distributed: how :func:`launch` chooses the directions (default: the method's TSDs,
+            shared among the ranks under ``torch.distributed``). They are arguments, not saved state: pass
+            the same ones when resuming.
     """
 
-    def __init__(self, model: nn.Module, launch_step: int = 100, strategy: str = "tsd", seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, launch_step: int = 100, strategy: str = "tsd", seed: int = 0, distributed: bool = True
+    ) -> None:
         check_launch_step(launch_step)
-        check_launch_options(strategy, seed)
+        check_launch_options(strategy, seed, distributed)
         layers = dash_layers(model)
         if not layers:
             raise ValueError("the model has no LoRA-Dash layers; call inject() first")
         self.model = model
         self.launch_step = launch_step
-        self.strategy, self.seed = strategy, seed
+        self.strategy, self.seed, self.distributed = strategy, seed, distributed
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._watch: _UncountedStepsWatch | None = None
@@ -209,13 +310,13 @@ class LaunchController:
             self._warn_pending()
 
     def launch(self) -> dict[str, Tensor]:
-        """Launch now (see :func:`launch`, with this controller's strategy and seed) and give δ a fresh
-        optimizer state in attached optimizers.
+        """Launch now (see :func:`launch`, with this controller's strategy, seed and ``distributed``) and give
+        δ a fresh optimizer state in attached optimizers.
 
         Before launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from those
         zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
-        selected = launch(self.model, self.strategy, self.seed)
+        selected = launch(self.model, self.strategy, self.seed, self.distributed)
         self._launched = True
         self._stop_watching()
         deltas = [layer.dash_delta for layer in dash_layers(self.model).values()]

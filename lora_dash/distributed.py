@@ -1,0 +1,147 @@
+"""The launch shared among ``torch.distributed`` ranks: who decomposes which weight, and how the ranks agree.
+
+:func:`lora_dash.launch` under DDP or FSDP2 gives each adapted matrix to one rank
+(:func:`assign_owners`), gathers a sharded weight to that rank alone (:func:`gather_to`), agrees on the
+first error before anything is committed (:func:`raise_first_error`) and sends every selection to every
+rank (:func:`broadcast_from`). Pure ``torch.distributed``: nothing here knows about layers.
+
+Every function but :func:`is_active`, :func:`svd_cost`, :func:`cost_order`, :func:`assign_owners` and
+:func:`rank_loads` is a collective: every rank of the default group must call it, in the same order, with
+the same arguments where stated.
+"""
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lora_dash.layer import is_sharded
+
+
+def is_active() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one rank (so a launch can be shared)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def svd_cost(n: int, m: int) -> int:
+    """The cost model of one thin SVD of an ``(n, m)`` matrix: ``n·m·min(n, m)`` (flops up to a constant)."""
+    return n * m * min(n, m)
+
+
+def cost_order(costs: Sequence[int]) -> list[int]:
+    """Item numbers by descending cost, equal costs by number (``sorted`` is stable)."""
+    return sorted(range(len(costs)), key=lambda i: -costs[i])
+
+
+def assign_owners(costs: Sequence[int], world: int) -> list[int]:
+    """The rank that decomposes each matrix: largest cost first, each to the least-loaded rank.
+
+    Longest-processing-time-first scheduling: matrices in descending cost (equal costs in index order),
+    each to the rank with the smallest load so far (equal loads to the lowest rank). Deterministic, so
+    every rank computes the same assignment; its largest load is at most ``4/3`` of the best possible.
+
+    Args:
+        costs: one non-negative cost per matrix (e.g. :func:`svd_cost`), ``(L,)``.
+        world: number of ranks, ``>= 1``.
+
+    Returns:
+        ``owners``, ``(L,)``: ``owners[i]`` is the rank of matrix ``i``.
+    """
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    loads = [0] * world
+    owners = [0] * len(costs)
+    for index in cost_order(costs):
+        rank = min(range(world), key=lambda q: loads[q])  # min() returns the first: ties to the lowest rank
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+def rank_loads(costs: Sequence[int], owners: Sequence[int], world: int) -> list[int]:
+    """The summed cost each rank carries under ``owners``, ``(world,)``."""
+    loads = [0] * world
+    for cost, owner in zip(costs, owners):
+        loads[owner] += cost
+    return loads
+
+
+def check_same_on_every_rank(key: str, device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank unless every rank passed the same ``key`` (a collective).
+
+    One all-reduce of two numbers (the minimum of a 62-bit hash of ``key`` and of its negation).
+    """
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 2
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
+    if int(extremes[0]) != -int(extremes[1]):
+        raise ValueError(f"the ranks do not hold the same LoRA-Dash layers (rank {dist.get_rank()}: {key})")
+
+
+def raise_first_error(errors: dict[int, Exception], count: int, device: torch.device) -> None:
+    """Agree on the errors of all ranks; if any, raise the one of the lowest-numbered item on every rank.
+
+    ``errors`` maps item numbers in ``[0, count)`` to this rank's errors. One all-reduce finds the lowest
+    failing item (ties to the lowest rank); if there is one, that rank broadcasts its message and every rank
+    raises it: ``ValueError`` for a ``ValueError``, ``RuntimeError`` for anything else, with the same
+    message (the failing rank chains its own error). Without errors, nothing is raised.
+    """
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    first = min(errors, default=count)
+    code = torch.tensor([first * world + rank], dtype=torch.int64, device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    failed, source = divmod(int(code), world)
+    if failed >= count:
+        return
+    error = errors.get(failed) if rank == source else None
+    payload = [(isinstance(error, ValueError), str(error))]
+    dist.broadcast_object_list(payload, src=source)
+    is_value_error, message = payload[0]
+    raise (ValueError if is_value_error else RuntimeError)(message) from error
+
+
+def gather_to(tensor: Tensor, dst: int) -> Tensor | None:
+    """``tensor`` whole on rank ``dst``, ``None`` on every other rank (a collective for a ``DTensor``).
+
+    - A plain tensor is whole already: ``dst`` gets it back, nothing is sent.
+    - A ``DTensor`` sharded by rows over all ranks (FSDP2's layout, ``Shard(0)`` on a 1-D mesh of the whole
+      world) is sent to ``dst`` alone: every rank pads its row shard to ``⌈n / world⌉`` rows and
+      ``dist.gather`` collects them, so ``dst`` receives ``n·m`` numbers and no other rank holds the whole.
+    - Any other ``DTensor`` layout is all-gathered (``full_tensor``): every rank briefly holds it whole,
+      and all but ``dst`` drop it at once.
+    """
+    rank = dist.get_rank()
+    if not is_sharded(tensor):
+        return tensor if rank == dst else None
+    from torch.distributed.tensor import Shard  # loaded already: ``tensor`` is a DTensor
+
+    mesh, world = tensor.device_mesh, dist.get_world_size()
+    # Shard i is chunk i of torch.chunk; the group's rank order is the mesh's only when the mesh is 0, 1, …
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or mesh.mesh.tolist() != list(range(world)):
+        whole = tensor.full_tensor()
+        return whole if rank == dst else None
+    group = mesh.get_group()
+    rows = math.ceil(tensor.shape[0] / world)  # torch.chunk's split, which FSDP2 and DTensor use
+    local = tensor.to_local()
+    padded = local.new_zeros((rows, *tensor.shape[1:]))
+    padded[: local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+    dist.gather(padded, pieces, dst=dst, group=group)
+    return torch.cat(pieces)[: tensor.shape[0]] if rank == dst else None
+
+
+def broadcast_from(tensors: list[Tensor], src: int) -> list[Tensor]:
+    """``src``'s ``tensors`` on every rank, in one broadcast (a collective).
+
+    Every rank passes tensors of the same shapes and one dtype, all on the group's device: ``src`` its
+    values, the others placeholders (e.g. ``torch.empty``). Returns new tensors holding ``src``'s bits.
+    """
+    if not tensors:
+        return []
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.broadcast(flat, src=src)
+    return [piece.view_as(tensor) for piece, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]

@@ -1,0 +1,224 @@
+"""The launch shared among ranks (``lora_dash.distributed``): the assignment, and gloo runs on 2 and 3 CPU ranks.
+
+The assignment tests are plain functions. The distributed ones start ``workers/launch_runs.py`` once per
+world size (every scenario in one process per rank, DDP and FSDP2) through a TCPStore served here, and
+check what the ranks wrote against one process and against the redundant launch (``distributed=False``).
+"""
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lora_dash
+from lora_dash.distributed import assign_owners, rank_loads, svd_cost
+from workers.launch_runs import build, plant_nan
+
+from helpers import assert_unchanged, snapshot
+
+WORKER = Path(__file__).parent / "workers" / "launch_runs.py"
+TIMEOUT_S = 240  # every scenario of one world size; about 35 s for 3 ranks on two busy cores
+ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp"], ids=["DDP", "FSDP2"])
+DIRECTION_KEYS = ("dash_U", "dash_V", "dash_index", "dash_launched")
+
+
+# ------------------------------------------------------------------------------------------ the assignment
+def test_assignment_gives_the_largest_first_to_the_least_loaded_rank_ties_to_the_lowest():
+    # By cost: item 1 (4), item 2 (4, a tie: by number), item 4 (3), item 3 (2), item 0 (1).
+    # 1 → rank 0 (4, 0); 2 → rank 1 (4, 4); 4 → rank 0 on the tie (7, 4); 3 → rank 1 (7, 6); 0 → rank 1 (7, 7).
+    assert assign_owners([1, 4, 4, 2, 3], world=2) == [1, 0, 1, 1, 0]
+    assert assign_owners([1, 4, 4, 2, 3], world=1) == [0] * 5
+    assert assign_owners([5, 5], world=4) == [0, 1]  # more ranks than matrices: the first ranks work
+
+
+def test_assignment_is_within_four_thirds_of_the_best_possible():
+    # Longest-processing-time-first guarantees max load <= (4/3 - 1/(3·world)) · optimum; brute force the optimum.
+    rng = random.Random(0)
+    for _ in range(60):
+        world, count = rng.choice((2, 3)), rng.randint(1, 7)
+        costs = [rng.randint(1, 50) for _ in range(count)]
+        best = min(max(rank_loads(costs, owners, world)) for owners in itertools.product(range(world), repeat=count))
+        worst_allowed = (4 / 3 - 1 / (3 * world)) * best
+        assert max(rank_loads(costs, assign_owners(costs, world), world)) <= worst_allowed + 1e-9, (costs, world)
+
+
+def llama_7b_costs() -> list[int]:
+    """q, k, v (4096 × 4096) and up, down (11008 × 4096, 4096 × 11008) of 32 layers."""
+    return [svd_cost(4096, 4096)] * 3 * 32 + [svd_cost(11008, 4096), svd_cost(4096, 11008)] * 32
+
+
+@pytest.mark.parametrize(("world", "max_over_mean"), [(8, 1.0), (64, 4.6875 / 4.1875)])
+def test_llama_7b_assignment_reaches_the_optimum(world, max_over_mean):
+    # In units of 4096³: 96 matrices of 1 and 64 of 2.6875, 268 in all. On 8 ranks each takes 8 large and 12
+    # small ones, 33.5 = the mean. On 64 ranks one large each and 96 small over 64 ranks: some rank carries a
+    # large and two small (4.6875), which no assignment avoids (two large is 5.375); the mean is 4.1875.
+    loads = rank_loads(llama_7b_costs(), assign_owners(llama_7b_costs(), world), world)
+    assert max(loads) / (sum(loads) / world) == pytest.approx(max_over_mean, rel=1e-12)
+
+
+def test_assignment_refuses_no_ranks():
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        assign_owners([1], world=0)
+
+
+# ------------------------------------------------------------------------------------------ one process
+def test_one_process_launch_is_the_same_with_or_without_distributed():
+    launched = []
+    for distributed in (True, False):
+        model = build()
+        lora_dash.launch(model, distributed=distributed)
+        launched.append(lora_dash.adapter_state_dict(model))
+    assert all(torch.equal(launched[0][key], launched[1][key]) for key in launched[0])
+
+
+@pytest.mark.parametrize("bad", [None, 1, "yes"])
+def test_distributed_must_be_a_bool_checked_before_anything(bad):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="distributed must be a bool"):
+        lora_dash.launch(model, distributed=bad)
+    with pytest.raises(ValueError, match="distributed must be a bool"):
+        lora_dash.LaunchController(model, launch_step=0, distributed=bad)
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------ gloo ranks
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def runs(request, tmp_path_factory) -> list[dict]:
+    """Every rank's results for one world size."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"launch{world}")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    loopback = "lo" if sys.platform.startswith("linux") else "lo0"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": "1"}
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world)]
+    workers = [
+        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), str(store.port), str(out)],
+                         stdout=logs[rank], stderr=subprocess.STDOUT, env=env)
+        for rank in range(world)
+    ]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    text = []
+    for log in logs:
+        log.seek(0)
+        text.append(log.read())
+        log.close()
+    codes = [worker.returncode for worker in workers]
+    assert codes == [0] * world, f"workers exited with {codes} (killed after {TIMEOUT_S} s if -9):\n" + "\n".join(text)
+    return [torch.load(out / f"launch_rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def scenario(runs: list[dict], name: str) -> list[dict]:
+    for rank, results in enumerate(runs):
+        if "error_trace" in results[name]:
+            pytest.fail(f"scenario {name} failed on rank {rank}:\n{results[name]['error_trace']}")
+    return [results[name] for results in runs]
+
+
+def directions_of(state: dict) -> dict:
+    return {key: value for key, value in state.items() if key.endswith(DIRECTION_KEYS)}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+@ENGINES
+def test_every_rank_commits_bit_for_bit_what_one_process_selects(engine, runs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same LAPACK path, so the same bits
+    try:
+        for result in scenario(runs, f"train_shared_{engine}"):
+            alone = build()
+            lora_dash.load_adapter_state_dict(alone, result["before_launch"])
+            lora_dash.launch(alone)
+            assert_identical(directions_of(result["launched"]), directions_of(lora_dash.adapter_state_dict(alone)))
+            assert all(bool(value) for key, value in result["launched"].items() if key.endswith("dash_launched"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@ENGINES
+def test_training_after_the_shared_launch_is_bit_identical_to_the_redundant_launch(engine, runs):
+    for shared, redundant in zip(scenario(runs, f"train_shared_{engine}"), scenario(runs, f"train_redundant_{engine}")):
+        assert_identical(shared["launched"], redundant["launched"])
+        assert_identical(shared["final"], redundant["final"])
+        assert torch.equal(shared["output"], redundant["output"])
+
+
+@pytest.mark.slow
+@ENGINES
+def test_each_weight_is_decomposed_once_by_its_owner(engine, runs):
+    world = len(runs)
+    layers = list(lora_dash.dash_layers(build()).values())
+    shapes = [(layer.out_features, layer.in_features) for layer in layers]
+    owners = assign_owners([svd_cost(*shape) for shape in shapes], world)
+    shared = scenario(runs, f"train_shared_{engine}")
+    for rank, result in enumerate(shared):
+        assert sorted(result["svd_shapes"]) == sorted(shape for shape, owner in zip(shapes, owners) if owner == rank)
+    for result in scenario(runs, f"train_redundant_{engine}"):
+        assert sorted(result["svd_shapes"]) == sorted(shapes)  # the counter sees every SVD
+
+
+@pytest.mark.slow
+def test_fsdp2_only_the_owner_holds_a_whole_weight(runs):
+    world, count = len(runs), len(lora_dash.dash_layers(build()))
+    for shared, redundant in zip(scenario(runs, "train_shared_fsdp"), scenario(runs, "train_redundant_fsdp")):
+        assert shared["local_rows"] == math.ceil(24 / world)  # layer "2" (24 × 40) really is sharded
+        assert redundant["full_tensors"] == 3 * count  # W, A and B of every layer, on every rank
+        assert shared["full_tensors"] == 0  # gathered to the owner instead
+
+
+@pytest.mark.slow
+@ENGINES
+def test_random_strategy_draws_what_one_process_draws(engine, runs):
+    for result in scenario(runs, f"random_{engine}"):
+        assert_identical(result[True], result[False])
+
+
+def one_process_error(planted: list[str]) -> str:
+    model = build()
+    for name in planted:
+        plant_nan(model, name, rank=0, on_rank=0)
+    with pytest.raises(ValueError) as caught:
+        lora_dash.launch(model)
+    return str(caught.value)
+
+
+@pytest.mark.slow
+@ENGINES
+@pytest.mark.parametrize("where", ["one", "every"], ids=["one rank fails", "every rank fails"])
+def test_an_error_on_any_rank_is_raised_on_every_rank_and_nothing_launches(engine, where, runs):
+    results = scenario(runs, f"error_{where}_{engine}")
+    expected = one_process_error(results[0]["planted"])  # the lowest-numbered failing layer's
+    assert len(results[0]["planted"]) == (1 if where == "one" else len(runs))
+    for result in results:
+        assert result["error"] == ("ValueError", expected)
+        assert result["launched_after_error"] == [False] * len(result["launched_after_error"])
+        assert result["buffers_untouched"]
+        # The ranks are still in step: the repaired model launches, as the redundant launch would.
+        assert_identical(result["relaunched"], result["relaunched_redundant"])
+        assert all(bool(value) for key, value in result["relaunched"].items() if key.endswith("dash_launched"))
