@@ -301,11 +301,13 @@ def test_inv8_delta_gradient_is_the_weight_gradient_on_the_selected_directions(c
 def test_inv9_output_is_identical_just_before_and_just_after_launch(case, dropout):
     out, in_, r, s, seed = case
     layer, _, _ = build(out, in_, r, s, seed, dropout=dropout)
+    set_delta(layer, seed)  # a δ set before the launch (a loaded state, a user) moves nothing while U_s = V_s = 0
     layer.train()
     x = inputs(in_, seed)
     torch.manual_seed(seed)  # the same dropout mask for both calls
     before = layer(x)
     layer.launch()
+    assert not layer.dash_delta.any()  # the launch zeroes δ
     torch.manual_seed(seed)
     after = layer(x)
     # δ = 0 at launch makes every dash product an exact zero, so nothing can round differently:
@@ -505,6 +507,19 @@ def test_half_precision_launch_selects_as_float32_and_forward_keeps_dtype(dtype,
     assert y.dtype == dtype
     reference = single(x.float())
     torch.testing.assert_close(y.float(), reference, rtol=0, atol=tol * (1 + reference.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cast_to_half_keeps_existing_gradients_in_the_adapters_dtype(dtype):
+    layer, _, _ = build(6, 5, 2, 3, 0)
+    layer.launch()
+    set_delta(layer, 0)
+    layer(inputs(5, 0)).square().sum().backward()
+    grads = [p.grad.clone() for p in layer.adapter_parameters()]
+    layer.to(dtype)  # Module.to casts each gradient with its tensor; the adapter's go back to float32 together
+    for p, grad in zip(layer.adapter_parameters(), grads):
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, grad.to(dtype).float())
 
 
 # -------------------------------------------------------------------------------------- dropout

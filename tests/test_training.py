@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch import nn
 
 from helpers import (
+    ALPHA,
+    HIDDEN,
     R,
     S,
     assert_unchanged,
@@ -303,7 +306,11 @@ def test_launch_with_unknown_strategy_changes_nothing():
 
 def test_random_launch_differs_across_layers_and_seeds_and_repeats_on_an_identical_model():
     def draws(seed):
-        return {name: index.tolist() for name, index in launch(build_adapted(s=6), "random", seed).items()}
+        # Layers of one shape: a generator shared or seeded alike would give every layer the same draw.
+        torch.manual_seed(0)
+        model = nn.Sequential(*(nn.Linear(HIDDEN, HIDDEN) for _ in range(4)))
+        inject(model, r"\d", r=R, alpha=ALPHA, s=6)
+        return {name: index.tolist() for name, index in launch(model, "random", seed).items()}
 
     first = draws(seed=5)
     assert len({tuple(index) for index in first.values()}) == len(first)  # each layer its own generator
