@@ -1,14 +1,16 @@
 """``python -m lora_dash.bench``: time and memory of LoRA-Dash against its floors and its rivals.
 
 Sections (see :data:`lora_dash.bench.report.SECTION_NOTES`): a training step of one layer at four shapes
-and of the whole MiniLM model, merged inference, the launch, and peak memory. Prints medians and ratios
-with their targets; ``--markdown PATH`` also writes them, with the machine and versions, as markdown.
+and of the whole MiniLM model, merged inference (with an A/A noise band), the launch, training memory
+counted tensor by tensor, and peak RSS. Prints medians and ratios with their targets; ``--markdown PATH``
+also writes them, with the machine, the versions and the load, as markdown.
 """
 
 import argparse
 import copy
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +23,14 @@ from torch import nn
 import lora_dash
 from lora_dash.bench import contenders as c  # imports peft and transformers lazily, in its builders
 from lora_dash.bench import report
-from lora_dash.bench.harness import Contender, calls_per_sample, interleaved_medians, measure_in_child
+from lora_dash.bench.harness import (
+    Contender,
+    aa_band,
+    calls_per_sample,
+    interleaved_medians,
+    interleaved_samples,
+    measure_in_child,
+)
 from lora_dash.bench.report import Measurement, Ratio, Target, ratio
 from lora_dash.demo.extras import require_extras
 
@@ -37,7 +46,8 @@ class Settings:
 
     layer_shapes: tuple[tuple[int, int, int], ...]
     model_batch: tuple[int, int]
-    repeats: int  # timed rounds per layer case (and for merged inference)
+    repeats: int  # timed rounds per layer case
+    inference_repeats: int  # timed rounds per merged-inference case: enough for a narrow A/A band
     model_repeats: int  # timed rounds of the model step and of the launch
     warmup: int  # discarded rounds before the timed ones
     min_sample_seconds: float  # each layer sample repeats the call until it lasts this long
@@ -46,27 +56,30 @@ class Settings:
     model_memory: bool  # measure the model's training memory too (three children loading MiniLM)
     launch_targets: str | None = None  # the layers the launch sections launch; None: all 36 linears
     memory_steps: int = 2  # training steps per memory child; the first creates AdamW's state
+    memory_children: int = 3  # children per memory contender, in rotation: the RSS figure's own spread
 
     def describe(self) -> str:
         batch, tokens = self.model_batch
         shapes = ", ".join(f"{o}×{i} ({t} tokens)" for o, i, t in self.layer_shapes)
         return (f"r = s = 8, α = 16; layer shapes (out×in) {shapes}; MiniLM batch {batch} × {tokens} tokens; "
-                f"{self.warmup} warm-up + {self.repeats} rounds per layer case, {self.model_repeats} per model case; "
-                f"layer samples of at least {self.min_sample_seconds * 1000:g} ms; {self.memory_steps} training "
-                "steps per memory child")
+                f"{self.warmup} warm-up + {self.repeats} rounds per layer case, {self.inference_repeats} per "
+                f"merged-inference case, {self.model_repeats} per model case; layer samples of at least "
+                f"{self.min_sample_seconds * 1000:g} ms; {self.memory_children} memory children per contender, "
+                f"{self.memory_steps} training steps each")
 
 
 # Attention-sized, MLP-sized and LLM-sized layers, with token counts typical of each.
 SHAPES = ((384, 384, 2048), (1024, 1024, 1024), (1536, 384, 2048), (4096, 4096, 256))
 FULL = Settings(
-    layer_shapes=SHAPES, model_batch=(32, 48), repeats=7, model_repeats=5, warmup=1, min_sample_seconds=0.05,
+    layer_shapes=SHAPES, model_batch=(32, 48), repeats=7, inference_repeats=41, model_repeats=5, warmup=1,
+    min_sample_seconds=0.05,
     memory_shapes=SHAPES,
     memory_contenders=(c.PEFT, c.PRE, c.DASH, c.DENSE), model_memory=True,
 )
 QUICK = Settings(
-    layer_shapes=((256, 256, 512), (512, 256, 256)), model_batch=(2, 16), repeats=3, model_repeats=2, warmup=1,
-    min_sample_seconds=0.005, memory_shapes=((256, 256, 512),), memory_contenders=(c.PEFT, c.PRE, c.DASH),
-    model_memory=False,
+    layer_shapes=((256, 256, 512), (512, 256, 256)), model_batch=(2, 16), repeats=3, inference_repeats=6,
+    model_repeats=2, warmup=1, min_sample_seconds=0.005, memory_shapes=((256, 256, 512),),
+    memory_contenders=(c.PEFT, c.PRE, c.DASH), model_memory=False, memory_children=1,
     launch_targets=r"encoder\.encoder\.layer\.0\.attention\.self\.(query|key|value)",
 )
 
@@ -123,17 +136,21 @@ def bench_model_step(settings: Settings, tokenizer, encoder: nn.Module) -> tuple
 
 
 def bench_merged_inference(settings: Settings) -> tuple[list[Measurement], list[Ratio]]:
-    """Forward of a merged layer against ``nn.Linear``, every shape."""
+    """Forward of a merged layer against ``nn.Linear``, every shape, with the A/A band of a second
+    ``nn.Linear`` timed in the same rounds (see :func:`lora_dash.bench.harness.aa_band`)."""
     measurements, ratios = [], []
     for out_features, in_features, tokens in settings.layer_shapes:
         case = shape_case(out_features, in_features, tokens)
         timed = [Contender(name, c.inference_call(c.build_inference_layer(name, out_features, in_features),
                                                   in_features, tokens))
-                 for name in (c.PLAIN, c.MERGED)]
+                 for name in (c.PLAIN, c.PLAIN_AGAIN, c.MERGED)]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
-        medians = interleaved_medians(timed, settings.repeats, settings.warmup, number)
-        measurements += [Measurement(report.MERGED_INFERENCE, case, name, ms, "ms") for name, ms in medians.items()]
-        ratios.append(ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.PLAIN, MERGED_VS_LINEAR))
+        samples = interleaved_samples(timed, settings.inference_repeats, settings.warmup, number)
+        band = aa_band(samples[c.PLAIN], samples[c.PLAIN_AGAIN])
+        measurements += [Measurement(report.MERGED_INFERENCE, case, name, statistics.median(ms), "ms")
+                         for name, ms in samples.items()]
+        ratios += [ratio(measurements, report.MERGED_INFERENCE, case, c.PLAIN_AGAIN, c.PLAIN, band=band),
+                   ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.PLAIN, MERGED_VS_LINEAR, band)]
     return measurements, ratios
 
 
@@ -155,44 +172,78 @@ def bench_launch(settings: Settings, prepared: nn.Module) -> tuple[list[Measurem
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _mib(spec: dict) -> float:
+def _measure(spec: dict) -> dict:
     measured = measure_in_child({**spec, "threads": torch.get_num_threads()})
     if not measured["peak_reset"]:
         print(f"warning: the peak RSS mark could not be reset in {spec}; its growth is an upper bound")
-    return measured["growth_kib"] / 1024
+    return measured
+
+
+def memory_case(case: str, specs: dict[str, dict], children: int) -> list[Measurement]:
+    """Every contender's ``spec`` measured in ``children`` fresh children, in rotation (each contender once,
+    then again): the median RSS growth with its range and, for a training step, its exact tensor bytes.
+
+    Raises:
+        RuntimeError: two children of one contender counted different tensor bytes (the count is exact, so
+            that would be a bug in the benchmark, not noise).
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in specs}
+    for _ in range(children):
+        for name, spec in specs.items():
+            runs[name].append(_measure(spec))
+    measurements = []
+    for name, measured in runs.items():
+        growth = [run["growth_kib"] / 1024 for run in measured]
+        measurements.append(Measurement(report.MEMORY, case, name, statistics.median(growth), "MiB",
+                                        spread=(min(growth), max(growth))))
+        tensors = measured[0]["tensors"]
+        if tensors is None:
+            continue
+        if any(run["tensors"] != tensors for run in measured):
+            raise RuntimeError(f"{case}, {name}: the children counted different tensor bytes: "
+                               f"{[run['tensors'] for run in measured]}")
+        step = tensors["gradients"] + tensors["optimizer_state"] + tensors["saved"]
+        parts = (("module", tensors["module"]), ("gradients", tensors["gradients"]),
+                 ("optimizer state", tensors["optimizer_state"]), ("saved for backward", tensors["saved"]))
+        measurements.append(Measurement(report.TENSOR_MEMORY, case, name, step, "B", parts=parts))
+    return measurements
+
+
+def memory_ratios(measurements: list[Measurement], case: str, dense: bool) -> list[Ratio]:
+    """Ours dash against PEFT's LoRA and our pre-launch (and the dense dash against ours): judged on the exact
+    tensor bytes, shown for the RSS growth."""
+    pairs = [(c.DASH, c.PEFT, DASH_VS_LORA), (c.DASH, c.PRE, DASH_VS_LORA)]
+    pairs += [(c.DENSE, c.DASH, None)] if dense else []
+    return ([ratio(measurements, report.TENSOR_MEMORY, case, top, bottom, target) for top, bottom, target in pairs]
+            + [ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom, _ in pairs])
 
 
 def bench_memory(settings: Settings, folder: Path, prepared: nn.Module) -> tuple[list[Measurement], list[Ratio]]:
-    """Peak RSS growth of training steps (layers saved in ``folder``, and the model if asked) and of the launch
-    of ``prepared``'s layers, one child each."""
+    """Training memory (layers saved in ``folder``, and the model if asked), tensor by tensor and as RSS
+    growth, and the RSS growth of the launch of ``prepared``'s layers; ``settings.memory_children`` children
+    per contender."""
     measurements, ratios = [], []
     for shape in settings.memory_shapes:
         out_features, in_features, tokens = shape
         case = f"layer {shape_case(out_features, in_features, tokens)}"
-        for name in settings.memory_contenders:
-            spec = {"kind": "layer", "contender": name, "path": str(layer_file(folder, shape, name)),
-                    "out": out_features, "in": in_features, "tokens": tokens, "steps": settings.memory_steps}
-            measurements.append(Measurement(report.MEMORY, case, name, _mib(spec), "MiB"))
-        ratios += [ratio(measurements, report.MEMORY, case, c.DASH, c.PEFT, DASH_VS_LORA),
-                   ratio(measurements, report.MEMORY, case, c.DASH, c.PRE, DASH_VS_LORA)]
-        if c.DENSE in settings.memory_contenders:
-            ratios.append(ratio(measurements, report.MEMORY, case, c.DENSE, c.DASH))
+        specs = {name: {"kind": "layer", "contender": name, "path": str(layer_file(folder, shape, name)),
+                        "out": out_features, "in": in_features, "tokens": tokens, "steps": settings.memory_steps}
+                 for name in settings.memory_contenders}
+        measurements += memory_case(case, specs, settings.memory_children)
+        ratios += memory_ratios(measurements, case, dense=c.DENSE in settings.memory_contenders)
     if settings.model_memory:
         batch_size, tokens = settings.model_batch
         case = f"MiniLM batch {batch_size} × {tokens} tokens"
-        for name in (c.PEFT, c.PRE, c.DASH):
-            spec = {"kind": "model", "contender": name, "batch": batch_size, "tokens": tokens,
-                    "steps": settings.memory_steps}
-            measurements.append(Measurement(report.MEMORY, case, name, _mib(spec), "MiB"))
-        for numerator, denominator in ((c.DASH, c.PEFT), (c.DASH, c.PRE)):
-            ratios.append(ratio(measurements, report.MEMORY, case, numerator, denominator, DASH_VS_LORA))
+        specs = {name: {"kind": "model", "contender": name, "batch": batch_size, "tokens": tokens,
+                        "steps": settings.memory_steps} for name in (c.PEFT, c.PRE, c.DASH)}
+        measurements += memory_case(case, specs, settings.memory_children)
+        ratios += memory_ratios(measurements, case, dense=False)
     path = str(folder / "launch-layers.pt")
     prepared_layers = nn.ModuleList(lora_dash.dash_layers(prepared).values())
     torch.save(prepared_layers, path)
     case = f"launch, {len(prepared_layers)} MiniLM layers"
-    for name in (c.LAUNCH, c.BARE_SVD):
-        measurements.append(Measurement(report.MEMORY, case, name,
-                                        _mib({"kind": "launch", "contender": name, "path": path}), "MiB"))
+    specs = {name: {"kind": "launch", "contender": name, "path": path} for name in (c.LAUNCH, c.BARE_SVD)}
+    measurements += memory_case(case, specs, settings.memory_children)
     ratios.append(ratio(measurements, report.MEMORY, case, c.LAUNCH, c.BARE_SVD))
     return measurements, ratios
 
@@ -212,8 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a small MiniLM batch, few repeats, three layers to launch, layer memory at one shape "
                         "without the dense dash, no model memory; its ratios mean nothing, it shows that all runs")
     parser.add_argument("--repeats", type=int, help=f"timed rounds per layer case (default {FULL.repeats}; "
-                        f"{QUICK.repeats} with --quick); the model step and the launch take "
-                        f"{FULL.model_repeats} ({QUICK.model_repeats} with --quick)")
+                        f"{QUICK.repeats} with --quick); merged inference takes {FULL.inference_repeats} "
+                        f"({QUICK.inference_repeats}), the model step and the launch {FULL.model_repeats} "
+                        f"({QUICK.model_repeats})")
     parser.add_argument("--threads", type=int, help="torch threads, here and in the memory children "
                         "(default: torch's own choice)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown to "
@@ -234,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = QUICK if args.quick else FULL
     if args.repeats is not None:
         settings = replace(settings, repeats=args.repeats)
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), report.load_average()
     tokenizer, encoder = c.load_encoder()
     prepared = c.build_classifier(c.PRE, encoder, settings.launch_targets)  # every launch starts from it
 
@@ -259,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.markdown is not None:
         command = shlex.join(["python", "-m", "lora_dash.bench", *(sys.argv[1:] if argv is None else argv)])
-        args.markdown.write_text(report.format_markdown(measurements, ratios, command, settings.describe(),
-                                                        report.environment()))
+        machine = {**report.environment(), "load average (1, 5, 15 min) at the start": load_at_start,
+                   "load average at the end": report.load_average()}
+        args.markdown.write_text(report.format_markdown(measurements, ratios, command, settings.describe(), machine))
         print(f"markdown written to {args.markdown}")
 
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 import lora_dash
 from lora_dash import LoRADashLinear
+from lora_dash.bench.harness import TrainingStep
 
 R = S = 8
 ALPHA = 2.0 * R
@@ -27,6 +28,7 @@ PRE = "ours pre-launch"
 DASH = "ours dash"
 DENSE = "dense dash (authors')"
 PLAIN = "nn.Linear"
+PLAIN_AGAIN = "nn.Linear, again (A/A)"  # a second plain layer timed in the same rounds: the noise of a ratio
 MERGED = "ours merged"
 LAUNCH = "lora_dash.launch(model)"
 BARE_SVD = "bare torch.linalg.svd of each weight"
@@ -82,18 +84,10 @@ def _dash_linear(base: nn.Linear, launched: bool) -> LoRADashLinear:
     return layer
 
 
-def _training_step(module: nn.Module, forward_backward: Callable[[], None]) -> Callable[[], None]:
+def _training_step(module: nn.Module, forward_backward: Callable[[], None]) -> TrainingStep:
     """One training step: ``forward_backward()``, then AdamW on ``module``'s trainable parameters (if any)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-
-    def step() -> None:
-        forward_backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return TrainingStep(module, forward_backward, torch.optim.AdamW(trainable, lr=1e-4) if trainable else None)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -124,7 +118,7 @@ def build_layers(out_features: int, in_features: int, seed: int = 0) -> dict[str
 
 
 def layer_training_step(module: nn.Module, out_features: int, in_features: int, tokens: int,
-                        seed: int = 0) -> Callable[[], None]:
+                        seed: int = 0) -> TrainingStep:
     """A training step of one layer on ``x: (tokens, in)``, which requires grad as if earlier layers made it.
 
     Forward, ``y.backward(g)`` with a fixed random ``g: (tokens, out)``, AdamW step. The floor has no
@@ -142,10 +136,11 @@ def layer_training_step(module: nn.Module, out_features: int, in_features: int, 
 
 
 def build_inference_layer(name: str, out_features: int, in_features: int, seed: int = 0) -> nn.Module:
-    """``PLAIN``: a frozen ``nn.Linear``; ``MERGED``: our launched layer with random ``δ``, merged into it."""
+    """``PLAIN`` (or ``PLAIN_AGAIN``, its twin): a frozen ``nn.Linear``; ``MERGED``: our launched layer with
+    random ``δ``, merged into it."""
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features).requires_grad_(False)
-    if name == PLAIN:
+    if name in (PLAIN, PLAIN_AGAIN):
         return base
     if name == MERGED:
         layer = _dash_linear(base, launched=True)
@@ -153,7 +148,7 @@ def build_inference_layer(name: str, out_features: int, in_features: int, seed: 
             layer.dash_delta.normal_(std=0.01)
         layer.merge()
         return layer
-    raise ValueError(f"unknown inference contender {name!r}; expected {PLAIN!r} or {MERGED!r}")
+    raise ValueError(f"unknown inference contender {name!r}; expected one of {(PLAIN, PLAIN_AGAIN, MERGED)}")
 
 
 def inference_call(module: nn.Module, in_features: int, tokens: int, seed: int = 0) -> Callable[[], None]:
@@ -212,7 +207,7 @@ def minilm_batch(tokenizer, batch_size: int, tokens: int, seed: int = 0) -> dict
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def model_training_step(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+def model_training_step(model: nn.Module, batch: dict[str, Tensor]) -> TrainingStep:
     """Forward, cross-entropy, backward, AdamW on the trainable parameters (adapters and head)."""
 
     def forward_backward() -> None:

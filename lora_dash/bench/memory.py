@@ -1,7 +1,10 @@
 """The memory child: ``python -m lora_dash.bench.memory SPEC`` measures one contender and prints JSON.
 
 ``SPEC`` is a JSON object (see :func:`operation`); the last line of output is
-``{"growth_kib": ..., "peak_reset": ...}`` (see :func:`lora_dash.bench.harness.peak_rss_growth_kib`).
+``{"growth_kib": ..., "peak_reset": ..., "tensors": ...}``: the RSS growth of the operation (see
+:func:`lora_dash.bench.harness.peak_rss_growth_kib`) and, for a training step, the exact bytes of its
+tensors, counted in one more step after the measured ones (see
+:func:`lora_dash.bench.harness.count_tensor_bytes`; ``None`` for a launch).
 A fresh process per contender keeps one contender's freed or cached memory from hiding another's growth.
 """
 
@@ -14,7 +17,7 @@ from torch import nn
 
 import lora_dash
 from lora_dash.bench import contenders
-from lora_dash.bench.harness import peak_rss_growth_kib
+from lora_dash.bench.harness import TrainingStep, count_tensor_bytes, peak_rss_growth_kib
 
 
 def _start_runtime() -> None:
@@ -25,8 +28,9 @@ def _start_runtime() -> None:
     torch.optim.AdamW(layer.parameters()).step()
 
 
-def operation(spec: dict) -> Callable[[], None]:
-    """Build the contender of ``spec`` (untimed, unmeasured) and return the operation to measure.
+def operation(spec: dict) -> tuple[Callable[[], None], TrainingStep | None]:
+    """Build the contender of ``spec`` (untimed, unmeasured): the operation to measure, and its training step
+    (None for a launch).
 
     Specs:
         ``{"kind": "layer", "contender", "path", "out", "in", "tokens", "steps"}``: ``steps`` training steps
@@ -47,9 +51,9 @@ def operation(spec: dict) -> Callable[[], None]:
     elif kind == "launch":
         layers = torch.load(spec["path"], weights_only=False)
         if name == contenders.LAUNCH:
-            return lambda: lora_dash.launch(layers)
+            return (lambda: lora_dash.launch(layers)), None
         weights = [layer.base_weight() for layer in layers]
-        return lambda: contenders.bare_svds(weights)
+        return (lambda: contenders.bare_svds(weights)), None
     else:
         raise ValueError(f"unknown memory spec kind {kind!r}")
 
@@ -57,14 +61,16 @@ def operation(spec: dict) -> Callable[[], None]:
         for _ in range(spec["steps"]):
             step()
 
-    return steps
+    return steps, step
 
 
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
     _start_runtime()
-    print(json.dumps(peak_rss_growth_kib(operation(spec))))
+    measured, step = operation(spec)
+    growth = peak_rss_growth_kib(measured)
+    print(json.dumps({**growth, "tensors": None if step is None else count_tensor_bytes(step)}))
 
 
 if __name__ == "__main__":
