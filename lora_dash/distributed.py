@@ -69,16 +69,17 @@ def rank_loads(costs: Sequence[int], owners: Sequence[int], world: int) -> list[
     return loads
 
 
-def check_same_on_every_rank(key: str, device: torch.device) -> None:
+def check_same_on_every_rank(key: str, what: str, device: torch.device) -> None:
     """Raise ``ValueError`` on every rank unless every rank passed the same ``key`` (a collective).
 
-    One all-reduce of two numbers (the minimum of a 62-bit hash of ``key`` and of its negation).
+    One all-reduce of two numbers: the minimum of a 62-bit hash of ``key`` and of its negation, so the
+    minimum and the maximum. ``what`` says in the message what differs.
     """
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 2
     extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
     dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
     if int(extremes[0]) != -int(extremes[1]):
-        raise ValueError(f"the ranks do not hold the same LoRA-Dash layers (rank {dist.get_rank()}: {key})")
+        raise ValueError(f"the ranks differ in {what}")
 
 
 def raise_first_error(errors: dict[int, Exception], count: int, device: torch.device) -> None:

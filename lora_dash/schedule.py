@@ -115,15 +115,15 @@ def _find_directions_shared(
     """:func:`launch`'s selection shared among the ranks of the default group (a collective).
 
     Rounds: in round ``j`` every rank gathers (if sharded) and then decomposes its ``j``-th layer, largest
-    first, so each rank holds one whole weight and one full SVD at a time, and the ranks decompose at
-    once. A rank that failed skips its later layers but keeps joining the gathers. Then the ranks agree on
+    first, so each rank holds one whole weight and one full SVD at a time, and the ranks decompose in
+    parallel. A rank that failed skips its later layers but keeps joining the gathers. Then the ranks agree on
     the first error, and each owner broadcasts its selections.
     """
     items = list(layers.values())
     rank, world = dist.get_rank(), dist.get_world_size()
     device = items[0].dash_U.device  # where the adapter lives: a tensor the process group can send
-    shared.check_same_on_every_rank(repr([(name, layer.out_features, layer.in_features, layer.s)
-                                          for name, layer in layers.items()]), device)
+    layout = repr([(name, layer.out_features, layer.in_features, layer.s) for name, layer in layers.items()])
+    shared.check_same_on_every_rank(layout, "their LoRA-Dash layers (names, shapes or s)", device)
     errors: dict[int, Exception] = {}
     for index, layer in enumerate(items):
         try:

@@ -1,9 +1,16 @@
 """Small models, synthetic data and a training loop shared by the inject, training and state tests."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -133,3 +140,39 @@ def bit_identical(a: Tensor, b: Tensor) -> bool:
     if a.is_floating_point():
         return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
     return torch.equal(a, b)
+
+
+def run_gloo_workers(script: Path, world: int, out: Path, timeout_s: float) -> None:
+    """Run ``python script RANK WORLD STORE_PORT OUT`` for every rank and wait for all of them.
+
+    The ranks join a gloo group through a TCPStore served here on a port the OS picked (no port race), on
+    the loopback interface, one OpenMP thread each. Every wait is bounded: after ``timeout_s`` the rest are
+    killed. Fails the test, with every rank's output, unless all exit with 0.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    loopback = "lo" if sys.platform.startswith("linux") else "lo0"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": "1"}
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world)]
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(store.port), str(out)],
+                         stdout=logs[rank], stderr=subprocess.STDOUT, env=env)
+        for rank in range(world)
+    ]
+    deadline = time.monotonic() + timeout_s
+    try:
+        for worker in workers:
+            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    text = []
+    for log in logs:
+        log.seek(0)
+        text.append(log.read())
+        log.close()
+    codes = [worker.returncode for worker in workers]
+    assert codes == [0] * world, f"workers exited with {codes} (killed after {timeout_s} s if -9):\n" + "\n".join(text)

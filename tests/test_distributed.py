@@ -6,21 +6,15 @@ of what they wrote. They join through a TCPStore this process serves on a port t
 is no port race, and every wait is bounded.
 """
 
-import os
-import subprocess
-import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lora_dash.checkpoint import load_adapter
 from workers.distributed_runs import PROBE_X, STEPS, T, single_process_run
 
-from helpers import build_adapted
+from helpers import build_adapted, run_gloo_workers
 
 WORKER = Path(__file__).parent / "workers" / "distributed_runs.py"
 WORLD = 2
@@ -33,33 +27,7 @@ pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file o
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("distributed")
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-    loopback = "lo" if sys.platform.startswith("linux") else "lo0"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": "1"}
-    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(WORLD)]
-    workers = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(WORLD), str(store.port), str(out)],
-                         stdout=logs[rank], stderr=subprocess.STDOUT, env=env)
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for worker in workers:
-            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    text = []
-    for log in logs:
-        log.seek(0)
-        text.append(log.read())
-        log.close()
-    codes = [worker.returncode for worker in workers]
-    assert codes == [0] * WORLD, f"workers exited with {codes} (killed after {TIMEOUT_S} s if -9):\n" + "\n".join(text)
+    run_gloo_workers(WORKER, WORLD, out, TIMEOUT_S)
     return {name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
             for name in ("ddp", "fsdp")} | {"out": out}
 

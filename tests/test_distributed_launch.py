@@ -7,23 +7,19 @@ check what the ranks wrote against one process and against the redundant launch 
 
 import itertools
 import math
-import os
 import random
-import subprocess
-import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import lora_dash
+from lora_dash.bench import launch as bench
+from lora_dash.bench.launch import MODELS, duration, fit_cost, projected_seconds
 from lora_dash.distributed import assign_owners, rank_loads, svd_cost
 from workers.launch_runs import build, plant_nan
 
-from helpers import assert_unchanged, snapshot
+from helpers import assert_unchanged, run_gloo_workers, snapshot
 
 WORKER = Path(__file__).parent / "workers" / "launch_runs.py"
 TIMEOUT_S = 240  # every scenario of one world size; about 35 s for 3 ranks on two busy cores
@@ -33,8 +29,8 @@ DIRECTION_KEYS = ("dash_U", "dash_V", "dash_index", "dash_launched")
 
 # ------------------------------------------------------------------------------------------ the assignment
 def test_assignment_gives_the_largest_first_to_the_least_loaded_rank_ties_to_the_lowest():
-    # By cost: item 1 (4), item 2 (4, a tie: by number), item 4 (3), item 3 (2), item 0 (1).
-    # 1 → rank 0 (4, 0); 2 → rank 1 (4, 4); 4 → rank 0 on the tie (7, 4); 3 → rank 1 (7, 6); 0 → rank 1 (7, 7).
+    # By cost: item 1 (4), item 2 (4, a tie: by number), item 4 (3), item 3 (2), item 0 (1). Loads after each:
+    # 1 → rank 0 (4, 0); 2 → rank 1 (4, 4); 4 → rank 0, the tie (7, 4); 3 → rank 1 (7, 6); 0 → rank 1 (7, 7).
     assert assign_owners([1, 4, 4, 2, 3], world=2) == [1, 0, 1, 1, 0]
     assert assign_owners([1, 4, 4, 2, 3], world=1) == [0] * 5
     assert assign_owners([5, 5], world=4) == [0, 1]  # more ranks than matrices: the first ranks work
@@ -97,33 +93,7 @@ def runs(request, tmp_path_factory) -> list[dict]:
     """Every rank's results for one world size."""
     world = request.param
     out = tmp_path_factory.mktemp(f"launch{world}")
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-    loopback = "lo" if sys.platform.startswith("linux") else "lo0"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": "1"}
-    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world)]
-    workers = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), str(store.port), str(out)],
-                         stdout=logs[rank], stderr=subprocess.STDOUT, env=env)
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for worker in workers:
-            worker.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    text = []
-    for log in logs:
-        log.seek(0)
-        text.append(log.read())
-        log.close()
-    codes = [worker.returncode for worker in workers]
-    assert codes == [0] * world, f"workers exited with {codes} (killed after {TIMEOUT_S} s if -9):\n" + "\n".join(text)
+    run_gloo_workers(WORKER, world, out, TIMEOUT_S)
     return [torch.load(out / f"launch_rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
@@ -199,6 +169,21 @@ def test_random_strategy_draws_what_one_process_draws(engine, runs):
         assert_identical(result[True], result[False])
 
 
+@pytest.mark.slow
+def test_ranks_holding_different_layers_all_refuse_to_launch(runs):
+    for result in scenario(runs, "disagree_layers"):
+        assert result["error"] == ("ValueError", "the ranks differ in their LoRA-Dash layers (names, shapes or s)")
+        assert not any(result["launched"].values())
+
+
+@pytest.mark.slow
+def test_a_layer_launched_on_one_rank_alone_stops_every_rank(runs):
+    last = len(runs) - 1
+    for rank, result in enumerate(scenario(runs, "disagree_phase")):
+        assert result["error"] == ("RuntimeError", "layer '0' is already launched; launch happens once")
+        assert result["launched"] == {name: rank == last and name == "0" for name in result["launched"]}
+
+
 def one_process_error(planted: list[str]) -> str:
     model = build()
     for name in planted:
@@ -222,3 +207,69 @@ def test_an_error_on_any_rank_is_raised_on_every_rank_and_nothing_launches(engin
         # The ranks are still in step: the repaired model launches, as the redundant launch would.
         assert_identical(result["relaunched"], result["relaunched_redundant"])
         assert all(bool(value) for key, value in result["relaunched"].items() if key.endswith("dash_launched"))
+
+
+# ------------------------------------------------------------------------------------------ the launch benchmark
+def test_fit_recovers_the_constant_of_timings_that_follow_the_model():
+    a = 3e-11
+    seconds = {(1024, 1024): a * svd_cost(1024, 1024), (2048, 512): a * svd_cost(2048, 512),
+               (64, 64): 1.0}  # overhead-bound: timed, left out of the fit
+    fitted, residuals = fit_cost(seconds, min_side=512)
+    assert fitted == pytest.approx(a, rel=1e-12)
+    assert residuals[(1024, 1024)] == pytest.approx(0, abs=1e-12)
+    assert residuals[(64, 64)] == pytest.approx(a * svd_cost(64, 64) - 1)
+    # Off-model timings: the fit minimises the relative error, here 2 and 0.5 times the model: a·c/t = 0.5, 2.
+    seconds = {(1024, 1024): 2 * a * svd_cost(1024, 1024), (2048, 512): 0.5 * a * svd_cost(2048, 512)}
+    fitted, residuals = fit_cost(seconds, min_side=512)
+    assert fitted == pytest.approx(a * (0.5 + 2) / (0.25 + 4), rel=1e-12)
+
+
+def test_projection_is_the_constant_times_the_largest_rank_load():
+    llama = next(shapes for name, shapes in MODELS.items() if name.startswith("LLaMA-7B"))
+    assert sorted(svd_cost(*shape) for shape in llama) == sorted(llama_7b_costs())
+    unit = svd_cost(4096, 4096)
+    for world, units in ((1, 268), (8, 33.5), (64, 4.6875)):
+        assert projected_seconds(2.0, llama, world) == pytest.approx(2.0 * units * unit, rel=1e-12)
+
+
+def test_svd_costs_report_measures_fits_and_projects(monkeypatch, capsys):
+    a = 1e-10  # timings that follow the model exactly: the fit finds a, the projection is a × the largest load
+    monkeypatch.setattr(bench, "time_svds", lambda shapes, repeats: {shape: a * svd_cost(*shape) for shape in shapes})
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--svd-costs", "--quick"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = table_rows(capsys.readouterr().out)
+    for shape in ("64×64", "128×128", "128×256"):
+        assert rows[shape][-1] == "+0.0%"
+    assert rows[next(name for name in rows if name.startswith("LLaMA-7B"))][1:] == [
+        duration(a * units * svd_cost(4096, 4096)) for units in (268, 33.5, 4.6875)]
+    assert duration(a * 268 * svd_cost(4096, 4096)) == "30.7 min"  # 268 · 4096³ · 1e-10 s = 1842 s
+
+
+def test_svd_timings_are_positive():
+    seconds = bench.time_svds(((8, 8), (16, 8)), repeats=1)
+    assert set(seconds) == {(8, 8), (16, 8)} and all(value > 0 for value in seconds.values())
+
+
+def test_scaling_table_has_every_world_and_its_share_of_the_cost(monkeypatch):
+    monkeypatch.setattr(bench, "time_launch", lambda world, settings: {"shared": [1.0, 0.5], "redundant": [3.0, 1.0]})
+    rows = table_rows(bench.bench_scaling(bench.FULL))
+    # Two blocks of q, k, v 1024² and up, down 2752×1024, in units of 1024³: 6 × 1 and 4 × 2.6875, 16.75 in all.
+    # 2 ranks: two large and three small each, half. 3 ranks: 2.6875 × 2 | 2.6875 + 3 × 1 | the same: 5.6875.
+    assert [rows[world][-1] for world in ("1", "2", "3")] == ["1.000", "0.500", f"{5.6875 / 16.75:.3f}"]
+    assert rows["2"][:-1] == ["1.00", "3.00", "3.00", "0.50", "1.00", "2.00"]
+
+
+@pytest.mark.slow
+def test_timed_launches_on_gloo_ranks_are_positive(runs):
+    for result in scenario(runs, "bench"):
+        assert set(result) == {"shared", "redundant"}
+        assert all(math.isfinite(value) and value > 0 for values in result.values() for value in values)
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The markdown table rows of ``text``, by their first cell."""
+    return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
+            for cells in [[cell.strip() for cell in line.strip("| ").split(" | ")]]}

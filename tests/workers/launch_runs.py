@@ -1,12 +1,15 @@
 """One rank of ``tests/test_distributed_launch.py``: the launch shared among gloo ranks against the redundant
 one. Run as ``python launch_runs.py RANK WORLD STORE_PORT OUT_DIR``; it joins the test's TCPStore on
-127.0.0.1 and writes ``OUT_DIR/launch_rank{RANK}.pt``: ``{scenario: result or {"error": traceback}}``.
+127.0.0.1 and writes ``OUT_DIR/launch_rank{RANK}.pt``: ``{scenario: result or {"error_trace": traceback}}``.
 
-Scenarios, each on plain tensors (DDP) and on FSDP2 shards:
+Scenarios (``…_ddp`` on plain tensors under DDP, ``…_fsdp`` on FSDP2 shards):
 
 - ``train``: plain LoRA for ``T`` steps, a launch, ``STEPS - T`` more steps; once with the shared launch
   (counting this rank's SVDs and whole-weight all-gathers during it), once with ``distributed=False``.
 - ``random``: the ``"random"`` strategy on a fresh model, shared and redundant.
+- ``disagree_layers`` / ``disagree_phase`` (plain tensors): the last rank holds other layers, or has launched
+  one layer by itself; every rank's error.
+- ``bench``: :func:`lora_dash.bench.launch.timed_launches` of the benchmark's ``--quick`` matrices.
 - ``error_one`` / ``error_every``: a NaN planted in ``B`` of one layer on one rank (of one layer on each
   rank, each owned by that rank); every rank's error and phase; then the NaNs are removed and the launch
   repeated (shared and redundant).
@@ -14,6 +17,7 @@ Scenarios, each on plain tensors (DDP) and on FSDP2 shards:
 
 import copy
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import batch, make_optimizer  # noqa: E402
 
 import lora_dash  # noqa: E402
+from lora_dash.bench.launch import QUICK, timed_launches  # noqa: E402
 from lora_dash import directions  # noqa: E402
 from lora_dash import distributed as shared  # noqa: E402
 
@@ -162,6 +167,23 @@ def error_scenario(engine: str, rank: int, world: int, planted: list[tuple[str, 
     return result
 
 
+def disagreement_scenario(rank: int, world: int, kind: str) -> dict:
+    """The last rank alone has a layer with another ``s`` (``kind="layers"``), or has launched layer ``"0"``
+    by itself (``kind="phase"``); every rank's error and phase after a launch."""
+    model = build()
+    if rank == world - 1 and kind == "layers":
+        model = nn.Sequential(*model[:-1], lora_dash.LoRADashLinear(model[-1].base, r=R, alpha=ALPHA, s=S - 1))
+    if rank == world - 1 and kind == "phase":
+        lora_dash.dash_layers(model)["0"].launch()
+    result = {}
+    try:
+        lora_dash.launch(model)
+    except (ValueError, RuntimeError) as error:
+        result["error"] = (type(error).__name__, str(error))
+    result["launched"] = {name: layer.launched for name, layer in lora_dash.dash_layers(model).items()}
+    return result
+
+
 def scenarios(rank: int, world: int) -> dict:
     names = list(lora_dash.dash_layers(build()))
     layer_owners = owners(build(), world)
@@ -169,7 +191,8 @@ def scenarios(rank: int, world: int) -> dict:
     # layer, so each has its own message and all must raise the one of the lowest-numbered layer.
     one = [(names[layer_owners.index(world - 1)], world - 1)]
     every = [(names[layer_owners.index(rank)], rank) for rank in range(world)]
-    runs = {}
+    runs = {f"disagree_{kind}": lambda k=kind: disagreement_scenario(rank, world, k) for kind in ("layers", "phase")}
+    runs["bench"] = lambda: timed_launches(QUICK.scaling_shapes, rounds=1)
     for engine in ("ddp", "fsdp"):
         runs[f"train_shared_{engine}"] = lambda e=engine: train_scenario(e, rank, world, True)
         runs[f"train_redundant_{engine}"] = lambda e=engine: train_scenario(e, rank, world, False)
@@ -185,10 +208,12 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     results = {}
     for name, run in scenarios(rank, world).items():
+        started = time.perf_counter()
         try:
             results[name] = run()
         except Exception:  # reported by the test that reads the result
             results[name] = {"error_trace": traceback.format_exc()}
+        print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)  # in the log, for a slow run
     torch.save(results, out / f"launch_rank{rank}.pt")
     dist.destroy_process_group()
 
