@@ -7,7 +7,6 @@ import contextlib
 import sys
 import traceback
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import IN, batch, build_adapted, make_optimizer  # noqa: E402
+from workers import gloo_group  # noqa: E402
 
 import lora_dash  # noqa: E402
 from lora_dash.checkpoint import load_adapter, save_adapter  # noqa: E402
@@ -97,16 +97,14 @@ def fsdp_run(rank, world, out):
 
 
 def main(rank, world, port, out):
-    torch.set_num_threads(1)  # two ranks share two cores
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    gloo_group.join(rank, world, port)
     for name, run in (("ddp", ddp_run), ("fsdp", fsdp_run)):
         try:
             result = run(rank, world, out)
         except Exception:  # reported by the test that reads the result
             result = {"error": traceback.format_exc()}
         torch.save(result, out / f"{name}_rank{rank}.pt")
-    dist.destroy_process_group()
+    gloo_group.leave()
 
 
 if __name__ == "__main__":
