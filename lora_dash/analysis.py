@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash import directions
-from lora_dash.inject import dash_layers
+from lora_dash.checks import check_int, check_seed
+from lora_dash.inject import require_dash_layers
 from lora_dash.layer import full_tensor
 from lora_dash.schedule import layer_generators
 
@@ -109,8 +110,7 @@ def _top(name: str, rates: Tensor, eligible: Tensor | None, top: int) -> Tensor:
             f"got {tuple(eligible.shape)}, {eligible.dtype}"
         )
     k = rates.numel()
-    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= k:
-        raise ValueError(f"{name}_top must be an int in [1, k={k}], got {top!r}")
+    check_int(f"{name}_top", top, 1, k, f"k={k}")
     try:
         return directions.select_directions(rates, eligible, top)
     except ValueError as error:
@@ -195,8 +195,7 @@ def relative_singular_value_ranks(index: Tensor, k: int) -> Tensor:
     Raises:
         ValueError: ``k < 1``, ``index`` not a 1-D integer tensor, or an entry outside ``[0, k)``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_int("k", k, 1)
     _check_index("index", index, distinct=False)
     if index.numel() and not (0 <= int(index.min()) and int(index.max()) < k):
         raise ValueError(f"index entries must lie in [0, k={k}), got {index.tolist()}")
@@ -245,8 +244,7 @@ def _top_share(rates: Tensor, s: int) -> tuple[Tensor, Tensor]:
 
 
 def _check_draws(draws: int) -> None:
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
-        raise ValueError(f"draws must be an int >= 2, got {draws!r}")
+    check_int("draws", draws, 2)
 
 
 class NullEvidence(NamedTuple):
@@ -354,10 +352,8 @@ def null_evidence(
     """
     _check_draws(draws)
     _check_judged_strategy(strategy)
-    if factor_rank is not None and (
-        isinstance(factor_rank, bool) or not isinstance(factor_rank, int) or factor_rank < 1
-    ):
-        raise ValueError(f"factor_rank must be None or an int >= 1, got {factor_rank!r}")
+    if factor_rank is not None:
+        check_int("factor_rank", factor_rank, 1)
     if sigma.dim() != 1 or coords.shape != sigma.shape or eligible.shape != sigma.shape:
         raise ValueError(
             f"sigma, coords and eligible must be 1-D of one shape (k,), got {tuple(sigma.shape)}, "
@@ -452,11 +448,8 @@ def model_null_evidence(
     if null not in ("factors", "dense"):
         raise ValueError(f'null must be "factors" or "dense", got {null!r}')
     _check_draws(draws)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    check_seed(seed)
+    layers = require_dash_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"layers {merged} are merged; unmerge() them first (W would include ΔW)")

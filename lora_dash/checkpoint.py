@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lora_dash.inject import dash_layers, trained_modules
+from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear
 from lora_dash.schedule import LaunchController
 from lora_dash.state import adapter_state_dict, load_adapter_state_dict
@@ -195,9 +195,7 @@ def _base_sketch(layer: LoRADashLinear) -> Tensor:
 def _adapter_content(model: nn.Module) -> dict[str, Any]:
     """``{"metadata": {str: str}, "tensors": {str: Tensor}}``: the header entries and body of an adapter
     file (less format, version and checksum); a training checkpoint holds it as it is."""
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    layers = require_dash_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:  # a merged base would fingerprint as W + ΔW
         raise RuntimeError(f"layers {merged} are merged; unmerge() before saving")

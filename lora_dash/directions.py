@@ -11,12 +11,13 @@ the paper, the largest ``|c_i|``.
 Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 from einops import einsum
 from torch import Tensor
+
+from lora_dash.checks import check_int, check_number
 
 
 class SVDBasis(NamedTuple):
@@ -100,8 +101,7 @@ def change_rates(coords: Tensor, sigma: Tensor, eligible: Tensor, eps: float = 0
 
     Shapes: ``coords, sigma, eligible: (k,)`` → ``ρ: (k,)``.
     """
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps)
     safe_sigma = torch.where(eligible, sigma, torch.ones_like(sigma))
     rates = coords.abs() / (safe_sigma + eps)
     return torch.where(eligible, rates, torch.zeros_like(rates))
@@ -127,8 +127,7 @@ def select_directions(rates: Tensor, eligible: Tensor, s: int) -> Tensor:
 
 
 def _check_enough_eligible(eligible: Tensor, s: int) -> None:
-    if s < 1:
-        raise ValueError(f"s must be >= 1, got {s}")
+    check_int("s", s, 1)
     n_eligible = int(eligible.sum())
     if n_eligible < s:
         raise ValueError(f"only {n_eligible} of {eligible.numel()} directions are eligible, fewer than s={s}")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash.checkpoint import safetensors_torch
-from lora_dash.inject import dash_layers, trained_modules
+from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear, is_conv1d
 from lora_dash.state import trained_module_state_dict
 
@@ -84,9 +84,7 @@ def export_lora(model: nn.Module) -> dict[str, LoRAFactors]:
     Raises:
         ValueError: the model has no LoRA-Dash layers, or a layer's adapter is not finite.
     """
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    layers = require_dash_layers(model)
     return {name: plain_lora_factors(layer) for name, layer in layers.items()}
 
 

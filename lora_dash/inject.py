@@ -18,6 +18,18 @@ def dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRADashLinear)}
 
 
+def require_dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
+    """:func:`dash_layers`, for the functions that need at least one.
+
+    Raises:
+        ValueError: ``model`` has no LoRA-Dash layer.
+    """
+    layers = dash_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    return layers
+
+
 def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module that trains in full (``inject(..., modules_to_save=...)``), by dotted name, in
     registration order."""

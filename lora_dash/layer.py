@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash import directions, quantized
+from lora_dash.checks import check_int, check_number
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -40,10 +41,6 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
     """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
 
@@ -56,14 +53,12 @@ def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float)
         quantized.dequantized_weight(base)
     # From the layer's declared features: a quantized weight may be packed into another shape.
     in_features, out_features = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
-    if not _is_count(r) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if not _is_count(s) or not 1 <= s <= min(in_features, out_features):
-        raise ValueError(f"s must be an int in [1, min(in, out)={min(in_features, out_features)}], got {s!r}")
+    check_int("r", r, 1)
+    k = min(in_features, out_features)
+    check_int("s", s, 1, k, f"min(in, out)={k}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps)
     return in_features, out_features
 
 

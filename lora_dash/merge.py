@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lora_dash import quantized
-from lora_dash.inject import dash_layers
+from lora_dash.inject import require_dash_layers
 from lora_dash.layer import LoRADashLinear, is_sharded
 
 
@@ -57,9 +57,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; nothing to merge")
+    layers = require_dash_layers(model)
     sharded = [name for name, layer in layers.items() if is_sharded(layer.base.weight)]
     if sharded:
         raise RuntimeError(f"layers {sharded} are sharded by FSDP2; merge a gathered, unsharded copy of the model")

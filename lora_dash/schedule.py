@@ -13,7 +13,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from lora_dash import distributed as shared
 from lora_dash import quantized
 from lora_dash.directions import check_strategy
-from lora_dash.inject import dash_layers
+from lora_dash.checks import check_int, check_seed
+from lora_dash.inject import dash_layers, require_dash_layers
 from lora_dash.layer import DashDirections, LoRADashLinear
 
 
@@ -24,15 +25,13 @@ MAX_OPTIMIZER_WRAPPERS = 8
 
 def check_launch_step(launch_step: int) -> None:
     """Validate a launch step ``t``: an int ``>= 0``."""
-    if isinstance(launch_step, bool) or not isinstance(launch_step, int) or launch_step < 0:
-        raise ValueError(f"launch_step must be an int >= 0, got {launch_step!r}")
+    check_int("launch_step", launch_step, 0)
 
 
 def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> None:
-    """Validate :func:`launch`'s ``strategy``, ``seed`` (an int in ``[0, 2⁶³)``) and ``distributed`` (a bool)."""
+    """Validate :func:`launch`'s ``strategy``, ``seed`` (an int in ``[0, 2⁶³ - 1]``) and ``distributed`` (a bool)."""
     check_strategy(strategy)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    check_seed(seed)
     if not isinstance(distributed, bool):
         raise ValueError(f"distributed must be a bool, got {distributed!r}")
 
@@ -82,9 +81,7 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: 
         RuntimeError: a layer is already launched or merged.
     """
     check_launch_options(strategy, seed, distributed)
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    layers = require_dash_layers(model)
     generators = layer_generators(seed, len(layers))
     if distributed and shared.is_active():
         chosen = _find_directions_shared(layers, strategy, generators)
@@ -214,9 +211,7 @@ class LaunchController:
     ) -> None:
         check_launch_step(launch_step)
         check_launch_options(strategy, seed, distributed)
-        layers = dash_layers(model)
-        if not layers:
-            raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+        layers = require_dash_layers(model)
         self.model = model
         self.launch_step = launch_step
         self.strategy, self.seed, self.distributed = strategy, seed, distributed
@@ -390,8 +385,7 @@ class LaunchController:
         if state["launch_step"] != self.launch_step:
             raise ValueError(f"state has launch_step={state['launch_step']}, this controller {self.launch_step}")
         steps = state["steps"]
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        check_int("steps", steps, 0)
         if steps >= self.launch_step and not self.launched:  # launched before t is fine: an explicit launch()
             raise ValueError(
                 f"state is at step {steps} with launch_step={self.launch_step}, but the model is not launched; "

@@ -5,13 +5,13 @@ every module that trains in full (``inject(..., modules_to_save=...)``, see
 :func:`lora_dash.inject.trained_modules`). Keys are those of ``model.state_dict()``.
 """
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lora_dash.inject import dash_layers, trained_modules
+from lora_dash.checks import check_number
+from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear, full_tensor, is_sharded
 
 #: What one layer saves: the trainable A, B, δ and the launch's buffers U_s, V_s, indices and phase.
@@ -50,12 +50,9 @@ def adapter_param_groups(
     Raises:
         ValueError: ``lr`` or ``delta_lr_scale`` not a finite number ``> 0``, or no LoRA-Dash layer.
     """
-    for name, value in (("lr", lr), ("delta_lr_scale", delta_lr_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    layers = dash_layers(model).values()
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    check_number("lr", lr, positive=True)
+    check_number("delta_lr_scale", delta_lr_scale, positive=True)
+    layers = require_dash_layers(model).values()
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     return [
         {"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)] + _trained_parameters(model),
@@ -119,9 +116,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
             indices; a pre-launch layer with non-zero dash state). The message names the key.
         RuntimeError: a target layer is merged.
     """
-    layers = dash_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA-Dash layers; call inject() first")
+    layers = require_dash_layers(model)
     targets = _adapter_tensors(model)
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))

@@ -343,8 +343,8 @@ def test_selected_tsds_sit_at_their_planted_singular_value_ranks(planted, data):
     [
         (torch.tensor([0, 10]), 10, "[0, k=10)"),
         (torch.tensor([-1]), 10, "[0, k=10)"),
-        (torch.tensor([0]), 0, "k must be a positive int, got 0"),
-        (torch.tensor([0]), True, "k must be a positive int, got True"),
+        (torch.tensor([0]), 0, "k must be an int >= 1, got 0"),
+        (torch.tensor([0]), True, "k must be an int >= 1, got True"),
         (torch.tensor([0.5]), 10, "1-D integer tensor"),
         (torch.tensor([[0]]), 10, "1-D integer tensor"),
     ],

@@ -239,7 +239,7 @@ def test_controller_steps_past_t_with_a_model_that_has_not_launched_are_rejected
     assert controller.steps == 0
 
 
-@pytest.mark.parametrize("steps", [-1, 2.0, "2", None])
+@pytest.mark.parametrize("steps", [-1, 2.0, "2", None, True])
 def test_controller_steps_that_are_not_a_count_are_rejected(steps):
     _, _, controller = fresh_run()
     with pytest.raises(ValueError, match=re.escape(repr(steps))):

@@ -1,0 +1,32 @@
+"""Argument checks the modules share, each with its error message written once. Imports nothing of the package."""
+
+import math
+
+#: Seeds are ints in ``[0, SEED_MAX]``: what ``torch.Generator.manual_seed`` takes without wrapping.
+SEED_MAX = 2**63 - 1
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None, high_text: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (a bool is not) with ``low <= value <= high``.
+
+    ``high=None`` leaves it unbounded above; ``high_text`` is how the message writes ``high``
+    (e.g. ``"k=12"``), ``high`` itself by default.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+        return
+    bound = f">= {low}" if high is None else f"in [{low}, {high if high_text is None else high_text}]"
+    raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def check_seed(seed: object) -> None:
+    """Raise ``ValueError`` unless ``seed`` is an int in ``[0, 2⁶³ - 1]``."""
+    check_int("seed", seed, 0, SEED_MAX, "2**63 - 1")
+
+
+def check_number(name: str, value: object, positive: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite int or float (not a bool), ``>= 0``, or ``> 0`` with
+    ``positive``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if value > 0 or (value == 0 and not positive):
+            return
+    raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
