@@ -2,6 +2,8 @@
 # runs; several minutes on 2 cores). `make test-fast` runs all but the tests marked `slow` (the distributed,
 # crash-resume, notebook, demo, bench and reproduction subprocesses; the real MiniLM; the HF Trainer; the fuzzer),
 # in well under a minute: the edit-test loop. Both pass ARGS to pytest, e.g. `make test-fast ARGS="-k launch"`.
+# `make lint` runs ruff (pinned in requirements-dev.txt, configured in pyproject.toml): the lint rules and the
+# format check, over the library, the tests and the notebooks; CI runs it before the tests.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures
@@ -13,7 +15,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench reproduce clean
+.PHONY: test test-fast lint demo bench reproduce clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,10 @@ test: $(STAMP)
 # One torch thread unless told otherwise: on these tiny tensors thread pools cost more than they give.
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m lora_dash.demo $(ARGS)
