@@ -10,12 +10,14 @@
 # its memory (a few minutes on CPU); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the report.
 # `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores, resumable) into
 # results/reproduce; `make reproduce ARGS=--quick` is its few-minute miniature.
+# `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 4 hours on 2 cores,
+# resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo bench reproduce clean
+.PHONY: test test-fast lint demo bench reproduce commonsense clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +45,9 @@ bench: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m lora_dash.reproduce $(ARGS)
+
+commonsense: $(STAMP)
+	$(PY) -m lora_dash.commonsense $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

