@@ -1,12 +1,14 @@
-"""Small models, synthetic data and a training loop shared by the inject, training and state tests."""
+"""Small models, synthetic data, the tests' one training loop, assertion helpers and the gloo-worker runner."""
 
 import importlib.util
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import lora_dash
+
 
 def require_demo_packages() -> None:
     """Skip the calling test module unless the demo's extras and its model and data packages are installed."""
@@ -88,6 +91,16 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(lora_dash.adapter_parameters(model), lr=1e-2, weight_decay=0.01)
 
 
+#: ``loss(model, step, micro) -> Tensor``: the training loss of one micro-batch.
+Loss = Callable[[nn.Module, int, int], Tensor]
+
+
+def regression_loss(model: nn.Module, step: int, micro: int) -> Tensor:
+    """The MSE of ``model`` on :func:`batch`: the loss of every test that trains the MLP."""
+    x, y = batch(step, micro)
+    return F.mse_loss(model(x), y)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -95,14 +108,14 @@ def train_step(
     controller: lora_dash.LaunchController | None = None,
     accumulation: int = 1,
     evaluate: bool = False,
+    loss: Loss = regression_loss,
 ) -> None:
-    """One optimizer step over ``accumulation`` micro-batches; ``controller.step()`` if one is given
-    (the explicit path; pass ``None`` when the controller is attached to the optimizer)."""
+    """One optimizer step over ``accumulation`` micro-batches of ``loss``; ``controller.step()`` if one is
+    given (the explicit path; pass ``None`` when the controller is attached to the optimizer)."""
     model.train()
     optimizer.zero_grad()
     for micro in range(accumulation):
-        x, y = batch(step, micro)
-        (F.mse_loss(model(x), y) / accumulation).backward()
+        (loss(model, step, micro) / accumulation).backward()
     optimizer.step()
     if controller is not None:
         controller.step()
@@ -110,6 +123,32 @@ def train_step(
         model.eval()
         with torch.no_grad():
             model(batch(-1)[0])
+
+
+def train(
+    model: nn.Module,
+    steps: int,
+    launch_step: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start: int = 1,
+    on_step: Callable[[int], None] | None = None,
+    **step_options: Any,
+) -> tuple[torch.optim.Optimizer, lora_dash.LaunchController | None]:
+    """Optimizer steps ``start .. start + steps - 1`` by :func:`train_step` (``step_options`` go to it), then
+    ``on_step(step)`` after each; the one training loop of the tests.
+
+    ``optimizer`` defaults to :func:`make_optimizer`; with ``launch_step`` a ``LaunchController`` is attached
+    to it first, so the launch comes right after step ``launch_step``. Returns ``(optimizer, controller)``.
+    """
+    optimizer = make_optimizer(model) if optimizer is None else optimizer
+    controller = None
+    if launch_step is not None:
+        controller = lora_dash.LaunchController(model, launch_step=launch_step).attach(optimizer)
+    for step in range(start, start + steps):
+        train_step(model, optimizer, step, **step_options)
+        if on_step is not None:
+            on_step(step)
+    return optimizer, controller
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -131,6 +170,29 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     for key, value in before["state"].items():
         assert after["state"][key].dtype == value.dtype, key
         assert bit_identical(after["state"][key], value), key
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Recursive bit-identity of nested dicts, lists and tuples of tensors and plain values: the same types,
+    keys, lengths, tensor dtypes and shapes, and equal values; ``where`` is the path the message names."""
+    assert type(a) is type(b), where
+    if isinstance(a, Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_adapter(expected: nn.Module, actual: nn.Module) -> None:
+    """Every adapter tensor of the two models (A, B, δ, U_s, V_s, indices, phase) bit-identical."""
+    assert_same(lora_dash.adapter_state_dict(actual), lora_dash.adapter_state_dict(expected), "adapter")
 
 
 def bit_identical(a: Tensor, b: Tensor) -> bool:

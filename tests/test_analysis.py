@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lora_dash import LoRADashLinear
@@ -23,15 +23,7 @@ from lora_dash.analysis import (
 )
 from lora_dash.directions import select_directions
 
-F64 = torch.float64
-FAST = settings(max_examples=40, deadline=None)
-THOROUGH = settings(max_examples=100, deadline=None)
-
-seeds = st.integers(0, 2**32 - 1)
-
-
-def orthonormal(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=F64)).Q
+from conftest import F64, FAST, THOROUGH, orthonormal, seeds
 
 
 @st.composite

@@ -16,6 +16,16 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_dash import (
+    LaunchController,
+    adapter_state_dict,
+    checkpoint,
+    dash_layers,
+    inject,
+    load_adapter_state_dict,
+)
+from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
+
 from helpers import (
     ADAPTED,
     ALPHA,
@@ -27,19 +37,10 @@ from helpers import (
     build_adapted,
     build_base,
     build_with_trained_head,
-    make_optimizer,
     snapshot,
+    train,
     train_step,
 )
-from lora_dash import (
-    LaunchController,
-    adapter_state_dict,
-    dash_layers,
-    inject,
-    load_adapter_state_dict,
-)
-from lora_dash import checkpoint
-from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
 
 T = 3  # launch step
 
@@ -47,10 +48,7 @@ T = 3  # launch step
 def trained(steps: int, init_seed: int = 1, build=build_adapted):
     """A model (``build(init_seed)``), optimizer and attached controller after ``steps`` optimizer steps."""
     model = build(init_seed=init_seed)
-    optimizer = make_optimizer(model)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
-    for step in range(1, steps + 1):
-        train_step(model, optimizer, step)
+    optimizer, controller = train(model, steps, launch_step=T)
     return model, optimizer, controller
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.crash_resume_run import T, TOTAL
-
-from helpers import build_adapted, make_optimizer
 from lora_dash import LaunchController
 from lora_dash.checkpoint import load_training_checkpoint
+
+from helpers import assert_same, build_adapted, make_optimizer
+from workers.crash_resume_run import TOTAL, T
 
 WORKER = Path(__file__).parent / "workers" / "crash_resume_run.py"
 TIMEOUT_S = 90  # per process; one takes a few seconds
@@ -103,23 +103,6 @@ def kill_while_running_the_step_after(folder: Path, step: int) -> None:
 
 def load_content(path: Path):
     return torch.load(path, weights_only=True)["content"]
-
-
-def assert_same(a, b, where="checkpoint") -> None:
-    """Recursive bit-identity of two loaded checkpoints."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")

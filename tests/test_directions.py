@@ -11,29 +11,27 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_dash.directions import (
+    STRATEGIES,
     change_rates,
     coordinates,
     coordinates_from_factors,
     dash_update,
-    STRATEGIES,
     eligible_directions,
     pick_directions,
     select_directions,
     svd_basis,
 )
 
-F64 = torch.float64
-FAST = settings(max_examples=40, deadline=None)
-THOROUGH = settings(max_examples=100, deadline=None)
+from conftest import F64, FAST, THOROUGH, gaussian, generator, orthonormal, seeds
+
 REL = 1e-12  # float64 rounding on matrices of at most 24 x 24, with margin
 
 # --- strategies -----------------------------------------------------------------------------------
 
-seeds = st.integers(0, 2**32 - 1)
 decades = st.integers(-12, 12).map(lambda e: 10.0**e)
 
 
@@ -52,15 +50,6 @@ def shapes(draw, kinds=("tall", "wide", "square", "row", "column")):
     if short == long:  # a strictly tall or wide shape
         long += 1
     return (long, short) if kind == "tall" else (short, long)
-
-
-def gaussian(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=F64)
-
-
-def orthonormal(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
-    """(n, k) with orthonormal columns, k <= n."""
-    return torch.linalg.qr(gaussian(gen, n, k)).Q
 
 
 @st.composite
@@ -112,8 +101,11 @@ def lora_factors(draw, n: int, m: int):
     return B, A, draw(st.sampled_from((0.5, 1.0, 2.0, 1 / math.sqrt(8), 16.0)))
 
 
+RATES = st.floats(0.0, 1e6, allow_nan=False)
+
+
 @st.composite
-def rate_vectors(draw, values=st.floats(0.0, 1e6, allow_nan=False)):
+def rate_vectors(draw, values=RATES):
     """(rates, eligible) as given to select_directions; rates may tie."""
     k = draw(st.integers(1, 24))
     rates = torch.tensor(draw(st.lists(values, min_size=k, max_size=k)), dtype=F64)
@@ -629,10 +621,6 @@ def pickable(draw):
     signs = draw(st.lists(st.sampled_from((-1.0, 1.0)), min_size=k, max_size=k))
     coords = torch.tensor(magnitudes, dtype=F64) * torch.tensor(signs, dtype=F64)
     return rates, eligible, draw(st.integers(1, int(eligible.sum()))), coords
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @THOROUGH

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lora_dash.checkpoint import load_adapter
-from workers.distributed_runs import PROBE_X, STEPS, T, single_process_run
 
-from helpers import build_adapted, run_gloo_workers
+from helpers import assert_same, build_adapted, run_gloo_workers
+from workers.distributed_runs import PROBE_X, STEPS, T, single_process_run
 
 WORKER = Path(__file__).parent / "workers" / "distributed_runs.py"
 WORLD = 2
@@ -54,12 +54,6 @@ def assert_close_states(state: dict, reference: dict) -> None:
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=key)
 
 
-def assert_identical_states(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 EXPECTED_PHASES = [(step, step >= T) for step in range(1, STEPS + 1)]
 ENGINES = pytest.mark.parametrize("engine", ["ddp", "fsdp"], ids=["DDP", "FSDP2"])
 
@@ -81,7 +75,7 @@ def test_every_rank_selects_the_directions_one_process_selects(engine, runs, sin
 @ENGINES
 def test_ranks_end_with_bit_identical_adapter_state(engine, runs):
     rank0, rank1 = (result["state"] for result in results(runs, engine))
-    assert_identical_states(rank0, rank1)
+    assert_same(rank0, rank1)
 
 
 @ENGINES
@@ -107,7 +101,7 @@ def test_fsdp2_launch_selects_singular_vectors_of_the_whole_weight_not_of_a_shar
 
 def test_fsdp2_adapter_file_reloads_into_a_fresh_sharded_model_exactly(runs):
     for result in results(runs, "fsdp"):
-        assert_identical_states(result["reloaded_state"], result["state"])
+        assert_same(result["reloaded_state"], result["state"])
         assert torch.equal(result["reloaded_output"], result["output"])
 
 

@@ -13,20 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from helpers import (
-    IN,
-    OUT,
-    R,
-    S,
-    assert_unchanged,
-    batch,
-    build_adapted,
-    build_with_trained_head,
-    make_optimizer,
-    snapshot,
-    train_step,
-)
-from lora_dash import LaunchController, dash_layers, inject
+from lora_dash import dash_layers, inject
 from lora_dash.export import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -38,6 +25,19 @@ from lora_dash.export import (
     plain_lora_factors,
     save_peft_adapter,
 )
+
+from helpers import (
+    IN,
+    OUT,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    build_with_trained_head,
+    snapshot,
+    train,
+)
 from oracle_helpers import relative_error
 from test_layer import Conv1D
 
@@ -48,10 +48,7 @@ ALPHA = 5.0  # α/r = 1.25: folding the scaling into B' rounds (a power of two w
 
 def trained(model: nn.Module, steps: int) -> nn.Module:
     """``steps`` optimizer steps with the launch after step ``T`` (so ``steps > T`` ends in the dash phase)."""
-    optimizer = make_optimizer(model)
-    LaunchController(model, launch_step=T).attach(optimizer)
-    for step in range(1, steps + 1):
-        train_step(model, optimizer, step)
+    train(model, steps, launch_step=T)
     return model
 
 

@@ -11,6 +11,7 @@ exactly as they were.
 import copy
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from torch import Tensor, nn
 
-from helpers import assert_unchanged, snapshot
 from lora_dash import LaunchController, adapter_parameters, adapter_state_dict, dash_layers, inject
 from lora_dash.checkpoint import load_adapter, load_training_checkpoint, save_adapter, save_training_checkpoint
+
+from helpers import assert_same, assert_unchanged, snapshot
 
 pytestmark = pytest.mark.slow  # seconds of random operation sequences: make test-fast leaves this file out
 EXAMPLES, STEPS_PER_EXAMPLE = 60, 14
@@ -196,13 +198,13 @@ class AdapterMachine(RuleBasedStateMachine):
         self.model.train(not self.model.training)
 
     def save(self) -> None:
-        save = lambda: save_training_checkpoint(self.model, self.optimizer, self.controller, self.path("run.pt"))
+        save = partial(save_training_checkpoint, self.model, self.optimizer, self.controller, self.path("run.pt"))
         if self.attempt(save, allowed_to_fail=self.expected["merged"]):
             self.saved = {"adapter": adapter_state_dict(self.model), "expected": dict(self.expected),
                           "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load(self) -> None:
-        load = lambda: load_training_checkpoint(self.model, self.optimizer, self.controller, self.path("run.pt"))
+        load = partial(load_training_checkpoint, self.model, self.optimizer, self.controller, self.path("run.pt"))
         saved = self.saved["expected"]
         # Known core issue (test_checkpoint: ..._after_an_early_manual_launch_loads_back): a checkpoint saved
         # after launch() before step t is refused today. Tolerated here so the fuzzer finds other things.
@@ -285,22 +287,6 @@ class AdapterMachine(RuleBasedStateMachine):
                 y = y + layer.scaling * (h @ A.T) @ B.T + ((h @ V_s) * delta) @ U_s.T
             h = torch.tanh(y) if index < len(self.model.blocks) - 1 else y
         return h
-
-
-def assert_same(a, b, where: str = "state") -> None:
-    """Recursive bit-identity of nested containers of tensors."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, where
 
 
 AdapterMachine.TestCase.settings = settings(

@@ -25,6 +25,8 @@ from transformers import (
 from lora_dash import adapter_state_dict, dash_layers, inject, load_adapter
 from lora_dash.hf import ADAPTER_FILE, PEFT_FLAG, LoRADashCallback, LoRADashTrainer
 
+from helpers import assert_same_adapter
+
 T = 3  # launch step
 STEPS = 6  # optimizer steps per run; checkpoints every 2, so at 2 (before the launch) and 4 (after)
 ACCUMULATION = 4
@@ -77,13 +79,6 @@ def train(output_dir, trainer_class=Trainer, resume=None, callback=None, **overr
     trainer = trainer_class(model=build_model(), args=arguments, train_dataset=Tokens(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def assert_same_adapter(expected_model, actual_model) -> None:
-    """Every adapter tensor (A, B, δ, U_s, V_s, indices, phase) bit-identical."""
-    expected, actual = adapter_state_dict(expected_model), adapter_state_dict(actual_model)
-    assert expected.keys() == actual.keys()
-    assert {key for key in expected if not torch.equal(expected[key], actual[key])} == set()
 
 
 def callback_of(trainer) -> LoRADashCallback:

@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-from helpers import assert_unchanged, build_adapted, make_optimizer, snapshot, train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,21 +27,17 @@ from lora_dash.analysis import (
 )
 from lora_dash.schedule import layer_generators
 
-F64 = torch.float64
-FAST = settings(max_examples=30, deadline=None)
-seeds = st.integers(0, 2**32 - 1)
+from conftest import F64, generator, orthonormal, seeds
+from helpers import assert_unchanged, build_adapted, make_optimizer, snapshot, train_step
 
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+FAST = settings(max_examples=30, deadline=None)  # each example draws thousands of null updates
 
 
 def planted_weight(n: int, m: int, sigma: torch.Tensor, seed: int):
     """W = U diag(σ) Vᵀ with known orthonormal U (n, k) and V (m, k)."""
     gen = generator(seed)
     k = sigma.numel()
-    U = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=F64)).Q
-    V = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=F64)).Q
+    U, V = orthonormal(gen, n, k), orthonormal(gen, m, k)
     return U @ torch.diag(sigma) @ V.mT, U, V
 
 

@@ -7,19 +7,6 @@ import warnings
 import pytest
 import torch
 
-from helpers import (
-    OUT,
-    R,
-    S,
-    assert_unchanged,
-    batch,
-    build_adapted,
-    build_base,
-    build_with_trained_head,
-    make_optimizer,
-    snapshot,
-    train_step,
-)
 from lora_dash import (
     LaunchController,
     adapter_param_groups,
@@ -33,27 +20,39 @@ from lora_dash import (
 )
 from lora_dash.state import LAYER_STATE_KEYS
 
+from helpers import (
+    OUT,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    build_base,
+    build_with_trained_head,
+    make_optimizer,
+    snapshot,
+    train,
+)
+
 T = 4  # launch step
 TOTAL = T + 8
 
 
-def train(model, optimizer, start, stop):
-    """Optimizer steps ``start .. stop`` (inclusive); the controller counts them through its hook."""
-    for step in range(start, stop + 1):
-        train_step(model, optimizer, step, accumulation=2)
+def train_steps(model, optimizer, start, stop):
+    """Optimizer steps ``start .. stop`` (inclusive), two micro-batches each; the controller counts them."""
+    train(model, stop - start + 1, optimizer=optimizer, start=start, accumulation=2)
 
 
 def fresh_run(init_seed=1):
     model = build_adapted(init_seed=init_seed)
-    optimizer = make_optimizer(model)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
+    optimizer, controller = train(model, 0, launch_step=T)
     return model, optimizer, controller
 
 
 def trained_state(steps, init_seed=1):
     """The adapter state after ``steps`` optimizer steps (launched iff ``steps >= T``)."""
     model, optimizer, _ = fresh_run(init_seed)
-    train(model, optimizer, 1, steps)
+    train_steps(model, optimizer, 1, steps)
     return adapter_state_dict(model)
 
 
@@ -61,11 +60,11 @@ def trained_state(steps, init_seed=1):
 @pytest.mark.parametrize("save_at", [2, T, T + 3], ids=["pre-launch", "at-launch", "dash"])
 def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(save_at, tmp_path):
     model, optimizer, controller = fresh_run()
-    train(model, optimizer, 1, TOTAL)
+    train_steps(model, optimizer, 1, TOTAL)
     uninterrupted = adapter_state_dict(model)
 
     model, optimizer, controller = fresh_run()
-    train(model, optimizer, 1, save_at)
+    train_steps(model, optimizer, 1, save_at)
     torch.save(
         {"adapter": adapter_state_dict(model), "controller": controller.state_dict(),
          "optimizer": optimizer.state_dict()},
@@ -81,7 +80,7 @@ def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(save_at
     optimizer.load_state_dict(checkpoint["optimizer"])
     controller = LaunchController(model, launch_step=T).attach(optimizer)
     controller.load_state_dict(checkpoint["controller"])
-    train(model, optimizer, save_at + 1, TOTAL)
+    train_steps(model, optimizer, save_at + 1, TOTAL)
 
     resumed = adapter_state_dict(model)
     assert controller.steps == TOTAL and controller.launched
@@ -92,7 +91,7 @@ def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(save_at
 
 def test_loaded_adapter_reproduces_the_outputs_of_the_saved_model():
     model, optimizer, _ = fresh_run()
-    train(model, optimizer, 1, T + 2)
+    train_steps(model, optimizer, 1, T + 2)
     other = build_adapted(init_seed=3)
     load_adapter_state_dict(other, adapter_state_dict(model))
     probe = batch(-3, size=16)[0]
@@ -110,10 +109,10 @@ def test_adapter_state_dict_holds_exactly_the_layer_state_keys():
 
 def test_adapter_state_dict_is_a_copy_that_later_training_does_not_change():
     model, optimizer, _ = fresh_run()
-    train(model, optimizer, 1, 2)
+    train_steps(model, optimizer, 1, 2)
     saved = adapter_state_dict(model)
     reference = {key: value.clone() for key, value in saved.items()}
-    train(model, optimizer, 3, T + 2)  # across the launch: every saved tensor changes in the model
+    train_steps(model, optimizer, 3, T + 2)  # across the launch: every saved tensor changes in the model
     now = adapter_state_dict(model)
     assert all(not torch.equal(now[key], reference[key]) for key in reference)
     for key, value in reference.items():
@@ -288,7 +287,7 @@ def test_param_groups_train_with_adamw_and_a_controller():
     controller = LaunchController(model, launch_step=T).attach(optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "no attached optimizer holds δ"
-        train(model, optimizer, 1, T + 2)
+        train_steps(model, optimizer, 1, T + 2)
     assert controller.launched
     assert all(layer.dash_delta.ne(0).all() for layer in dash_layers(model).values())
 
@@ -298,7 +297,7 @@ def test_first_delta_update_after_launch_is_minus_scaled_lr_times_its_gradient()
     model = build_adapted()
     optimizer = torch.optim.SGD(adapter_param_groups(model, lr=lr, delta_lr_scale=scale))
     LaunchController(model, launch_step=T).attach(optimizer)
-    train(model, optimizer, 1, T)
+    train_steps(model, optimizer, 1, T)
     assert all(layer.launched for layer in dash_layers(model).values())
     deltas = [layer.dash_delta for layer in dash_layers(model).values()]
     assert not any(delta.any() for delta in deltas)  # δ = 0 at launch
@@ -329,7 +328,7 @@ def test_head_state_loads_and_reproduces_the_trained_outputs():
     model = build_with_trained_head()
     optimizer = make_optimizer(model)
     LaunchController(model, launch_step=T).attach(optimizer)
-    train(model, optimizer, 1, T + 2)
+    train_steps(model, optimizer, 1, T + 2)
     assert not torch.equal(model.fc3.weight, build_base().fc3.weight)  # the head trained
     other = build_with_trained_head(init_seed=3)
     load_adapter_state_dict(other, adapter_state_dict(model))

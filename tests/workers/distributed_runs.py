@@ -16,11 +16,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import IN, batch, build_adapted, make_optimizer  # noqa: E402
-from workers import gloo_group  # noqa: E402
-
 import lora_dash  # noqa: E402
 from lora_dash.checkpoint import load_adapter, save_adapter  # noqa: E402
+
+from helpers import IN, batch, build_adapted, make_optimizer  # noqa: E402
+from workers import gloo_group  # noqa: E402
 
 T = 4  # launch step
 STEPS = 10
