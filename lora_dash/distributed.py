@@ -130,9 +130,10 @@ def gather_to(tensor: Tensor, dst: int) -> Tensor | None:
     local = tensor.to_local()
     padded = local.new_zeros((rows, *tensor.shape[1:]))
     padded[: local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
-    dist.gather(padded, pieces, dst=dst, group=group)
-    return torch.cat(pieces)[: tensor.shape[0]] if rank == dst else None
+    # The shards land in place in one buffer: the whole weight once, no concatenated copy.
+    whole = local.new_empty((world * rows, *tensor.shape[1:])) if rank == dst else None
+    dist.gather(padded, list(whole.chunk(world)) if rank == dst else None, dst=dst, group=group)
+    return whole[: tensor.shape[0]] if rank == dst else None
 
 
 def broadcast_from(tensors: list[Tensor], src: int) -> list[Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 import lora_dash
 from lora_dash.bench import launch as bench
-from lora_dash.bench.launch import MODELS, duration, fit_cost, projected_seconds
+from lora_dash.bench.launch import MODELS, duration, fit_model, projected_seconds
 from lora_dash.distributed import assign_owners, rank_loads, svd_cost
 from workers.launch_runs import build, plant_nan
 
@@ -210,42 +210,52 @@ def test_an_error_on_any_rank_is_raised_on_every_rank_and_nothing_launches(engin
 
 
 # ------------------------------------------------------------------------------------------ the launch benchmark
-def test_fit_recovers_the_constant_of_timings_that_follow_the_model():
-    a = 3e-11
-    seconds = {(1024, 1024): a * svd_cost(1024, 1024), (2048, 512): a * svd_cost(2048, 512),
-               (64, 64): 1.0}  # overhead-bound: timed, left out of the fit
-    fitted, residuals = fit_cost(seconds, min_side=512)
-    assert fitted == pytest.approx(a, rel=1e-12)
-    assert residuals[(1024, 1024)] == pytest.approx(0, abs=1e-12)
+ONE_TERM, TWO_TERMS = bench.COST_MODELS
+
+
+def test_fits_recover_the_constants_of_timings_that_follow_the_model():
+    a, b = 3e-11, 7e-11
+    shapes = ((1024, 1024), (2048, 512), (512, 4096))
+    seconds = {shape: a * svd_cost(*shape) for shape in shapes} | {(64, 64): 1.0}  # (64, 64): left out
+    constants, residuals = fit_model(seconds, ONE_TERM, min_side=512)
+    assert constants == pytest.approx((a,), rel=1e-9)
+    assert residuals[(1024, 1024)] == pytest.approx(0, abs=1e-9)
     assert residuals[(64, 64)] == pytest.approx(a * svd_cost(64, 64) - 1)
-    # Off-model timings: the fit minimises the relative error, here 2 and 0.5 times the model: a·c/t = 0.5, 2.
+    seconds = {shape: a * svd_cost(*shape) + b * min(shape) ** 3 for shape in shapes}
+    assert fit_model(seconds, TWO_TERMS, min_side=512)[0] == pytest.approx((a, b), rel=1e-9)
+    # Off the model: the fit minimises the relative error; at 2 and 0.5 times the model a·c/t is 0.5 and 2.
     seconds = {(1024, 1024): 2 * a * svd_cost(1024, 1024), (2048, 512): 0.5 * a * svd_cost(2048, 512)}
-    fitted, residuals = fit_cost(seconds, min_side=512)
-    assert fitted == pytest.approx(a * (0.5 + 2) / (0.25 + 4), rel=1e-12)
+    assert fit_model(seconds, ONE_TERM, min_side=512)[0] == pytest.approx((a * (0.5 + 2) / (0.25 + 4),), rel=1e-9)
 
 
-def test_projection_is_the_constant_times_the_largest_rank_load():
+def test_projection_is_the_largest_rank_time_under_the_launch_assignment():
     llama = next(shapes for name, shapes in MODELS.items() if name.startswith("LLaMA-7B"))
     assert sorted(svd_cost(*shape) for shape in llama) == sorted(llama_7b_costs())
     unit = svd_cost(4096, 4096)
     for world, units in ((1, 268), (8, 33.5), (64, 4.6875)):
-        assert projected_seconds(2.0, llama, world) == pytest.approx(2.0 * units * unit, rel=1e-12)
+        assert projected_seconds(ONE_TERM, (2.0,), llama, world) == pytest.approx(2.0 * units * unit, rel=1e-12)
+    # Every 7B matrix has min(n, m) = 4096, so with t = k³ each costs one unit; on 64 ranks the assignment by
+    # n·m·min gives every rank a large matrix, then 96 small ones one or two each: three matrices at most.
+    assert projected_seconds(TWO_TERMS, (0.0, 1.0), llama, 64) == pytest.approx(3 * unit, rel=1e-12)
 
 
 def test_svd_costs_report_measures_fits_and_projects(monkeypatch, capsys):
-    a = 1e-10  # timings that follow the model exactly: the fit finds a, the projection is a × the largest load
+    a = 1e-10  # timings that follow the first model exactly: it fits them, and projects a × the largest load
     monkeypatch.setattr(bench, "time_svds", lambda shapes, repeats: {shape: a * svd_cost(*shape) for shape in shapes})
     threads = torch.get_num_threads()
     try:
         bench.main(["--svd-costs", "--quick"])
     finally:
         torch.set_num_threads(threads)
-    rows = table_rows(capsys.readouterr().out)
-    for shape in ("64×64", "128×128", "128×256"):
-        assert rows[shape][-1] == "+0.0%"
-    assert rows[next(name for name in rows if name.startswith("LLaMA-7B"))][1:] == [
-        duration(a * units * svd_cost(4096, 4096)) for units in (268, 33.5, 4.6875)]
+    lines = capsys.readouterr().out.splitlines()
+    rows = table_rows("\n".join(lines))
+    for shape in ("64×64", "128×128", "128×256"):  # "fit (relative residual)", the residual ±0.0 %
+        assert float(rows[shape][1].split("(")[1].rstrip("%)")) == 0
+    llama = [line for line in lines if line.startswith("| LLaMA-7B") and f"| {ONE_TERM.name} |" in line]
+    assert llama[0].endswith(" | ".join(duration(a * units * svd_cost(4096, 4096)) for units in (268, 33.5, 4.6875))
+                             + " |")
     assert duration(a * 268 * svd_cost(4096, 4096)) == "30.7 min"  # 268 · 4096³ · 1e-10 s = 1842 s
+    assert sum(line.startswith(("| LLaMA-7B", "| 70B")) for line in lines) == 2 * len(bench.COST_MODELS)
 
 
 def test_svd_timings_are_positive():

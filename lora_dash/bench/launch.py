@@ -8,8 +8,9 @@ Two parts, each printed as markdown:
   barriers, median over rounds.
 - **SVD costs** (``--svd-costs``): the float32 thin SVD (:func:`lora_dash.directions.svd_basis`, what the
   launch runs) timed on square and rectangular shapes up to 4096², a least-squares fit of
-  ``t = a·n·m·min(n, m)`` with its relative residuals, and the launch time that model projects for LLaMA-7B
-  and a 70B model on 1, 8 and 64 CPU ranks under :func:`lora_dash.distributed.assign_owners`.
+  ``t = a·n·m·min(n, m)`` (the launch's cost model) and of ``t = a·n·m·min(n, m) + b·min(n, m)³`` with their
+  relative residuals, and the launch time each projects for LLaMA-7B and a 70B model on 1, 8 and 64 CPU
+  ranks under :func:`lora_dash.distributed.assign_owners`.
 
 Needs only the core. ``--quick`` shrinks both to a smoke run whose numbers mean nothing.
 """
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -184,23 +186,51 @@ def time_svds(shapes: tuple[tuple[int, int], ...], repeats: int) -> dict[tuple[i
     return {shape: statistics.median(values) for shape, values in samples.items()}
 
 
-def fit_cost(seconds: dict[tuple[int, int], float], min_side: int) -> tuple[float, dict[tuple[int, int], float]]:
-    """``a`` of ``t ≈ a·n·m·min(n, m)`` by least squares on the relative error, over shapes with
-    ``min(n, m) >= min_side``: ``a = Σ(c/t) / Σ(c/t)²`` minimises ``Σ(a·c/t − 1)²``.
+@dataclass(frozen=True)
+class CostModel:
+    """``t = Σ_j c_j · term_j(n, m)``: a name and the terms, linear in the fitted constants ``c``."""
 
-    Returns ``a`` (seconds per unit of cost) and the relative residual ``a·c/t − 1`` of every shape.
+    name: str
+    terms: Callable[[int, int], tuple[int, ...]]
+
+    def seconds(self, constants: tuple[float, ...], shape: tuple[int, int]) -> float:
+        return sum(c * term for c, term in zip(constants, self.terms(*shape)))
+
+
+#: The launch's cost model (:func:`lora_dash.distributed.svd_cost`), and the one LAPACK's flop counts suggest
+#: for a thin SVD with both singular bases, ``O(n·m·k) + O(k³)``: an extra ``k³`` term weighs square
+#: matrices more than rectangular ones.
+COST_MODELS = (
+    CostModel("a·n·m·min(n, m)", lambda n, m: (svd_cost(n, m),)),
+    CostModel("a·n·m·min(n, m) + b·min(n, m)³", lambda n, m: (svd_cost(n, m), min(n, m) ** 3)),
+)
+
+
+def fit_model(
+    seconds: dict[tuple[int, int], float], model: CostModel, min_side: int
+) -> tuple[tuple[float, ...], dict[tuple[int, int], float]]:
+    """The constants of ``model`` by least squares on the relative error, ``Σ_i (t̂_i / t_i − 1)²``, over the
+    shapes with ``min(n, m) >= min_side``; and the relative residual ``t̂ / t − 1`` of every shape.
+
+    With one term ``c``: ``a = Σ(c/t) / Σ(c/t)²``. Solved in float64 (``torch.linalg.lstsq`` on the rows
+    ``term_j / t_i`` against ones).
     """
-    fitted = [(svd_cost(*shape), t) for shape, t in seconds.items() if min(shape) >= min_side]
-    if not fitted:
-        raise ValueError(f"no timed shape has min(n, m) >= {min_side}")
-    a = sum(c / t for c, t in fitted) / sum((c / t) ** 2 for c, t in fitted)
-    return a, {shape: a * svd_cost(*shape) / t - 1 for shape, t in seconds.items()}
+    fitted = [(model.terms(*shape), t) for shape, t in seconds.items() if min(shape) >= min_side]
+    if len(fitted) < len(model.terms(1, 1)):
+        raise ValueError(f"too few timed shapes with min(n, m) >= {min_side} to fit {model.name}")
+    rows = torch.tensor([[term / t for term in terms] for terms, t in fitted], dtype=torch.float64)
+    ones = torch.ones(len(fitted), 1, dtype=torch.float64)
+    constants = tuple(torch.linalg.lstsq(rows, ones).solution[:, 0].tolist())
+    return constants, {shape: model.seconds(constants, shape) / t - 1 for shape, t in seconds.items()}
 
 
-def projected_seconds(a: float, shapes: list[tuple[int, int]], world: int) -> float:
-    """``a`` × the largest rank load when ``world`` ranks share ``shapes`` (:func:`assign_owners`)."""
-    costs = [svd_cost(*shape) for shape in shapes]
-    return a * max(rank_loads(costs, assign_owners(costs, world), world))
+def projected_seconds(
+    model: CostModel, constants: tuple[float, ...], shapes: list[tuple[int, int]], world: int
+) -> float:
+    """The largest rank's predicted SVD time when ``world`` ranks share ``shapes`` as the launch assigns them
+    (:func:`assign_owners` on :func:`svd_cost`), each SVD's time from ``model``."""
+    owners = assign_owners([svd_cost(*shape) for shape in shapes], world)
+    return max(rank_loads([model.seconds(constants, shape) for shape in shapes], owners, world))
 
 
 def duration(seconds: float) -> str:
@@ -210,42 +240,51 @@ def duration(seconds: float) -> str:
 
 
 def bench_svd_costs(settings: Settings) -> str:
-    """The measured SVD table, the fit and the projection, as markdown."""
+    """The measured SVD table, the fits and the projection, as markdown."""
     seconds = time_svds(settings.svd_shapes, settings.svd_repeats)
-    a, residuals = fit_cost(seconds, settings.fit_min_side)
     in_fit = [shape for shape in seconds if min(shape) >= settings.fit_min_side]
-    worst = max(abs(residuals[shape]) for shape in in_fit)
-    rms = (sum(residuals[shape] ** 2 for shape in in_fit) / len(in_fit)) ** 0.5
+    fits = [(model, *fit_model(seconds, model, settings.fit_min_side)) for model in COST_MODELS]
     largest = max(seconds, key=lambda shape: svd_cost(*shape))
-    measured = [f"| {n}×{m} | {svd_cost(n, m):.3g} | {t * 1000:.1f} | {a * svd_cost(n, m) * 1000:.1f} | "
-                f"{residuals[(n, m)]:+.1%}{'' if (n, m) in in_fit else ' (not fitted)'} |"
-                for (n, m), t in seconds.items()]
-    projected = []
-    for name, shapes in MODELS.items():
-        cells = [duration(projected_seconds(a, shapes, world)) for world in PROJECTED_RANKS]
-        projected.append(f"| {name} | {len(shapes)} | {' | '.join(cells)} |")
+    measured = []
+    for shape, t in seconds.items():
+        cells = [f"{t * 1000:.1f}"] + [f"{model.seconds(constants, shape) * 1000:.1f} ({residuals[shape]:+.1%})"
+                                       for model, constants, residuals in fits]
+        note = "" if shape in in_fit else " (not fitted)"
+        measured.append(f"| {shape[0]}×{shape[1]}{note} | {' | '.join(cells)} |")
+    described = []
+    for model, constants, residuals in fits:
+        errors = [residuals[shape] for shape in in_fit]
+        values = ", ".join(f"{letter} = {value:.3e} s" for letter, value in zip("ab", constants))
+        described.append(f"- `t = {model.name}`: {values}; relative residuals RMS "
+                         f"{(sum(e * e for e in errors) / len(errors)) ** 0.5:.1%}, worst {max(map(abs, errors)):.1%}.")
+    projected = [f"| {name} | {len(shapes)} | {model.name} | "
+                 + " | ".join(duration(projected_seconds(model, constants, shapes, world)) for world in PROJECTED_RANKS)
+                 + " |" for name, shapes in MODELS.items() for model, constants, _ in fits]
     return "\n".join([
         f"**Measured** on this machine ({os.cpu_count()} cores), one torch thread: CPU time of the float32 thin "
         f"SVD as the launch runs it (a wide matrix through its transpose), median of {settings.svd_repeats} "
-        "rounds after a warm-up round, shapes timed round-robin:",
+        "rounds after a warm-up round, shapes timed round-robin; beside it each fit's value (and its relative "
+        "residual):",
         "",
-        "| shape (out×in) | n·m·min(n, m) | measured CPU (ms) | fit a·n·m·min (ms) | fit / measured − 1 |",
-        "|---|---:|---:|---:|---:|",
+        "| shape (out×in) | measured CPU (ms) | "
+        + " | ".join(f"fit {model.name} (ms)" for model in COST_MODELS) + " |",
+        "|---|---:|" + "---:|" * len(COST_MODELS),
         *measured,
         "",
-        f"**Fit**: `t = a·n·m·min(n, m)` with a = {a:.3e} s, by least squares on the relative error over the "
-        f"{len(in_fit)} shapes with min(n, m) ≥ {settings.fit_min_side} (smaller ones are dominated by fixed "
-        f"costs); relative residuals RMS {rms:.1%}, worst {worst:.1%}.",
+        f"**Fits**, by least squares on the relative error over the {len(in_fit)} shapes with min(n, m) ≥ "
+        f"{settings.fit_min_side} (smaller ones are dominated by fixed costs):",
         "",
-        f"**Projected** (not measured): launch time = a × the largest rank's SVD cost under the size-balanced "
-        "assignment, CPU float32 at the measured speed of one core per rank, SVDs only (the selection, the "
-        "gathers and the broadcast of `s·(n + m)` numbers a layer are small beside them). Shapes costlier than "
-        f"the costliest measured one ({largest[0]}×{largest[1]}) are extrapolated: the fit's residuals do not "
-        "bound the error there.",
+        *described,
         "",
-        "| model | adapted matrices | " + " | ".join(f"{world} rank{'s' * (world > 1)}" for world in PROJECTED_RANKS)
-        + " |",
-        "|---|---:|" + "---:|" * len(PROJECTED_RANKS),
+        "**Projected** (not measured): the largest rank's summed SVD time under the launch's size-balanced "
+        "assignment, each SVD's time from a fit, CPU float32 at the measured speed of one core per rank; SVDs "
+        "only (the selection, the gathers and the broadcast of `s·(n + m)` numbers a layer are small beside "
+        f"them). Shapes costlier than the costliest measured one ({largest[0]}×{largest[1]}) are extrapolated: "
+        "the residuals do not bound the error there.",
+        "",
+        "| model | adapted matrices | cost model | "
+        + " | ".join(f"{world} rank{'s' * (world > 1)}" for world in PROJECTED_RANKS) + " |",
+        "|---|---:|---|" + "---:|" * len(PROJECTED_RANKS),
         *projected,
     ])
 
