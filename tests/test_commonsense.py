@@ -279,3 +279,45 @@ def test_the_pilot_chooses_the_best_validation_accuracy_then_the_lower_final_los
     assert study.pilot_choice(tmp_path) == high
     write(high, 0.40, 2.0)
     assert study.pilot_choice(tmp_path) == low
+
+
+def test_a_forked_lora_dash_run_equals_one_trained_from_step_one(tiny_llama, monkeypatch):
+    """The pairing the study relies on: LoRA-Dash forked from the LoRA run after step t (parameters,
+    AdamW, schedule and RNG state) is the run a LoRA-Dash model launched at t by its controller makes."""
+    import copy
+    from dataclasses import replace
+
+    import lora_dash
+
+    monkeypatch.setattr(study, "load_smollm2", lambda cache: (CharTokenizer(), copy.deepcopy(tiny_llama).train()))
+    monkeypatch.setattr(study, "quantization_noise_levels", lambda: dict.fromkeys(lora_dash_names(tiny_llama), 0.1))
+    settings = replace(study.QUICK, steps=5, t=2, warmup=2, max_tokens=40, dropout=0.1)
+    unit = study.family_unit(settings, r=2, seed=3, cache=None)
+
+    train_questions, test_questions = study.train_and_test(settings)
+    tokenizer, model = study._adapted(settings, 2, 3, None)
+    optimizer, scheduler = study._optimizer(model, settings, settings.steps)
+    lora_dash.LaunchController(model, launch_step=settings.t).attach(optimizer)
+    losses = train.train_steps(
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train_questions,
+        settings.steps,
+        settings.batch_size,
+        3,
+        settings.max_tokens,
+    )
+    forked = unit["runs"][1]
+    assert forked["losses"] == losses  # bit for bit
+    assert forked["losses"] != unit["runs"][0]["losses"]  # the dash changed the run after t
+    assert forked["accuracy"] == train.evaluate(
+        model, tokenizer, test_questions, settings.max_tokens, settings.eval_token_budget
+    )
+
+
+def lora_dash_names(llama) -> list[str]:
+    import re
+
+    return [name for name, _ in llama.named_modules() if re.fullmatch(model.TARGETS, name)]

@@ -195,6 +195,8 @@ def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str,
     for name, value in saved["optimizer"].items():
         optimizer.state[parameters[name]] = value
     scheduler.load_state_dict(saved["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # load_state_dict restores the schedule's position, not the rates it set
     controller = lora_dash.LaunchController(dash, launch_step=settings.t).attach(optimizer)
     launch_start = time.perf_counter()
     controller.launch()
