@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import S, assert_unchanged, batch, build_adapted, build_base, make_optimizer, snapshot, train_step
 from lora_dash import LaunchController, dash_layers, directions, inject
 from lora_dash.checkpoint import load_adapter, save_adapter
+
+from helpers import S, assert_unchanged, batch, build_adapted, build_base, make_optimizer, snapshot, train, train_step
 
 T = 4  # launch step
 
@@ -35,14 +36,11 @@ def half_precision_model(dtype):
     return model, make_optimizer(model)
 
 
-def train_step_in_model_dtype(model, optimizer, step: int) -> None:
-    """``helpers.train_step`` with the batch in the dtype of the model's pretrained weights."""
+def loss_in_model_dtype(model, step: int, micro: int):
+    """``helpers.regression_loss`` with the batch in the dtype of the model's pretrained weights."""
     dtype = model.fc1.base.weight.dtype
-    model.train()
-    optimizer.zero_grad()
-    x, y = batch(step)
-    F.mse_loss(model(x.to(dtype)).float(), y).backward()
-    optimizer.step()
+    x, y = batch(step, micro)
+    return F.mse_loss(model(x.to(dtype)).float(), y)
 
 
 def poisoned_step(model, optimizer, value: float) -> None:
@@ -59,8 +57,7 @@ def poisoned_step(model, optimizer, value: float) -> None:
 def test_non_finite_loss_at_the_launch_step_makes_the_launch_refuse_naming_a_layer_and_select_nothing(value):
     model = build_adapted()
     optimizer, controller = attached(model)
-    for step in range(1, T):
-        train_step(model, optimizer, step)
+    train(model, T - 1, optimizer=optimizer)
     before = dash_buffers(model)
     with pytest.raises(ValueError, match=r"layer 'fc\d': the LoRA update is not finite"):
         poisoned_step(model, optimizer, value)  # step t: the post-step hook launches, and must refuse
@@ -72,8 +69,7 @@ def test_non_finite_loss_at_the_launch_step_makes_the_launch_refuse_naming_a_lay
 def test_non_finite_loss_after_the_launch_leaves_the_selected_directions_alone():
     model = build_adapted()
     optimizer, controller = attached(model)
-    for step in range(1, T + 2):
-        train_step(model, optimizer, step)
+    train(model, T + 1, optimizer=optimizer)
     selected = dash_buffers(model)
     poisoned_step(model, optimizer, math.nan)
     train_step(model, optimizer, T + 3)
@@ -118,8 +114,7 @@ def test_rank_deficient_weight_launches_on_its_nonzero_singular_directions_only(
     rank = S + 1
     model = with_fc2_weight(rank)
     optimizer, controller = attached(model)
-    for step in range(1, T + 4):
-        train_step(model, optimizer, step)
+    train(model, T + 3, optimizer=optimizer)
     assert controller.launched
     assert set(model.fc2.dash_index.tolist()) <= set(range(rank))  # σ sorted descending: zeros come last
     assert all(torch.isfinite(p).all() for p in model.fc2.adapter_parameters())
@@ -130,8 +125,7 @@ def test_rank_deficient_weight_launches_on_its_nonzero_singular_directions_only(
 def test_weight_of_rank_below_s_makes_the_launch_refuse_naming_the_layer_and_launch_no_layer(rank):
     model = with_fc2_weight(rank)
     optimizer, controller = attached(model)
-    for step in range(1, T):
-        train_step(model, optimizer, step)
+    train(model, T - 1, optimizer=optimizer)
     before = dash_buffers(model)
     with pytest.raises(ValueError, match=re.escape(f"layer 'fc2': only {rank} of 16 directions are eligible")):
         train_step(model, optimizer, T)
@@ -148,8 +142,7 @@ HALF = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["b
 def test_half_precision_base_selects_at_launch_what_float32_selects_from_the_same_values(dtype):
     model, optimizer = half_precision_model(dtype)
     controller = LaunchController(model, launch_step=T)  # explicit steps: look between step t and its launch
-    for step in range(1, T + 1):
-        train_step_in_model_dtype(model, optimizer, step)
+    train(model, T, optimizer=optimizer, loss=loss_in_model_dtype)
     expected = {}
     for name, layer in dash_layers(model).items():  # the reference math on float32 copies of the same values
         U, sigma, V = directions.svd_basis(layer.base_weight().float())
@@ -167,8 +160,7 @@ def test_half_precision_base_trains_float32_adapters_across_the_launch_without_n
     # Adam with its default eps (1e-8 is 0 in fp16) would turn a zero gradient into 0/0 in a half adapter.
     model, optimizer = half_precision_model(dtype)
     controller = LaunchController(model, launch_step=T).attach(optimizer)
-    for step in range(1, T + 4):
-        train_step_in_model_dtype(model, optimizer, step)
+    train(model, T + 3, optimizer=optimizer, loss=loss_in_model_dtype)
     assert controller.launched
     for layer in dash_layers(model).values():
         assert layer.base.weight.dtype == dtype
@@ -184,8 +176,7 @@ def test_casting_an_adapted_model_to_half_precision_keeps_its_adapters_in_float3
     # The layer's contract (float32 adapters on a half base) must survive model.to(dtype) after inject.
     model = build_adapted()
     optimizer, controller = attached(model)
-    for step in range(1, T + 2):
-        train_step(model, optimizer, step)
+    train(model, T + 1, optimizer=optimizer)
     indices = {name: layer.dash_index.clone() for name, layer in dash_layers(model).items()}
     model.to(dtype)
     for name, layer in dash_layers(model).items():
@@ -199,8 +190,7 @@ def test_adapted_model_cast_to_float16_trains_across_the_launch_without_nan():
     model = build_adapted()
     optimizer, controller = attached(model)
     model.half()
-    for step in range(1, T + 3):
-        train_step_in_model_dtype(model, optimizer, step)
+    train(model, T + 2, optimizer=optimizer, loss=loss_in_model_dtype)
     assert controller.launched
     assert all(torch.isfinite(p).all() for p in optimizer.param_groups[0]["params"])
 
@@ -211,8 +201,7 @@ def test_optimizer_built_before_a_dtype_move_still_trains_every_adapter_tensor()
     optimizer, controller = attached(model)
     model.to(torch.float64)
     before = {id(p): p.detach().clone() for p in optimizer.param_groups[0]["params"]}
-    for step in range(1, T + 3):
-        train_step_in_model_dtype(model, optimizer, step)
+    train(model, T + 2, optimizer=optimizer, loss=loss_in_model_dtype)
     assert controller.launched and model.fc1.dash_U.dtype == torch.float64
     for p in optimizer.param_groups[0]["params"]:
         assert p.dtype == torch.float64 and not torch.equal(p, before[id(p)])
@@ -222,8 +211,7 @@ def launched_model_and_its_outputs():
     """A model trained past the launch, a probe batch, and the model's float32 outputs on it."""
     model = build_adapted()
     optimizer, _ = attached(model)
-    for step in range(1, T + 3):
-        train_step(model, optimizer, step)
+    train(model, T + 2, optimizer=optimizer)
     probe = batch(-1, size=16)[0]
     with torch.no_grad():
         return model, probe, model(probe)
@@ -277,8 +265,7 @@ def test_explicit_controller_warns_when_delta_does_not_train_after_the_launch():
     controller = LaunchController(model, launch_step=T)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(1, T + 3):
-            train_step(model, lora_only, step, controller=controller)
+        train(model, T + 2, optimizer=lora_only, controller=controller)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any(all(f"'{name}'" in message for name in layers) and "δ" in message for message in messages), messages
 
@@ -289,7 +276,6 @@ def test_explicit_controller_with_delta_in_the_optimizer_does_not_warn():
     controller = LaunchController(model, launch_step=T)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for step in range(1, T + 3):
-            train_step(model, optimizer, step, controller=controller)
+        train(model, T + 2, optimizer=optimizer, controller=controller)
     assert controller.launched
 

@@ -19,15 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import lora_dash  # noqa: E402
-from helpers import assert_unchanged, snapshot  # noqa: E402
 from lora_dash import (  # noqa: E402
-    LaunchController,
     LoRADashLinear,
-    adapter_parameters,
     dash_layers,
     inject,
     merge_and_unload,
 )
+
+from helpers import assert_unchanged, snapshot, train  # noqa: E402
 
 T, EXTRA = 2, 3
 VOCAB, SEQ = 64, 12
@@ -37,15 +36,9 @@ def tokens(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(step))
 
 
-def train(model: nn.Module, loss_fn) -> None:
+def train_across_the_launch(model: nn.Module, loss) -> None:
     """``T`` LoRA steps, the launch, then ``EXTRA`` dash steps, so ``B A ≠ 0`` and ``δ ≠ 0``."""
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
-    LaunchController(model, launch_step=T).attach(optimizer)
-    model.train()
-    for step in range(T + EXTRA):
-        optimizer.zero_grad()
-        loss_fn(model, step).backward()
-        optimizer.step()
+    train(model, T + EXTRA, launch_step=T, start=0, loss=loss)
     model.eval()
     assert all(layer.launched and layer.dash_delta.abs().min() > 0 for layer in dash_layers(model).values())
 
@@ -58,7 +51,7 @@ def bert() -> nn.Module:
     model = transformers.BertForSequenceClassification(config)
     torch.manual_seed(1)
     inject(model, r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|value)|output\.dense)", r=4, alpha=8.0, s=3)
-    train(model, lambda m, step: m(input_ids=tokens(step), labels=torch.arange(4) % 3).loss)
+    train_across_the_launch(model, lambda m, step, micro: m(input_ids=tokens(step), labels=torch.arange(4) % 3).loss)
     return model
 
 
@@ -70,7 +63,7 @@ def gpt2() -> nn.Module:
     model = transformers.GPT2LMHeadModel(config)
     torch.manual_seed(1)
     inject(model, r"transformer\.h\.\d+\.attn\.c_(attn|proj)", r=4, alpha=8.0, s=3)
-    train(model, lambda m, step: m(input_ids=tokens(step), labels=tokens(step)).loss)
+    train_across_the_launch(model, lambda m, step, micro: m(input_ids=tokens(step), labels=tokens(step)).loss)
     return model
 
 

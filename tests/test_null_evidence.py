@@ -28,7 +28,7 @@ from lora_dash.analysis import (
 from lora_dash.schedule import layer_generators
 
 from conftest import F64, generator, orthonormal, seeds
-from helpers import assert_unchanged, build_adapted, make_optimizer, snapshot, train_step
+from helpers import assert_unchanged, build_adapted, snapshot, train
 
 FAST = settings(max_examples=30, deadline=None)  # each example draws thousands of null updates
 
@@ -450,9 +450,7 @@ def test_bad_arguments_are_rejected(changes, message):
 def trained_model(steps: int = 3, launch: bool = True, strategy: str = "tsd"):
     """The tests' MLP with LoRA-Dash on fc1..fc3 (r = 4, s = 3), trained a few steps, then launched."""
     model = build_adapted()
-    optimizer = make_optimizer(model)
-    for step in range(steps):
-        train_step(model, optimizer, step)
+    train(model, steps, start=0)
     if launch:
         lora_dash.launch(model, strategy=strategy)
     return model

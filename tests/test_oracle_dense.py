@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora_dash import dash_layers
+
 from dense_reference import NaiveLoRADash, naive_select, train_naive
-from helpers import ALPHA, R, S, batch, build_adapted, build_base, make_optimizer, train_step
-from lora_dash import LaunchController, dash_layers
+from helpers import ALPHA, R, S, batch, build_adapted, build_base, train
 
 T = 10
 EXTRA = 30
@@ -43,11 +44,8 @@ def run_both(steps=T + EXTRA, planted_weights=None, **kwargs):
             for name, weight in planted_weights.items():
                 dash_layers(model)[name].base.weight.copy_(weight)
     twin, naive = naive_twin(model, **kwargs)
-    optimizer = make_optimizer(model)
-    LaunchController(model, launch_step=T).attach(optimizer)
     torch.manual_seed(123)  # dropout masks: each run draws them in the same order from the same seed
-    for step in range(1, steps + 1):
-        train_step(model, optimizer, step)
+    train(model, steps, launch_step=T)
     torch.manual_seed(123)
     train_naive(twin, naive, (batch(step) for step in range(1, steps + 1)), F.mse_loss, T, LR, WEIGHT_DECAY)
     return model, twin, dict(zip(NAMES, naive))

@@ -18,8 +18,10 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("safetensors")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
-from lora_dash import LaunchController, adapter_parameters, dash_layers, inject, trained_modules  # noqa: E402
+from lora_dash import adapter_parameters, dash_layers, inject, trained_modules  # noqa: E402
 from lora_dash.export import export_lora, pad_rank, save_peft_adapter  # noqa: E402
+
+from helpers import train  # noqa: E402
 from oracle_helpers import load_into_peft, peft_lora_layers, relative_error  # noqa: E402
 
 R, ALPHA, S, T = 3, 5.0, 3, 5  # α/r and α/√r are not powers of two: scaling B' really rounds
@@ -60,15 +62,14 @@ def dash_model(targets: list[str], **kwargs) -> Mixed:
     return model
 
 
-def train(model: nn.Module, steps: int) -> nn.Module:
+def mse_on_data(model: nn.Module, step: int, micro: int) -> Tensor:
+    x, y = data(step)
+    return F.mse_loss(model(x), y)
+
+
+def trained(model: nn.Module, steps: int) -> nn.Module:
     """``steps`` AdamW steps; the launch comes right after step ``T``."""
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
-    LaunchController(model, launch_step=T).attach(optimizer)
-    for step in range(1, steps + 1):
-        x, y = data(step)
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
+    train(model, steps, launch_step=T, loss=mse_on_data)
     return model
 
 
@@ -112,7 +113,7 @@ def test_pre_launch_outputs_and_A_B_gradients_equal_peft_lora_step_by_step(use_r
 @pytest.mark.parametrize("kind", TARGETS)
 @pytest.mark.parametrize("steps", [T - 2, T + 10], ids=["pre-launch", "dash"])
 def test_exported_adapter_loaded_by_peft_reproduces_the_outputs(kind, steps, tmp_path):
-    dash = train(dash_model(TARGETS[kind]), steps).eval()
+    dash = trained(dash_model(TARGETS[kind]), steps).eval()
     save_peft_adapter(dash, tmp_path)
     oracle = load_into_peft(base_model(), tmp_path)
     x = data(-1)[0]
@@ -122,7 +123,7 @@ def test_exported_adapter_loaded_by_peft_reproduces_the_outputs(kind, steps, tmp
 
 def test_rslora_export_loaded_by_peft_reproduces_the_outputs(tmp_path):
     """PEFT is told nothing of rsLoRA: the scaling ``α/√r`` is folded into ``B'``."""
-    dash = train(dash_model(TARGETS["mixed"], use_rslora=True), T + 10).eval()
+    dash = trained(dash_model(TARGETS["mixed"], use_rslora=True), T + 10).eval()
     save_peft_adapter(dash, tmp_path)
     oracle = load_into_peft(base_model(), tmp_path)
     x = data(-1)[0]
@@ -132,7 +133,7 @@ def test_rslora_export_loaded_by_peft_reproduces_the_outputs(tmp_path):
 
 @pytest.mark.parametrize("kind", TARGETS)
 def test_peft_holds_exactly_the_exported_factors(kind, tmp_path):
-    dash = train(dash_model(TARGETS[kind]), T + 3)
+    dash = trained(dash_model(TARGETS[kind]), T + 3)
     save_peft_adapter(dash, tmp_path)
     oracle_layers = peft_lora_layers(load_into_peft(base_model(), tmp_path))
     factors = export_lora(dash)
@@ -145,7 +146,7 @@ def test_peft_holds_exactly_the_exported_factors(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", TARGETS)
 def test_merged_lora_dash_equals_peft_merge_and_unload_of_the_export(kind, tmp_path):
-    dash = train(dash_model(TARGETS[kind]), T + 10).eval()
+    dash = trained(dash_model(TARGETS[kind]), T + 10).eval()
     save_peft_adapter(dash, tmp_path)
     merged_by_peft = load_into_peft(base_model(), tmp_path).merge_and_unload()
     for layer in dash_layers(dash).values():
@@ -161,7 +162,7 @@ def test_merged_lora_dash_equals_peft_merge_and_unload_of_the_export(kind, tmp_p
 def test_export_is_exact_in_peft_training_mode_with_dropout(tmp_path):
     """One dropout mask for both branches (METHOD.md §4) makes the export exact in training, too:
     PEFT draws the same mask per layer from the same generator."""
-    dash = train(dash_model(TARGETS["mixed"], dropout=0.25), T + 5).train()
+    dash = trained(dash_model(TARGETS["mixed"], dropout=0.25), T + 5).train()
     save_peft_adapter(dash, tmp_path)
     oracle = load_into_peft(base_model(), tmp_path).train()
     assert oracle.peft_config["default"].lora_dropout == 0.25
@@ -176,7 +177,7 @@ def test_export_is_exact_in_peft_training_mode_with_dropout(tmp_path):
 def test_keys_and_shapes_match_peft_save_pretrained(tmp_path):
     from safetensors.torch import load_file
 
-    dash = train(dash_model(TARGETS["mixed"]), T + 1)
+    dash = trained(dash_model(TARGETS["mixed"]), T + 1)
     save_peft_adapter(dash, tmp_path / "ours")
     config = peft.LoraConfig(r=R + S, lora_alpha=R + S, target_modules=TARGETS["mixed"])
     peft.get_peft_model(base_model(), config).save_pretrained(str(tmp_path / "peft"))
@@ -193,7 +194,7 @@ def test_layers_of_different_rank_load_through_zero_padding(tmp_path):
     torch.manual_seed(1)
     inject(dash, "fc", r=2, alpha=3.0, s=1)
     inject(dash, "proj|head", r=R, alpha=ALPHA, s=S)
-    dash = train(dash, T + 4).eval()
+    dash = trained(dash, T + 4).eval()
     save_peft_adapter(dash, tmp_path)
     oracle = load_into_peft(base_model(), tmp_path)
     assert peft_lora_layers(oracle)["fc"].r["default"] == R + S
@@ -211,7 +212,7 @@ def test_ambiguous_names_load_through_the_regex_and_adapt_nothing_else(tmp_path)
 
     dash = nested()
     inject(dash, "0|2", r=R, alpha=ALPHA, s=S)  # "1.0" ends with ".0" but is not adapted
-    dash = train(dash, T + 4).eval()
+    dash = trained(dash, T + 4).eval()
     save_peft_adapter(dash, tmp_path)
     oracle = load_into_peft(nested(), tmp_path)
     assert peft_lora_layers(oracle).keys() == {"0", "2"}
@@ -238,20 +239,18 @@ def tokens(step: int) -> tuple[Tensor, Tensor]:
     return torch.randint(64, (8, 12), generator=generator), torch.randint(3, (8,), generator=generator)
 
 
+def classification_loss(model: nn.Module, step: int, micro: int) -> Tensor:
+    ids, labels = tokens(step)
+    return model(input_ids=ids, labels=labels).loss
+
+
 @pytest.fixture(scope="module")
 def bert_with_trained_head() -> nn.Module:
     """LoRA-Dash on query and value, the classifier trained in full, a few steps past the launch."""
     model = tiny_bert()
     torch.manual_seed(1)
     inject(model, BERT_TARGETS, r=R, alpha=ALPHA, s=S, modules_to_save=HEAD)
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
-    model.train()
-    for step in range(1, T + 4):
-        ids, labels = tokens(step)
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
+    _, controller = train(model, T + 3, launch_step=T, loss=classification_loss)
     assert controller.launched and set(trained_modules(model)) == set(HEAD)
     return model.eval()
 

@@ -25,9 +25,7 @@ with warnings.catch_warnings():
     import torchao.quantization as torchao_quantization
     from torchao.quantization.granularity import PerGroup
 
-from helpers import assert_unchanged, snapshot
 from lora_dash import (
-    LaunchController,
     adapter_parameters,
     adapter_state_dict,
     dash_layers,
@@ -37,6 +35,8 @@ from lora_dash import (
     merge_and_unload,
     save_adapter,
 )
+
+from helpers import assert_unchanged, snapshot, train
 
 IN, HIDDEN, OUT = 128, 64, 32
 R, ALPHA, S = 4, 8.0, 3
@@ -125,6 +125,11 @@ def batch(step: int) -> tuple[Tensor, Tensor]:
     return torch.randn(8, IN, generator=generator), torch.randn(8, OUT, generator=generator)
 
 
+def mse_on_batch(model: nn.Module, step: int, micro: int) -> Tensor:
+    x, y = batch(step)
+    return F.mse_loss(model(x), y)
+
+
 def expected_selection(weight: Tensor, layer) -> tuple[Tensor, Tensor, Tensor]:
     """``(index, U_s, V_s)`` from a dequantized ``W`` and the layer's current ``A``, ``B``."""
     U, sigma, V = directions.svd_basis(weight)
@@ -147,16 +152,14 @@ def trained(request):
     codes = {name: stored(getattr(model, name)) for name in ("fc1", "fc2")}
     torch.manual_seed(1)
     inject(model, r"fc\d", r=R, alpha=ALPHA, s=S)
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
-    for step in range(1, T + EXTRA + 1):
-        x, y = batch(step)
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
+    expected = {}
+
+    def record_the_selection(step: int) -> None:
         if step == T:  # the launch ran in this step's hook, on the A and B it leaves
-            expected = {name: expected_selection(dequantized[name], layer)
-                        for name, layer in dash_layers(model).items()}
+            expected.update({name: expected_selection(dequantized[name], layer)
+                             for name, layer in dash_layers(model).items()})
+
+    _, controller = train(model, T + EXTRA, launch_step=T, loss=mse_on_batch, on_step=record_the_selection)
     return SimpleNamespace(kind=kind, model=model, dequantized=dequantized, codes=codes, expected=expected,
                            controller=controller)
 

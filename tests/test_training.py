@@ -13,18 +13,6 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (
-    ALPHA,
-    HIDDEN,
-    R,
-    S,
-    assert_unchanged,
-    batch,
-    build_adapted,
-    make_optimizer,
-    snapshot,
-    train_step,
-)
 from lora_dash import (
     LaunchController,
     LoRADashLinear,
@@ -35,6 +23,20 @@ from lora_dash import (
     inject,
     launch,
     load_adapter_state_dict,
+)
+
+from helpers import (
+    ALPHA,
+    HIDDEN,
+    R,
+    S,
+    assert_unchanged,
+    batch,
+    build_adapted,
+    make_optimizer,
+    snapshot,
+    train,
+    train_step,
 )
 
 T = 5  # launch step: small, so a run of T + 20 steps is cheap
@@ -53,10 +55,7 @@ def make_controller(model, optimizer, path, launch_step=T):
 def run(model, optimizer, controller, path, steps, start=1, on_step=None, **kwargs):
     """Optimizer steps ``start .. start + steps - 1``; ``on_step(step)`` after each."""
     explicit = controller if path == "explicit" else None
-    for step in range(start, start + steps):
-        train_step(model, optimizer, step, controller=explicit, **kwargs)
-        if on_step is not None:
-            on_step(step)
+    train(model, steps, optimizer=optimizer, start=start, on_step=on_step, controller=explicit, **kwargs)
 
 
 def spy_on_layer_launches(monkeypatch) -> Counter:
