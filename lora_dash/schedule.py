@@ -120,7 +120,9 @@ def _find_directions_shared(
     rank, world = dist.get_rank(), dist.get_world_size()
     device = items[0].dash_U.device  # where the adapter lives: a tensor the process group can send
     layout = repr([(name, layer.out_features, layer.in_features, layer.s) for name, layer in layers.items()])
-    shared.check_same_on_every_rank(layout, "their LoRA-Dash layers (names, shapes or s)", device)
+    shared.check_same_on_every_rank(
+        layout, "their LoRA-Dash layers (names, shapes or s); where each rank holds its own layers (pipeline "
+        "stages), launch with distributed=False", device)
     errors: dict[int, Exception] = {}
     for index, layer in enumerate(items):
         try:

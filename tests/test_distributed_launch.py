@@ -17,9 +17,9 @@ import lora_dash
 from lora_dash.bench import launch as bench
 from lora_dash.bench.launch import MODELS, duration, fit_model, projected_seconds
 from lora_dash.distributed import assign_owners, rank_loads, svd_cost
-from workers.launch_runs import build, plant_nan
 
 from helpers import assert_unchanged, run_gloo_workers, snapshot
+from workers.launch_runs import build, plant_nan
 
 WORKER = Path(__file__).parent / "workers" / "launch_runs.py"
 TIMEOUT_S = 240  # every scenario of one world size; about 35 s for 3 ranks on two busy cores
@@ -172,7 +172,9 @@ def test_random_strategy_draws_what_one_process_draws(engine, runs):
 @pytest.mark.slow
 def test_ranks_holding_different_layers_all_refuse_to_launch(runs):
     for result in scenario(runs, "disagree_layers"):
-        assert result["error"] == ("ValueError", "the ranks differ in their LoRA-Dash layers (names, shapes or s)")
+        assert result["error"] == (
+            "ValueError", "the ranks differ in their LoRA-Dash layers (names, shapes or s); where each rank holds "
+            "its own layers (pipeline stages), launch with distributed=False")
         assert not any(result["launched"].values())
 
 
