@@ -41,9 +41,10 @@ SECTION_NOTES = {
     "included), *gradients* the trained parameters' `.grad` after backward, *optimizer state* AdamW's "
     "moments and step counts, *saved for backward* every tensor autograd keeps from the forward "
     "(`torch.autograd.graph.saved_tensors_hooks`) other than the module's own, views as their whole "
-    "storage. The targets are judged on *step* = gradients + optimizer state + saved for backward, the exact "
-    "counterpart of the RSS growth below (which likewise leaves out the module, loaded before it is "
-    "measured); transient buffers inside kernels and the backward's intermediate gradients are not counted.",
+    "storage. The targets are judged on *step* = gradients + optimizer state + saved for backward: what a step "
+    "holds between its forward and its backward on top of the loaded module, to the byte. It leaves out "
+    "transients (intermediate results the forward does not save, the backward's intermediate gradients, "
+    "kernels' workspace), which the RSS peak below includes.",
     MEMORY: "Each contender in fresh child processes, one at a time: the peak RSS after the operation "
     "(`VmHWM`, the kernel counter behind `ru_maxrss`, which itself would carry the parent's peak across fork "
     "and exec) minus the RSS (`/proc/self/statm`) just before it, after `malloc_trim(0)` and a reset of the "
