@@ -195,6 +195,16 @@ def assert_same_adapter(expected: nn.Module, actual: nn.Module) -> None:
     assert_same(lora_dash.adapter_state_dict(actual), lora_dash.adapter_state_dict(expected), "adapter")
 
 
+def assert_refused_and_unchanged(
+    call: Callable[[], Any], model: nn.Module, match: str | None, error: type[Exception] = ValueError
+) -> None:
+    """``call()`` raises ``error`` (its message matching the regex ``match``) and leaves ``model`` as it was."""
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        call()
+    assert_unchanged(model, before)
+
+
 def bit_identical(a: Tensor, b: Tensor) -> bool:
     """``torch.equal``, except that NaN equals NaN (a snapshot may hold a planted NaN)."""
     if a.dtype != b.dtype or a.shape != b.shape:

@@ -32,6 +32,7 @@ from helpers import (
     MLP,
     R,
     S,
+    assert_refused_and_unchanged,
     assert_unchanged,
     batch,
     build_adapted,
@@ -85,13 +86,6 @@ def resign_training_checkpoint(path, mutate) -> None:
     mutate(payload["content"])
     payload["checksum"] = checkpoint._checksum(payload["content"])
     torch.save(payload, path)
-
-
-def assert_refused_and_unchanged(load, model, match: str | None, error=ValueError) -> None:
-    before = snapshot(model)
-    with pytest.raises(error, match=match):
-        load()
-    assert_unchanged(model, before)
 
 
 # --------------------------------------------------------------------------------- round trips

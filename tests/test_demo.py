@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lora_dash
+
 from helpers import require_demo_packages
 
 require_demo_packages()

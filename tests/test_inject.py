@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_unchanged, build_base, snapshot
 from lora_dash import LoRADashLinear, adapter_parameters, dash_layers, inject, trained_modules
+
+from helpers import assert_refused_and_unchanged, assert_unchanged, build_base, snapshot
 
 
 class Encoder(nn.Module):
@@ -37,10 +38,7 @@ def test_fullmatch_selects_exactly_the_named_layers():
 @pytest.mark.parametrize("regex", ["fc", "c1", "c", r"fc1\.", r"fc\d\d"])
 def test_prefix_or_substring_of_a_name_matches_nothing(regex):
     model = build_base()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="matches no module"):
-        inject(model, regex, r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, regex, r=2, s=2), model, "matches no module")
 
 
 def test_layers_are_replaced_in_place_and_wrap_the_original_module():
@@ -85,57 +83,39 @@ def test_linear_inside_a_tied_wrapper_cannot_be_adapted_under_its_second_name():
     model = nn.Module()
     model.a = model.b = nn.Linear(6, 5)
     inject(model, "a|b", r=2, s=2)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape("'b.base'")):
-        inject(model, r"b\.base", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, r"b\.base", r=2, s=2), model, re.escape("'b.base'"))
 
 
 def test_tied_module_matched_under_only_one_name_is_rejected_and_model_unchanged():
     # Wrapping `a` alone would leave `b` calling the bare layer, silently bypassing the adapter.
     model = nn.Module()
     model.a = model.b = nn.Linear(6, 5)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape("['b']")):
-        inject(model, "a", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, "a", r=2, s=2), model, re.escape("['b']"))
 
 
 # ------------------------------------------------------------------------------ bad input
 def test_regex_matching_no_layer_is_rejected_and_model_unchanged():
     model = build_base()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape("'q_proj'")):
-        inject(model, "q_proj", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, "q_proj", r=2, s=2), model, re.escape("'q_proj'"))
 
 
 def test_invalid_regex_is_rejected_and_model_unchanged():
     model = build_base()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape("'fc(1'")):
-        inject(model, "fc(1", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, "fc(1", r=2, s=2), model, re.escape("'fc(1'"))
 
 
 @pytest.mark.parametrize("bad", ["act", "block", "conv", "norm"])
 def test_match_that_is_not_a_linear_is_rejected_and_model_unchanged(bad):
     # `head` is a valid match too: it must not be replaced when another match is refused.
     model = Encoder()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(f"'{bad}'")):
-        inject(model, f"head|{bad}", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, f"head|{bad}", r=2, s=2), model, re.escape(f"'{bad}'"))
 
 
 @pytest.mark.parametrize("regex", ["fc1", r"fc1\.base", r"fc1(\.base)?"])
 def test_injecting_twice_is_rejected_and_model_unchanged(regex):
     model = build_base()
     inject(model, "fc1", r=2, s=2)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="already adapted"):
-        inject(model, regex, r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, regex, r=2, s=2), model, "already adapted")
 
 
 @pytest.mark.parametrize(
@@ -191,28 +171,23 @@ def test_list_targets_select_names_equal_to_or_ending_in_dot_plus_an_entry(targe
 @pytest.mark.parametrize("targets", [["uery"], ["layers.0.quer"], ["q_proj", "v_proj"]])
 def test_list_whose_entries_are_no_dotted_suffix_matches_nothing_and_model_unchanged(targets):
     model = Encoder()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(f"targets {targets!r} matches no module")):
-        inject(model, targets, r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(
+        lambda: inject(model, targets, r=2, s=2), model, re.escape(f"targets {targets!r} matches no module")
+    )
 
 
 @pytest.mark.parametrize("bad", ["act", "block", "conv", "norm"])
 def test_list_match_that_is_not_a_linear_is_rejected_and_model_unchanged(bad):
     model = Encoder()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(f"'{bad}'")):
-        inject(model, ["head", bad], r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, ["head", bad], r=2, s=2), model, re.escape(f"'{bad}'"))
 
 
 @pytest.mark.parametrize("targets", [[], ["fc1", 3], [""], 7, None, {"fc1": 1}])
 def test_targets_that_are_neither_a_regex_nor_a_list_of_names_are_rejected_and_model_unchanged(targets):
     model = build_base()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="regex string or a non-empty list of module names"):
-        inject(model, targets, r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(
+        lambda: inject(model, targets, r=2, s=2), model, "regex string or a non-empty list of module names"
+    )
 
 
 # -------------------------------------------------------------------- modules that train in full
@@ -271,10 +246,9 @@ BAD_MODULES_TO_SAVE = {
 @pytest.mark.parametrize("build, kwargs, match", BAD_MODULES_TO_SAVE.values(), ids=BAD_MODULES_TO_SAVE.keys())
 def test_bad_modules_to_save_are_rejected_and_model_unchanged(build, kwargs, match):
     model = build()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        inject(model, kwargs["targets"], r=2, s=2, modules_to_save=kwargs["modules_to_save"])
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(
+        lambda: inject(model, kwargs["targets"], r=2, s=2, modules_to_save=kwargs["modules_to_save"]), model, match
+    )
     assert not trained_modules(model)
 
 
@@ -282,19 +256,15 @@ def test_bad_modules_to_save_are_rejected_and_model_unchanged(build, kwargs, mat
 def test_module_to_save_inside_an_adapted_layer_is_rejected_and_model_unchanged(inside):
     model = build_base()
     inject(model, "fc1", r=2, s=2)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(f"'{inside}' trains in full")):
-        inject(model, "fc2", r=2, s=2, modules_to_save=[inside])
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(
+        lambda: inject(model, "fc2", r=2, s=2, modules_to_save=[inside]), model, re.escape(f"'{inside}' trains in full")
+    )
 
 
 def test_adapting_a_module_that_trains_in_full_is_rejected_later_too():
     model = build_base()
     inject(model, "fc1", r=2, s=2, modules_to_save=["fc3"])
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="'fc3' trains in full"):
-        inject(model, "fc3", r=2, s=2)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, "fc3", r=2, s=2), model, "'fc3' trains in full")
 
 
 def test_the_mark_survives_a_deep_copy_and_is_not_state():

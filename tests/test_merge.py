@@ -26,7 +26,7 @@ from lora_dash import (  # noqa: E402
     merge_and_unload,
 )
 
-from helpers import assert_unchanged, snapshot, train  # noqa: E402
+from helpers import assert_refused_and_unchanged, train  # noqa: E402
 
 T, EXTRA = 2, 3
 VOCAB, SEQ = 64, 12
@@ -182,10 +182,7 @@ def test_a_lone_layer_returns_its_merged_base():
 
 def test_a_model_without_lora_dash_layers_is_refused_and_unchanged():
     model = nn.Sequential(nn.Linear(4, 4))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="no LoRA-Dash layers"):
-        merge_and_unload(model)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: merge_and_unload(model), model, "no LoRA-Dash layers")
 
 
 def test_merge_and_unload_is_exported_at_the_top_level():

@@ -36,7 +36,7 @@ from lora_dash import (
     save_adapter,
 )
 
-from helpers import assert_unchanged, snapshot, train
+from helpers import assert_refused_and_unchanged, train
 
 IN, HIDDEN, OUT = 128, 64, 32
 R, ALPHA, S = 4, 8.0, 3
@@ -332,10 +332,7 @@ UNSUPPORTED = {
 def test_an_unsupported_quantized_layer_is_refused_at_inject_naming_it_and_nothing_changes(case):
     make, message = UNSUPPORTED[case]
     model = nn.Sequential(make())
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        inject(model, "0", r=R, s=S)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: inject(model, "0", r=R, s=S), model, message)
 
 
 @pytest.mark.slow

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network; from_pretrained reads local files
 transformers = pytest.importorskip("transformers")
 
-from dense_reference import naive_select  # noqa: E402
 from lora_dash import LaunchController, adapter_parameters, dash_layers, inject  # noqa: E402
 from lora_dash.export import save_peft_adapter  # noqa: E402
+
+from dense_reference import naive_select  # noqa: E402
 from oracle_helpers import load_into_peft, relative_error  # noqa: E402
 
 T, EXTRA = 5, 10

@@ -24,13 +24,12 @@ from helpers import (
     OUT,
     R,
     S,
-    assert_unchanged,
+    assert_refused_and_unchanged,
     batch,
     build_adapted,
     build_base,
     build_with_trained_head,
     make_optimizer,
-    snapshot,
     train,
 )
 
@@ -169,10 +168,7 @@ def test_bad_adapter_state_is_rejected_naming_the_key_and_model_unchanged(corrup
     target = build_adapted(init_seed=3)
     if target_launched:
         LaunchController(target, launch_step=0)
-    before = snapshot(target)
-    with pytest.raises(ValueError, match=re.escape(repr(key))):
-        load_adapter_state_dict(target, state)
-    assert_unchanged(target, before)
+    assert_refused_and_unchanged(lambda: load_adapter_state_dict(target, state), target, re.escape(repr(key)))
 
 
 def test_adapter_state_mixing_launched_and_pre_launch_layers_is_rejected():
@@ -182,20 +178,14 @@ def test_adapter_state_mixing_launched_and_pre_launch_layers_is_rejected():
     for key in LAYER_STATE_KEYS:
         state[f"fc2.{key}"] = pre_launch[f"fc2.{key}"]
     target = build_adapted(init_seed=3)
-    before = snapshot(target)
-    with pytest.raises(ValueError, match="'fc2'"):
-        load_adapter_state_dict(target, state)
-    assert_unchanged(target, before)
+    assert_refused_and_unchanged(lambda: load_adapter_state_dict(target, state), target, "'fc2'")
 
 
 def test_pre_launch_adapter_state_with_a_non_zero_dash_is_rejected():
     state = trained_state(2)
     state["fc1.dash_delta"][0] = 0.25  # δ cannot move before launch
     target = build_adapted(init_seed=3)
-    before = snapshot(target)
-    with pytest.raises(ValueError, match="'fc1'"):
-        load_adapter_state_dict(target, state)
-    assert_unchanged(target, before)
+    assert_refused_and_unchanged(lambda: load_adapter_state_dict(target, state), target, "'fc1'")
 
 
 def test_loading_into_a_merged_layer_is_refused_and_model_unchanged():
@@ -203,10 +193,7 @@ def test_loading_into_a_merged_layer_is_refused_and_model_unchanged():
     target = build_adapted(init_seed=3)
     LaunchController(target, launch_step=0)
     target.fc2.merge()
-    before = snapshot(target)
-    with pytest.raises(RuntimeError, match="'fc2'"):
-        load_adapter_state_dict(target, state)
-    assert_unchanged(target, before)
+    assert_refused_and_unchanged(lambda: load_adapter_state_dict(target, state), target, "'fc2'", error=RuntimeError)
 
 
 # ------------------------------------------------------------------ controller state
@@ -344,10 +331,7 @@ def test_bad_head_state_is_rejected_naming_the_key_and_model_unchanged(corrupt):
     state = adapter_state_dict(build_with_trained_head())
     corrupt(state)
     target = build_with_trained_head(init_seed=3)
-    before = snapshot(target)
-    with pytest.raises(ValueError, match="fc3"):
-        load_adapter_state_dict(target, state)
-    assert_unchanged(target, before)
+    assert_refused_and_unchanged(lambda: load_adapter_state_dict(target, state), target, "fc3")
 
 
 def test_head_state_into_a_model_without_that_head_is_rejected_as_unexpected():

@@ -30,6 +30,7 @@ from helpers import (
     HIDDEN,
     R,
     S,
+    assert_refused_and_unchanged,
     assert_unchanged,
     batch,
     build_adapted,
@@ -196,10 +197,7 @@ def test_second_launch_raises_and_changes_no_layer():
     with torch.no_grad():  # make δ non-zero so that a re-launch resetting it would show
         for layer in dash_layers(model).values():
             layer.dash_delta.fill_(0.5)
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match="already launched"):
-        launch(model)
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: launch(model), model, "already launched", error=RuntimeError)
 
 
 def test_controller_gives_delta_a_fresh_adam_state_at_launch():
@@ -289,18 +287,13 @@ def test_controller_state_dict_keeps_its_keys_with_a_strategy():
 )
 def test_controller_rejects_bad_strategy_or_seed_before_launching(kwargs, bad):
     model = build_adapted()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=re.escape(repr(bad))):
-        LaunchController(model, launch_step=0, **kwargs)  # launch_step=0 would launch at construction
-    assert_unchanged(model, before)
+    # launch_step=0 would launch at construction
+    assert_refused_and_unchanged(lambda: LaunchController(model, launch_step=0, **kwargs), model, re.escape(repr(bad)))
 
 
 def test_launch_with_unknown_strategy_changes_nothing():
     model = build_adapted()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="'largest_sigma'"):
-        launch(model, strategy="largest")
-    assert_unchanged(model, before)
+    assert_refused_and_unchanged(lambda: launch(model, strategy="largest"), model, "'largest_sigma'")
 
 
 def test_random_launch_differs_across_layers_and_seeds_and_repeats_on_an_identical_model():

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import IN, OUT, build_adapted, make_optimizer  # noqa: E402
-
 from lora_dash import LaunchController  # noqa: E402
 from lora_dash.checkpoint import load_training_checkpoint, save_training_checkpoint  # noqa: E402
+
+from helpers import IN, OUT, build_adapted, make_optimizer  # noqa: E402
 
 T = 6  # launch step
 TOTAL = 14  # optimizer steps
