@@ -6,6 +6,7 @@ import re
 import warnings
 import weakref
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
@@ -283,17 +284,19 @@ def test_controller_state_dict_keeps_its_keys_with_a_strategy():
 
 
 @pytest.mark.parametrize(
-    "kwargs, bad", [({"strategy": "top_s"}, "top_s"), ({"strategy": "random", "seed": -1}, -1), ({"seed": 1.5}, 1.5)]
+    "kwargs, bad",
+    [({"strategy": "top_s"}, "top_s"), ({"strategy": "largest"}, "largest"),
+     ({"strategy": "random", "seed": -1}, -1), ({"seed": 1.5}, 1.5)],
 )
-def test_controller_rejects_bad_strategy_or_seed_before_launching(kwargs, bad):
+@pytest.mark.parametrize("entry", ["launch", "controller"])
+def test_launch_and_controller_reject_bad_strategy_or_seed_before_launching(entry, kwargs, bad):
+    # Naming the valid strategies is pick_directions' own test; here: refused at both entries, nothing changed.
     model = build_adapted()
-    # launch_step=0 would launch at construction
-    assert_refused_and_unchanged(lambda: LaunchController(model, launch_step=0, **kwargs), model, re.escape(repr(bad)))
-
-
-def test_launch_with_unknown_strategy_changes_nothing():
-    model = build_adapted()
-    assert_refused_and_unchanged(lambda: launch(model, strategy="largest"), model, "'largest_sigma'")
+    if entry == "launch":
+        start = partial(launch, model, **kwargs)
+    else:  # launch_step=0 would launch at construction
+        start = partial(LaunchController, model, launch_step=0, **kwargs)
+    assert_refused_and_unchanged(start, model, re.escape(repr(bad)))
 
 
 def test_random_launch_differs_across_layers_and_seeds_and_repeats_on_an_identical_model():
