@@ -31,12 +31,12 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import batch, make_optimizer  # noqa: E402
-
 import lora_dash  # noqa: E402
-from lora_dash.bench.launch import QUICK, timed_launches  # noqa: E402
 from lora_dash import directions  # noqa: E402
 from lora_dash import distributed as shared  # noqa: E402
+from lora_dash.bench.launch import QUICK, timed_launches  # noqa: E402
+
+from helpers import batch, make_optimizer  # noqa: E402
 
 #: Five linears of five shapes (out × in: 40×12, 24×40, 32×24, 16×32, 10×16), so the assignment has work.
 WIDTHS = (12, 40, 24, 32, 16, 10)
