@@ -12,11 +12,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_dash import distributed as shared
 from lora_dash import quantized
-from lora_dash.directions import check_strategy
 from lora_dash.checks import check_int, check_seed
+from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers, require_dash_layers
 from lora_dash.layer import DashDirections, LoRADashLinear
-
 
 #: How many ``.optimizer`` wrappers :meth:`LaunchController.attach` looks through (accelerate's wrapper of a
 #: DeepSpeed wrapper of a torch optimizer is three); a bound, so that a self-referencing object cannot loop.
@@ -321,7 +320,8 @@ class LaunchController:
             for delta in deltas:
                 optimizer.state.pop(delta, None)
         if self._optimizers:
-            held = {id(p) for optimizer in self._optimizers for group in optimizer.param_groups for p in group["params"]}
+            held = {id(p) for optimizer in self._optimizers
+                    for group in optimizer.param_groups for p in group["params"]}
             untrained = [name for name, layer in dash_layers(self.model).items() if id(layer.dash_delta) not in held]
             if untrained:
                 warnings.warn(

@@ -67,7 +67,7 @@ def _differences(runs_a: dict[int, dict], runs_b: dict[int, dict], step: int) ->
 
 def rank_table(runs: list[dict], task: str, short: int, long: int) -> list[str]:
     """Claim 3: LoRA vs LoRA-Dash per rank at both budgets, and LoRA at 4× the rank."""
-    lines = [f"| r | budget | LoRA | LoRA-Dash | Dash − LoRA (seeds with a gain) | LoRA at 4r | Dash − LoRA 4r |",
+    lines = ["| r | budget | LoRA | LoRA-Dash | Dash − LoRA (seeds with a gain) | LoRA at 4r | Dash − LoRA 4r |",
              "|---|---|---|---|---|---|---|"]
     ranks = sorted({run["r"] for run in runs if run["task"] == task and run["method"] == "LoRA-Dash"})
     for r in ranks:

@@ -170,7 +170,8 @@ def run_family(
         # The ablations are compared at the long budget only; the method itself at both.
         scored = eval_steps if variant == family.default else [settings.steps]
 
-        def on_dash_step(step: int, loss: float, model=dash, scores=dash_accuracy, scored=scored) -> None:
+        def on_dash_step(step: int, loss: float, model=dash, tokenizer=tokenizer, scores=dash_accuracy,
+                         scored=scored) -> None:
             if step in scored:
                 scores[step] = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
                 model.train()
