@@ -193,28 +193,18 @@ def test_overlap_fraction_rejects_bad_index_sets(candidates, container, message)
 # --- tsd_recall, tsd_accuracy ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("measure", [tsd_recall, tsd_accuracy], ids=["recall", "accuracy"])
 @THOROUGH
 @given(rate_pairs(), st.integers(1, 16), st.integers(1, 16))
-def test_recall_is_true_top_inside_predicted_top(pair, predicted_top, true_top):
-    """recall = |top_t(ρ_true) ∩ top_p(ρ_pred)| / t, by the Python set oracle, masks included."""
+def test_recall_and_accuracy_are_the_overlap_of_the_two_tops_over_t_and_p(measure, pair, predicted_top, true_top):
+    """recall = |top_t(ρ_true) ∩ top_p(ρ_pred)| / t, accuracy = the same overlap / p, by the Python set
+    oracle, masks included."""
     predicted, true, predicted_mask, true_mask = pair
     P = python_top(predicted.tolist(), predicted_mask.tolist(), predicted_top)
     T = python_top(true.tolist(), true_mask.tolist(), true_top)
-    actual = tsd_recall(predicted, true, predicted_mask, true_mask, predicted_top=predicted_top, true_top=true_top)
-    assert actual == pytest.approx(len(P & T) / true_top, abs=1e-15)
-
-
-@THOROUGH
-@given(rate_pairs(), st.integers(1, 16), st.integers(1, 16))
-def test_accuracy_is_predicted_top_inside_true_top(pair, predicted_top, true_top):
-    """accuracy = |top_p(ρ_pred) ∩ top_t(ρ_true)| / p, by the Python set oracle, masks included."""
-    predicted, true, predicted_mask, true_mask = pair
-    P = python_top(predicted.tolist(), predicted_mask.tolist(), predicted_top)
-    T = python_top(true.tolist(), true_mask.tolist(), true_top)
-    actual = tsd_accuracy(
-        predicted, true, predicted_mask, true_mask, predicted_top=predicted_top, true_top=true_top
-    )
-    assert actual == pytest.approx(len(P & T) / predicted_top, abs=1e-15)
+    actual = measure(predicted, true, predicted_mask, true_mask, predicted_top=predicted_top, true_top=true_top)
+    denominator = true_top if measure is tsd_recall else predicted_top
+    assert actual == pytest.approx(len(P & T) / denominator, abs=1e-15)
 
 
 @THOROUGH
