@@ -23,6 +23,7 @@ from lora_dash import LaunchController, adapter_parameters, dash_layers, inject 
 from lora_dash.export import save_peft_adapter  # noqa: E402
 
 from dense_reference import naive_select  # noqa: E402
+from helpers import train  # noqa: E402
 from oracle_helpers import load_into_peft, relative_error  # noqa: E402
 
 T, EXTRA = 5, 10
@@ -73,6 +74,11 @@ def naive_selection(model, s: int, svd_dtype=torch.float32) -> dict[str, list[in
     }
 
 
+def language_model_loss(model, step: int, micro: int) -> torch.Tensor:
+    """The next-token loss on :func:`tokens`, in float32 whatever the model's dtype."""
+    return model(input_ids=tokens(step), labels=tokens(step)).loss.float()
+
+
 @pytest.fixture(scope="module", params=list(DECODERS))
 def decoder(request):
     """A decoder trained ``T`` steps as LoRA, launched, then ``EXTRA`` dash steps; plus its pristine base."""
@@ -82,15 +88,13 @@ def decoder(request):
     torch.manual_seed(1)
     layers = inject(model, DECODERS[kind], r=4, alpha=5.0, s=4)
     pretrained = {name: layer.base.weight.clone() for name, layer in layers.items()}
-    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
-    controller = LaunchController(model, launch_step=T).attach(optimizer)
-    model.train()
-    for step in range(1, T + EXTRA + 1):
-        optimizer.zero_grad()
-        model(input_ids=tokens(step), labels=tokens(step)).loss.backward()
-        optimizer.step()
+    expected = {}
+
+    def record_the_selection(step: int) -> None:
         if step == T:  # launch ran inside this step's hook; A and B are what it saw
-            expected = naive_selection(model, s=4)
+            expected.update(naive_selection(model, s=4))
+
+    _, controller = train(model, T + EXTRA, launch_step=T, loss=language_model_loss, on_step=record_the_selection)
     return SimpleNamespace(kind=kind, base=base, model=model.eval(), controller=controller,
                            expected=expected, pretrained=pretrained)
 
@@ -254,15 +258,14 @@ def half(request):
     torch.manual_seed(1)
     inject(model, DECODERS["llama"], r=4, alpha=5.0, s=4)
     pretrained = {name: layer.base.weight.clone() for name, layer in dash_layers(model).items()}
-    optimizer = torch.optim.SGD(adapter_parameters(model), lr=0.5)
-    LaunchController(model, launch_step=T).attach(optimizer)
-    model.train()
-    for step in range(1, T + 4):
-        optimizer.zero_grad()
-        model(input_ids=tokens(step), labels=tokens(step)).loss.float().backward()
-        optimizer.step()
+    expected = {}
+
+    def record_the_selection(step: int) -> None:
         if step == T:
-            expected = naive_selection(model, s=4)
+            expected.update(naive_selection(model, s=4))
+
+    optimizer = torch.optim.SGD(adapter_parameters(model), lr=0.5)
+    train(model, T + 3, launch_step=T, optimizer=optimizer, loss=language_model_loss, on_step=record_the_selection)
     return SimpleNamespace(dtype=dtype, model=model.eval(), pretrained=pretrained, expected=expected)
 
 
