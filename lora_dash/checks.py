@@ -1,6 +1,7 @@
 """Argument checks the modules share, each with its error message written once. Imports nothing of the package."""
 
 import math
+import numbers
 
 #: Seeds are ints in ``[0, SEED_MAX]``: what ``torch.Generator.manual_seed`` takes without wrapping.
 SEED_MAX = 2**63 - 1
@@ -24,9 +25,9 @@ def check_seed(seed: object) -> None:
 
 
 def check_number(name: str, value: object, positive: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite int or float (not a bool), ``>= 0``, or ``> 0`` with
-    ``positive``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    """Raise ``ValueError`` unless ``value`` is a finite real number (a NumPy scalar too; a bool is not), ``>= 0``,
+    or ``> 0`` with ``positive``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
         if value > 0 or (value == 0 and not positive):
             return
     raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")

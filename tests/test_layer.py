@@ -8,6 +8,7 @@ import copy
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -580,6 +581,11 @@ def test_dropout_is_off_in_eval_mode():
 def test_constructor_rejects_bad_arguments_with_ValueError(base, kwargs):
     with pytest.raises(ValueError):
         LoRADashLinear(base, **{"r": 2, "s": 2, **kwargs})
+
+
+def test_constructor_takes_eps_as_any_finite_real_number_numpy_scalars_included():
+    for eps in (0, 0.5, np.float32(0.5)):
+        assert LoRADashLinear(nn.Linear(6, 4), r=2, s=2, eps=eps).eps == eps
 
 
 # --------------------------------------------------------------------------- repr and trainables
