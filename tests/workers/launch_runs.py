@@ -19,11 +19,9 @@ import copy
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -37,6 +35,7 @@ from lora_dash import distributed as shared  # noqa: E402
 from lora_dash.bench.launch import QUICK, timed_launches  # noqa: E402
 
 from helpers import batch, make_optimizer  # noqa: E402
+from workers import gloo_group  # noqa: E402
 
 #: Five linears of five shapes (out × in: 40×12, 24×40, 32×24, 16×32, 10×16), so the assignment has work.
 WIDTHS = (12, 40, 24, 32, 16, 10)
@@ -203,9 +202,7 @@ def scenarios(rank: int, world: int) -> dict:
 
 
 def main(rank: int, world: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)  # the ranks share two cores; one thread also makes the SVDs comparable
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    gloo_group.join(rank, world, port)  # one thread per rank: the ranks share two cores, and SVDs compare
     results = {}
     for name, run in scenarios(rank, world).items():
         started = time.perf_counter()
@@ -215,7 +212,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
             results[name] = {"error_trace": traceback.format_exc()}
         print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)  # in the log, for a slow run
     torch.save(results, out / f"launch_rank{rank}.pt")
-    dist.destroy_process_group()
+    gloo_group.leave()
 
 
 if __name__ == "__main__":
