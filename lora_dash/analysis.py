@@ -154,9 +154,7 @@ def tsd_recall(
     Raises:
         ValueError: shapes differ, a ``top`` outside ``[1, k]``, or fewer eligible directions than it.
     """
-    predicted, true = _top_sets(
-        predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top
-    )
+    predicted, true = _top_sets(predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top)
     return overlap_fraction(true, predicted)
 
 
@@ -178,9 +176,7 @@ def tsd_accuracy(
     Raises:
         ValueError: shapes differ, a ``top`` outside ``[1, k]``, or fewer eligible directions than it.
     """
-    predicted, true = _top_sets(
-        predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top
-    )
+    predicted, true = _top_sets(predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top)
     return overlap_fraction(predicted, true)
 
 

@@ -64,8 +64,9 @@ def safetensors_torch() -> ModuleType:
     try:
         import safetensors.torch
     except ImportError as error:
-        raise ImportError('adapter files are safetensors files: pip install safetensors '
-                          '(or pip install "lora-dash[files]")') from error
+        raise ImportError(
+            'adapter files are safetensors files: pip install safetensors (or pip install "lora-dash[files]")'
+        ) from error
     return safetensors.torch
 
 
@@ -115,16 +116,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         tensors = load(data)
     except Exception as error:  # safetensors raises its own SafetensorError, or others on odd input
         if data.startswith(TORCH_FILE_STARTS):
-            raise ValueError(f"{path}: refused: it looks like a torch.save (pickle) file, not a safetensors adapter "
-                             "file, and was not unpickled (a training checkpoint loads with load_training_checkpoint)"
-                             ) from error
+            raise ValueError(
+                f"{path}: refused: it looks like a torch.save (pickle) file, not a safetensors adapter "
+                "file, and was not unpickled (a training checkpoint loads with load_training_checkpoint)"
+            ) from error
         raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
     # safetensors has just parsed this header: an 8-byte little-endian length, then JSON.
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     metadata = dict(header.get("__metadata__") or {})
     if metadata.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path}: is not a LoRA-Dash adapter file (its header says format "
-                         f"{metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+        raise ValueError(
+            f"{path}: is not a LoRA-Dash adapter file (its header says format "
+            f"{metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})"
+        )
     if metadata.get("version") != str(VERSION):
         raise ValueError(f"{path}: has format version {metadata.get('version')!r}; this library reads {VERSION}")
     checksum = metadata.pop("checksum", None)
@@ -162,8 +166,11 @@ def load_training_checkpoint(
             (another ``launch_step``; a step count that disagrees with the adapter's phase).
     """
     content = _read(path, TRAINING_FORMAT)
-    _expect(isinstance(content, dict) and set(content) == {"adapter", "optimizer", "controller", "rng"},
-            path, "is not a training checkpoint")
+    _expect(
+        isinstance(content, dict) and set(content) == {"adapter", "optimizer", "controller", "rng"},
+        path,
+        "is not a training checkpoint",
+    )
     _check_optimizer_state(optimizer, content["optimizer"], path)
     before = adapter_state_dict(model), controller.steps, _rng_state()
     _load_adapter_content(model, content["adapter"], path, check_base=True)  # all or nothing by itself
@@ -180,8 +187,15 @@ def load_training_checkpoint(
 
 # ------------------------------------------------------------------------------------ content
 def _layer_config(layer: LoRADashLinear) -> dict[str, Any]:
-    return {"in_features": layer.in_features, "out_features": layer.out_features, "r": layer.r,
-            "alpha": layer.alpha, "s": layer.s, "use_rslora": layer.use_rslora, "eps": layer.eps}
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "r": layer.r,
+        "alpha": layer.alpha,
+        "s": layer.s,
+        "use_rslora": layer.use_rslora,
+        "eps": layer.eps,
+    }
 
 
 def _base_sketch(layer: LoRADashLinear) -> Tensor:
@@ -214,25 +228,31 @@ def _adapter_content(model: nn.Module) -> dict[str, Any]:
 
 
 def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLike, check_base: bool) -> None:
-    _expect(isinstance(content, dict) and set(content) == {"metadata", "tensors"}
-            and isinstance(content["metadata"], dict) and isinstance(content["tensors"], dict),
-            path, "is not a LoRA-Dash adapter")
+    _expect(
+        isinstance(content, dict)
+        and set(content) == {"metadata", "tensors"}
+        and isinstance(content["metadata"], dict)
+        and isinstance(content["tensors"], dict),
+        path,
+        "is not a LoRA-Dash adapter",
+    )
     metadata, tensors = content["metadata"], content["tensors"]
     layers, saved = dash_layers(model), _header_entry(metadata, "layers", dict, path)
     if set(saved) != set(layers):
         raise ValueError(f"{path}: the adapter is for layers {sorted(saved)}, the model has {sorted(layers)}")
     saved_trained, trained = _header_entry(metadata, "trained_modules", list, path), list(trained_modules(model))
     if sorted(map(str, saved_trained)) != sorted(trained):
-        raise ValueError(f"{path}: the adapter trains modules {saved_trained} in full, the model {trained}; "
-                         "inject with the same modules_to_save")
+        raise ValueError(
+            f"{path}: the adapter trains modules {saved_trained} in full, the model {trained}; "
+            "inject with the same modules_to_save"
+        )
     for name, layer in layers.items():
         info = saved[name]
         _expect(isinstance(info, dict), path, f"has no configuration for layer {name!r}")
         expected = _layer_config(layer)
         differs = {key: (info.get(key), value) for key, value in expected.items() if info.get(key) != value}
         if differs:
-            described = ", ".join(f"{key}={saved!r} (model: {current!r})"
-                                  for key, (saved, current) in differs.items())
+            described = ", ".join(f"{key}={saved!r} (model: {current!r})" for key, (saved, current) in differs.items())
             raise ValueError(f"{path}: layer {name!r} was saved with {described}")
         if check_base and not layer.merged:  # a merged layer is refused below, with its own message
             _check_base(name, layer, tensors.get(name + SKETCH_SUFFIX), path)
@@ -261,8 +281,11 @@ def _header_entry(metadata: dict, key: str, kind: type, path: str | os.PathLike)
 
 
 def _check_base(name: str, layer: LoRADashLinear, saved: Any, path: str | os.PathLike) -> None:
-    _expect(isinstance(saved, Tensor) and saved.shape == (layer.out_features,) and saved.dtype == torch.float32,
-            path, f"has no valid pretrained-weight sketch for layer {name!r}")
+    _expect(
+        isinstance(saved, Tensor) and saved.shape == (layer.out_features,) and saved.dtype == torch.float32,
+        path,
+        f"has no valid pretrained-weight sketch for layer {name!r}",
+    )
     distance = torch.linalg.vector_norm(_base_sketch(layer) - saved)
     if not distance <= BASE_RTOL * torch.linalg.vector_norm(saved):
         raise ValueError(
@@ -275,16 +298,26 @@ def _check_base(name: str, layer: LoRADashLinear, saved: Any, path: str | os.Pat
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: str | os.PathLike) -> None:
     """What ``optimizer.load_state_dict`` leaves unchecked: every state tensor has its parameter's shape."""
-    _expect(isinstance(state, dict) and isinstance(state.get("state"), dict)
-            and isinstance(state.get("param_groups"), list), path, "holds no optimizer state")
+    _expect(
+        isinstance(state, dict)
+        and isinstance(state.get("state"), dict)
+        and isinstance(state.get("param_groups"), list),
+        path,
+        "holds no optimizer state",
+    )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entries in state["state"].items():
-        _expect(isinstance(index, int) and 0 <= index < len(params) and isinstance(entries, dict),
-                path, f"holds optimizer state for parameter {index!r}; the optimizer has {len(params)}")
+        _expect(
+            isinstance(index, int) and 0 <= index < len(params) and isinstance(entries, dict),
+            path,
+            f"holds optimizer state for parameter {index!r}; the optimizer has {len(params)}",
+        )
         for key, value in entries.items():
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                raise ValueError(f"{path}: optimizer state {key!r} of parameter {index} has shape "
-                                 f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
+                raise ValueError(
+                    f"{path}: optimizer state {key!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}"
+                )
 
 
 # ---------------------------------------------------------------------------------------- RNG
@@ -292,8 +325,10 @@ def _rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": {**numpy_state, "state": {**numpy_state["state"],
-                                           "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))}},
+        "numpy": {
+            **numpy_state,
+            "state": {**numpy_state["state"], "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))},
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -304,8 +339,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     numpy_state = state["numpy"]
     random.setstate(state["python"])
-    np.random.set_state({**numpy_state, "state": {**numpy_state["state"],
-                                                  "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}})
+    np.random.set_state(
+        {**numpy_state, "state": {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}}
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -342,11 +378,16 @@ def _read(path: str | os.PathLike, file_format: str) -> Any:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file makes the unpickler raise almost anything
         if isinstance(error, pickle.UnpicklingError):  # what weights_only raises for a forbidden object
-            raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers (which "
-                             "could run code when loaded), or it is truncated or corrupted") from error
+            raise ValueError(
+                f"{path}: refused: it holds objects other than tensors and plain containers (which "
+                "could run code when loaded), or it is truncated or corrupted"
+            ) from error
         raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
-    _expect(isinstance(payload, dict) and set(payload) == {"format", "version", "content", "checksum"},
-            path, "is not a LoRA-Dash file")
+    _expect(
+        isinstance(payload, dict) and set(payload) == {"format", "version", "content", "checksum"},
+        path,
+        "is not a LoRA-Dash file",
+    )
     if payload["format"] != file_format:
         raise ValueError(f"{path}: is a {payload['format']!r} file, expected {file_format!r}")
     if payload["version"] != VERSION:

@@ -40,8 +40,15 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_KEY_PREFIX = "base_model.model."
 #: The submodules PEFT's LoRA layer puts under each target (``<target>.lora_A``, ``<target>.lora_A.default``,
 #: ...): PEFT matches ``modules_to_save`` against every module name, these included.
-PEFT_LORA_CHILDREN = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                      "lora_magnitude_vector")
+PEFT_LORA_CHILDREN = (
+    "base_layer",
+    "lora_dropout",
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
 
 
 class LoRAFactors(NamedTuple):
@@ -134,14 +141,18 @@ def peft_modules_to_save(model: nn.Module) -> list[str] | None:
     if not names:
         return None
     peft_names = plain_module_names(model) + [
-        f"{layer}.{child}{default}" for layer in dash_layers(model)
-        for child in PEFT_LORA_CHILDREN for default in ("", ".default")
+        f"{layer}.{child}{default}"
+        for layer in dash_layers(model)
+        for child in PEFT_LORA_CHILDREN
+        for default in ("", ".default")
     ]
     clashes = {name: [k for k in peft_names if k != name and k.endswith(name)] for name in names}
     clashes = {name: others for name, others in clashes.items() if others}
     if clashes:
-        raise ValueError(f"PEFT selects modules_to_save by name suffix, and these modules that train in full "
-                         f"would also select others (name: others): {clashes}; PEFT cannot load such an adapter")
+        raise ValueError(
+            f"PEFT selects modules_to_save by name suffix, and these modules that train in full "
+            f"would also select others (name: others): {clashes}; PEFT cannot load such an adapter"
+        )
     return names
 
 

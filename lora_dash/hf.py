@@ -84,8 +84,9 @@ class LoRADashCallback(TrainerCallback, ExportableState):
         controller = self.controller.state_dict() if self.controller else {"launch_step": self.launch_step, "steps": 0}
         return {"args": self._arguments(), "attributes": {}, "controller": controller}
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         """Build the controller, restore its count from the (possibly resumed) Trainer state, attach it.
 
         Raises:
@@ -101,8 +102,10 @@ class LoRADashCallback(TrainerCallback, ExportableState):
                 "LoRADashCallback, so the optimizer steps already taken toward launch_step are unknown"
             )
         if saved.get("args") != self._arguments():
-            raise ValueError(f"the checkpoint being resumed was trained with LoRADashCallback{saved.get('args')}, "
-                             f"this callback has {self._arguments()}; resume with the same arguments")
+            raise ValueError(
+                f"the checkpoint being resumed was trained with LoRADashCallback{saved.get('args')}, "
+                f"this callback has {self._arguments()}; resume with the same arguments"
+            )
         if model is None or optimizer is None:
             raise ValueError("LoRADashCallback needs the Trainer's model and optimizer at on_train_begin")
         if self.controller is not None:  # a previous train() that did not reach on_train_end
@@ -160,8 +163,10 @@ class LoRADashTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
         # With model_init (model=None) Trainer builds the model itself: there is nothing to check yet.
         if model is not None and not dash_layers(model):
-            raise ValueError(f"LoRADashTrainer needs a model with LoRA-Dash layers; {type(model).__name__} has "
-                             "none: call lora_dash.inject(model, ...) first")
+            raise ValueError(
+                f"LoRADashTrainer needs a model with LoRA-Dash layers; {type(model).__name__} has "
+                "none: call lora_dash.inject(model, ...) first"
+            )
         if not getattr(model, "is_quantized", False):
             super().__init__(model, *args, **kwargs)
         else:

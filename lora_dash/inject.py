@@ -163,8 +163,10 @@ def _check_every_alias_matches(
     name only would leave the others calling it unchanged."""
     unmatched_aliases = [alias for alias in all_names[id(module)] if alias not in matches]
     if unmatched_aliases:
-        raise ValueError(f"module {name!r} is also registered as {unmatched_aliases}, which "
-                         f"{spec!r} does not match; match every name of a tied module")
+        raise ValueError(
+            f"module {name!r} is also registered as {unmatched_aliases}, which "
+            f"{spec!r} does not match; match every name of a tied module"
+        )
 
 
 def _check_trained_modules(trained: dict[str, nn.Module], adapters: list[nn.Module]) -> None:
@@ -179,5 +181,6 @@ def _check_trained_modules(trained: dict[str, nn.Module], adapters: list[nn.Modu
             )
         inner = [names[id(sub)] for sub in module.modules() if sub is not module and id(sub) in names]
         if inner:
-            raise ValueError(f"modules_to_save: {inner} lie inside {name!r}, which trains in full too; "
-                             "list only the outer module")
+            raise ValueError(
+                f"modules_to_save: {inner} lie inside {name!r}, which trains in full too; list only the outer module"
+            )

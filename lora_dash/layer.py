@@ -270,7 +270,9 @@ class LoRADashLinear(nn.Module):
         elif self.launched or self.merged:
             raise RuntimeError(f"{self._where()} cannot launch: launched={self.launched}, merged={self.merged}")
         elif (chosen.U_s.shape, chosen.V_s.shape, chosen.index.shape) != (
-            self.dash_U.shape, self.dash_V.shape, self.dash_index.shape
+            self.dash_U.shape,
+            self.dash_V.shape,
+            self.dash_index.shape,
         ):
             raise ValueError(f"{self._where()}: directions of the wrong shape for s={self.s}")
         self.dash_U.copy_(chosen.U_s)

@@ -68,16 +68,21 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
             "to replace them by floating-point nn.Linear layers holding W_dequantized + ΔW"
         )
     # Everything that can fail (dequantizing) happens before the first change.
-    replacements = {id(layer): _dequantized_merge(layer, dtype) if name in quantized_layers else layer.base
-                    for name, layer in layers.items()}
+    replacements = {
+        id(layer): _dequantized_merge(layer, dtype) if name in quantized_layers else layer.base
+        for name, layer in layers.items()
+    }
     for layer in layers.values():
         if not layer.merged and not quantized.is_quantized(layer.base):
             layer.merge()
     if isinstance(model, LoRADashLinear):
         return replacements[id(model)]
     # Every name a wrapper is registered under, tied aliases included; collected before replacing.
-    places = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
-              if isinstance(module, LoRADashLinear)]
+    places = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, LoRADashLinear)
+    ]
     for name, module in places:
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])

@@ -120,8 +120,11 @@ def _find_directions_shared(
     device = items[0].dash_U.device  # where the adapter lives: a tensor the process group can send
     layout = repr([(name, layer.out_features, layer.in_features, layer.s) for name, layer in layers.items()])
     shared.check_same_on_every_rank(
-        layout, "their LoRA-Dash layers (names, shapes or s); where each rank holds its own layers (pipeline "
-        "stages), launch with distributed=False", device)
+        layout,
+        "their LoRA-Dash layers (names, shapes or s); where each rank holds its own layers (pipeline "
+        "stages), launch with distributed=False",
+        device,
+    )
     errors: dict[int, Exception] = {}
     for index, layer in enumerate(items):
         try:
@@ -160,14 +163,20 @@ def _find_directions_shared(
         if rank == owner:
             mine = [found[index] for index in queue]
         else:
-            mine = [DashDirections(U_s=torch.empty_like(items[index].dash_U, dtype=torch.float32),
-                                   V_s=torch.empty_like(items[index].dash_V, dtype=torch.float32),
-                                   index=torch.empty_like(items[index].dash_index)) for index in queue]
+            mine = [
+                DashDirections(
+                    U_s=torch.empty_like(items[index].dash_U, dtype=torch.float32),
+                    V_s=torch.empty_like(items[index].dash_V, dtype=torch.float32),
+                    index=torch.empty_like(items[index].dash_index),
+                )
+                for index in queue
+            ]
         vectors = shared.broadcast_from([v.to(device) for d in mine for v in (d.U_s, d.V_s)], src=owner)
         indices = shared.broadcast_from([d.index.to(device) for d in mine], src=owner)
         for position, index in enumerate(queue):
-            chosen[index] = DashDirections(U_s=vectors[2 * position], V_s=vectors[2 * position + 1],
-                                           index=indices[position])
+            chosen[index] = DashDirections(
+                U_s=vectors[2 * position], V_s=vectors[2 * position + 1], index=indices[position]
+            )
     return {name: chosen[index] for index, name in enumerate(layers)}
 
 
@@ -320,8 +329,9 @@ class LaunchController:
             for delta in deltas:
                 optimizer.state.pop(delta, None)
         if self._optimizers:
-            held = {id(p) for optimizer in self._optimizers
-                    for group in optimizer.param_groups for p in group["params"]}
+            held = {
+                id(p) for optimizer in self._optimizers for group in optimizer.param_groups for p in group["params"]
+            }
             untrained = [name for name, layer in dash_layers(self.model).items() if id(layer.dash_delta) not in held]
             if untrained:
                 warnings.warn(
@@ -356,8 +366,10 @@ class LaunchController:
             self._warn_pending()
             return
         frozen = [
-            name for name, layer in layers.items()
-            if layer.dash_delta.grad is not None and bool(layer.dash_delta.grad.any())
+            name
+            for name, layer in layers.items()
+            if layer.dash_delta.grad is not None
+            and bool(layer.dash_delta.grad.any())
             and not bool(layer.dash_delta.any())
         ]
         if frozen:

@@ -55,8 +55,11 @@ def adapter_param_groups(
     layers = require_dash_layers(model).values()
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     return [
-        {"params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)] + _trained_parameters(model),
-         "lr": lr, **decay},
+        {
+            "params": [p for layer in layers for p in (layer.lora_A, layer.lora_B)] + _trained_parameters(model),
+            "lr": lr,
+            **decay,
+        },
         {"params": [layer.dash_delta for layer in layers], "lr": lr * delta_lr_scale, **decay},
     ]
 
@@ -95,15 +98,19 @@ def trained_module_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The live tensors :func:`adapter_state_dict` copies, by key."""
-    layers = {f"{name}.{key}": getattr(layer, key) for name, layer in dash_layers(model).items()
-              for key in LAYER_STATE_KEYS}
+    layers = {
+        f"{name}.{key}": getattr(layer, key) for name, layer in dash_layers(model).items() for key in LAYER_STATE_KEYS
+    }
     return {**layers, **_trained_tensors(model)}
 
 
 def _trained_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The live state tensors of the modules that train in full, keyed as in ``model.state_dict()``."""
-    return {f"{name}.{key}": value for name, module in trained_modules(model).items()
-            for key, value in module.state_dict(keep_vars=True).items()}
+    return {
+        f"{name}.{key}": value
+        for name, module in trained_modules(model).items()
+        for key, value in module.state_dict(keep_vars=True).items()
+    }
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:

@@ -31,4 +31,3 @@ def gaussian(gen: torch.Generator, *shape: int) -> torch.Tensor:
 def orthonormal(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
     """``(n, k)`` float64 with orthonormal columns (``k <= n``): ``Q`` of a Gaussian matrix."""
     return torch.linalg.qr(gaussian(gen, n, k)).Q
-

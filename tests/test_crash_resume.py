@@ -34,8 +34,13 @@ class Run:
     timeout; every line it prints is kept for failure messages."""
 
     def __init__(self, folder: Path, *flags: str) -> None:
-        self.process = subprocess.Popen([sys.executable, str(WORKER), str(folder), *flags], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), str(folder), *flags],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.reports: queue.Queue = queue.Queue()
         self.log: list[str] = []
         self.saved: list[int] = []

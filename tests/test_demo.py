@@ -83,7 +83,7 @@ def test_bucketed_batches_pad_far_less_than_random_ones(split):
     def padding(chunks):
         return sum(max(map(len, chunk)) * len(chunk) - sum(map(len, chunk)) for chunk in chunks)
 
-    random_chunks = [texts[i:i + 32] for i in range(0, len(texts), 32)]  # the split is already shuffled
+    random_chunks = [texts[i : i + 32] for i in range(0, len(texts), 32)]  # the split is already shuffled
     bucketed = [chunk for chunk, _ in batches(texts, labels, 32, seed=0)]
     assert padding(bucketed) < 0.2 * padding(random_chunks)
 
@@ -102,9 +102,11 @@ def test_minilm_targets_match_exactly_the_36_encoder_linears():
 
 def test_core_package_never_imports_the_demo_or_its_extras():
     # Not tqdm: torch itself imports it.
-    code = ("import sys, lora_dash; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'transformers', 'tokenizers', 'matplotlib'} "
-            "or m.startswith('lora_dash.demo')))")
+    code = (
+        "import sys, lora_dash; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'transformers', 'tokenizers', 'matplotlib'} "
+        "or m.startswith('lora_dash.demo')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -148,8 +150,16 @@ def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, ca
     config = TrainConfig(steps=3, t=1, batch_size=4)
     tokenizer, model, optimizer, controller = build("LoRA-Dash", config)
     seen = []
-    losses, launched_at = train(model, tokenizer, optimizer, split, config, controller, progress=False,
-                                on_step=lambda step, loss: seen.append((step, loss, controller.launched)))
+    losses, launched_at = train(
+        model,
+        tokenizer,
+        optimizer,
+        split,
+        config,
+        controller,
+        progress=False,
+        on_step=lambda step, loss: seen.append((step, loss, controller.launched)),
+    )
     assert seen == [(1, losses[0], True), (2, losses[1], True), (3, losses[2], True)]  # t = 1: launched in step 1
     assert launched_at == 1
     assert capsys.readouterr().err == ""
@@ -159,8 +169,13 @@ def test_train_calls_on_step_after_every_step_and_can_run_without_bars(split, ca
 def test_bars_still_obey_tqdm_disable_in_the_environment():
     # The notebooks silence every bar with TQDM_DISABLE=1; progress=True must not override it.
     code = "from lora_dash.demo.train import progress_bar\nfor _ in progress_bar(range(3), True, desc='x'): pass"
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TQDM_DISABLE": "1"},
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "x:" not in done.stderr
     without = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     shown = subprocess.run([sys.executable, "-c", code], env=without, capture_output=True, text=True, check=True)
@@ -172,8 +187,14 @@ def test_bars_still_obey_tqdm_disable_in_the_environment():
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lora_dash.demo", "--quick", "--alpha", "24", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_dash.demo", "--quick", "--alpha", "24", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done, out
 
 

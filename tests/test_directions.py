@@ -309,9 +309,7 @@ def test_sign_flip_of_a_singular_pair_changes_nothing(data):
 
     c, c_f = coordinates(dW, U, V), coordinates(dW, U_f, V_f)
     assert torch.equal(c, c_f)
-    assert torch.equal(
-        coordinates_from_factors(B, A, scaling, U, V), coordinates_from_factors(B, A, scaling, U_f, V_f)
-    )
+    assert torch.equal(coordinates_from_factors(B, A, scaling, U, V), coordinates_from_factors(B, A, scaling, U_f, V_f))
     rates, rates_f = change_rates(c, sigma, eligible), change_rates(c_f, sigma, eligible)
     assert torch.equal(rates, rates_f)
     s = min(data.draw(st.integers(1, k)), int(eligible.sum()))
@@ -509,9 +507,7 @@ def test_rank_deficient_weight_has_no_nan_rates(data, svd_dtype):
 def test_change_rate_is_abs_coordinate_over_sigma_plus_eps(entries, eps):
     """ρ_i = |c_i| / (σ_i + eps) on eligible directions (METHOD §2)."""
     coords, sigma, eligible = zip(*entries)
-    rates = change_rates(
-        torch.tensor(coords, dtype=F64), torch.tensor(sigma, dtype=F64), torch.tensor(eligible), eps
-    )
+    rates = change_rates(torch.tensor(coords, dtype=F64), torch.tensor(sigma, dtype=F64), torch.tensor(eligible), eps)
     for rate, c, sig, ok in zip(rates.tolist(), coords, sigma, eligible):
         if ok:
             assert math.isclose(rate, abs(c) / (sig + eps), rel_tol=1e-15)

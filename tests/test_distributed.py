@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow  # subprocesses: make test-fast leaves this file o
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("distributed")
     run_gloo_workers(WORKER, WORLD, out, TIMEOUT_S)
-    return {name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
-            for name in ("ddp", "fsdp")} | {"out": out}
+    return {
+        name: [torch.load(out / f"{name}_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+        for name in ("ddp", "fsdp")
+    } | {"out": out}
 
 
 @pytest.fixture(scope="module")

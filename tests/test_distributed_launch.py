@@ -173,8 +173,10 @@ def test_random_strategy_draws_what_one_process_draws(engine, runs):
 def test_ranks_holding_different_layers_all_refuse_to_launch(runs):
     for result in scenario(runs, "disagree_layers"):
         assert result["error"] == (
-            "ValueError", "the ranks differ in their LoRA-Dash layers (names, shapes or s); where each rank holds "
-            "its own layers (pipeline stages), launch with distributed=False")
+            "ValueError",
+            "the ranks differ in their LoRA-Dash layers (names, shapes or s); where each rank holds "
+            "its own layers (pipeline stages), launch with distributed=False",
+        )
         assert not any(result["launched"].values())
 
 
@@ -254,8 +256,9 @@ def test_svd_costs_report_measures_fits_and_projects(monkeypatch, capsys):
     for shape in ("64×64", "128×128", "128×256"):  # "fit (relative residual)", the residual ±0.0 %
         assert float(rows[shape][1].split("(")[1].rstrip("%)")) == 0
     llama = [line for line in lines if line.startswith("| LLaMA-7B") and f"| {ONE_TERM.name} |" in line]
-    assert llama[0].endswith(" | ".join(duration(a * units * svd_cost(4096, 4096)) for units in (268, 33.5, 4.6875))
-                             + " |")
+    assert llama[0].endswith(
+        " | ".join(duration(a * units * svd_cost(4096, 4096)) for units in (268, 33.5, 4.6875)) + " |"
+    )
     assert duration(a * 268 * svd_cost(4096, 4096)) == "30.7 min"  # 268 · 4096³ · 1e-10 s = 1842 s
     assert sum(line.startswith(("| LLaMA-7B", "| 70B")) for line in lines) == 2 * len(bench.COST_MODELS)
 
@@ -283,5 +286,9 @@ def test_timed_launches_on_gloo_ranks_are_positive(runs):
 
 def table_rows(text: str) -> dict[str, list[str]]:
     """The markdown table rows of ``text``, by their first cell."""
-    return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
-            for cells in [[cell.strip() for cell in line.strip("| ").split(" | ")]]}
+    return {
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if line.startswith("| ")
+        for cells in [[cell.strip() for cell in line.strip("| ").split(" | ")]]
+    }

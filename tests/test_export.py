@@ -181,15 +181,16 @@ def test_padding_with_zero_rank_keeps_the_product():
     factors = plain_lora_factors(dash_layers(trained(linear_adapted(), T + 2))["fc1"])
     padded = pad_rank(factors, R + S + 5)
     assert padded.A.shape[0] == padded.B.shape[1] == R + S + 5
-    assert not padded.A[R + S:].any() and not padded.B[:, R + S:].any()
+    assert not padded.A[R + S :].any() and not padded.B[:, R + S :].any()
     assert torch.equal(padded.B @ padded.A, factors.B @ factors.A)
     with pytest.raises(ValueError, match="cannot pad"):
         pad_rank(factors, R)
 
 
 # ------------------------------------------------------------------------- the writer
-needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
-                                       reason="the writer needs safetensors (the oracle extra)")
+needs_safetensors = pytest.mark.skipif(
+    importlib.util.find_spec("safetensors") is None, reason="the writer needs safetensors (the oracle extra)"
+)
 
 
 def read_adapter(directory) -> tuple[dict[str, Tensor], dict, dict]:

@@ -24,8 +24,11 @@ def attached(model, launch_step=T):
 
 
 def dash_buffers(model) -> dict:
-    return {f"{name}.{key}": getattr(layer, key).clone() for name, layer in dash_layers(model).items()
-            for key in ("dash_U", "dash_V", "dash_index", "dash_launched")}
+    return {
+        f"{name}.{key}": getattr(layer, key).clone()
+        for name, layer in dash_layers(model).items()
+        for key in ("dash_U", "dash_V", "dash_index", "dash_launched")
+    }
 
 
 def half_precision_model(dtype):
@@ -278,4 +281,3 @@ def test_explicit_controller_with_delta_in_the_optimizer_does_not_warn():
         warnings.simplefilter("error")
         train(model, T + 2, optimizer=optimizer, controller=controller)
     assert controller.launched
-

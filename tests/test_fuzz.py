@@ -71,8 +71,13 @@ def specs(draw) -> dict:
     chosen = sorted(draw(st.sets(st.integers(0, depth - 1), min_size=1)))
     digits = [str(i) for i in chosen]
     alternatives = "|".join(digits)
-    styles = [rf"blocks\.({alternatives})", rf"blocks\.[{''.join(digits)}]", rf".*\.({alternatives})",
-              digits, [f"blocks.{i}" for i in chosen]]  # lists: a dotted suffix, whole names
+    styles = [
+        rf"blocks\.({alternatives})",
+        rf"blocks\.[{''.join(digits)}]",
+        rf".*\.({alternatives})",
+        digits,
+        [f"blocks.{i}" for i in chosen],
+    ]  # lists: a dotted suffix, whole names
     if len(chosen) == depth:
         styles.append(r"blocks\.\d+")
     r = draw(st.integers(1, 4))
@@ -82,8 +87,13 @@ def specs(draw) -> dict:
         "conv1d": draw(st.lists(st.booleans(), min_size=depth, max_size=depth)),
         "adapted": [f"blocks.{i}" for i in chosen],
         "targets": draw(st.sampled_from(styles)),
-        "layer": {"r": r, "s": draw(st.integers(1, k)), "alpha": draw(st.sampled_from([1.0, 2.0 * r, 8.0])),
-                  "use_rslora": draw(st.booleans()), "dropout": draw(st.sampled_from([0.0, 0.2]))},
+        "layer": {
+            "r": r,
+            "s": draw(st.integers(1, k)),
+            "alpha": draw(st.sampled_from([1.0, 2.0 * r, 8.0])),
+            "use_rslora": draw(st.booleans()),
+            "dropout": draw(st.sampled_from([0.0, 0.2])),
+        },
         "launch_step": draw(st.integers(0, 4)),
         "seed": draw(st.integers(0, 2**16)),
     }
@@ -126,8 +136,12 @@ class AdapterMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------------------- helpers
     def capture(self) -> dict:
-        return {"model": snapshot(self.model), "steps": self.controller.steps,
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "training": self.model.training}
+        return {
+            "model": snapshot(self.model),
+            "steps": self.controller.steps,
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "training": self.model.training,
+        }
 
     def assert_as_captured(self, before: dict) -> None:
         assert_unchanged(self.model, before["model"])
@@ -200,8 +214,11 @@ class AdapterMachine(RuleBasedStateMachine):
     def save(self) -> None:
         save = partial(save_training_checkpoint, self.model, self.optimizer, self.controller, self.path("run.pt"))
         if self.attempt(save, allowed_to_fail=self.expected["merged"]):
-            self.saved = {"adapter": adapter_state_dict(self.model), "expected": dict(self.expected),
-                          "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+            self.saved = {
+                "adapter": adapter_state_dict(self.model),
+                "expected": dict(self.expected),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            }
 
     def load(self) -> None:
         load = partial(load_training_checkpoint, self.model, self.optimizer, self.controller, self.path("run.pt"))
@@ -224,8 +241,9 @@ class AdapterMachine(RuleBasedStateMachine):
             fresh.eval()
             with torch.no_grad():  # the fresh copy has the pristine W, the model maybe merge-unmerge rounding
                 expected = self.formula(self.probe)
-                torch.testing.assert_close(fresh(self.probe).double(), expected, rtol=1e-4,
-                                           atol=1e-4 * (1 + expected.abs().max().item()))
+                torch.testing.assert_close(
+                    fresh(self.probe).double(), expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max().item())
+                )
 
         self.attempt(round_trip, allowed_to_fail=self.expected["merged"])
 
@@ -290,7 +308,9 @@ class AdapterMachine(RuleBasedStateMachine):
 
 
 AdapterMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS_PER_EXAMPLE,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no explain: minutes
 )

@@ -38,8 +38,15 @@ pytestmark = pytest.mark.slow  # every test trains through 🤗 Trainer: make te
 def build_base() -> BertForSequenceClassification:
     """A two-layer BERT classifier from a config: the same "pretrained" weights (and head) for every call."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -66,9 +73,20 @@ class Tokens(Dataset):
 
 
 def training_arguments(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=ACCUMULATION, max_steps=STEPS,
-                    learning_rate=1e-2, save_strategy="steps", save_steps=2, logging_strategy="no", report_to=[],
-                    use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    settings = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=ACCUMULATION,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
     return TrainingArguments(str(output_dir), **{**settings, **overrides})
 
 
@@ -116,8 +134,12 @@ class PhaseRecorder(TrainerCallback):
 def test_callback_launches_right_after_global_step_t_under_gradient_accumulation(tmp_path):
     model = build_model()
     recorder = PhaseRecorder(model)
-    trainer = Trainer(model=model, args=training_arguments(tmp_path, save_strategy="no"), train_dataset=Tokens(),
-                      callbacks=[LoRADashCallback(launch_step=T), recorder])
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(tmp_path, save_strategy="no"),
+        train_dataset=Tokens(),
+        callbacks=[LoRADashCallback(launch_step=T), recorder],
+    )
     trainer.train()
     assert recorder.phases == [(step, ACCUMULATION * step, {step >= T}) for step in range(1, STEPS + 1)]
     # The Trainer's optimizer holds δ, gave it a fresh state at the launch, and δ trains from then on.
@@ -156,15 +178,17 @@ def test_resume_with_other_callback_arguments_is_refused(run_of, tmp_path):
 
 
 def test_resume_from_a_checkpoint_saved_without_the_callback_is_refused(tmp_path):
-    trainer = Trainer(model=build_model(), args=training_arguments(tmp_path / "plain", max_steps=2),
-                      train_dataset=Tokens())
+    trainer = Trainer(
+        model=build_model(), args=training_arguments(tmp_path / "plain", max_steps=2), train_dataset=Tokens()
+    )
     trainer.train()
     with pytest.raises(ValueError, match="saved without LoRADashCallback"):
         train(tmp_path / "resumed", resume=tmp_path / "plain" / "checkpoint-2")
 
 
-@pytest.mark.parametrize("kwargs, bad", [({"launch_step": -1}, "-1"), ({"strategy": "top"}, "'top'"),
-                                         ({"seed": 1.5}, "1.5")])
+@pytest.mark.parametrize(
+    "kwargs, bad", [({"launch_step": -1}, "-1"), ({"strategy": "top"}, "'top'"), ({"seed": 1.5}, "1.5")]
+)
 def test_callback_rejects_bad_arguments(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         LoRADashCallback(**kwargs)
@@ -180,8 +204,9 @@ def test_adapter_only_checkpoints_hold_no_base_weights(run_of, tmp_path):
     trainer, output_dir = run_of(LoRADashTrainer)
     trainer.save_model(tmp_path)
     for folder in [output_dir / f"checkpoint-{step}" for step in (2, 4, 6)]:
-        assert sorted(os.listdir(folder)) == sorted([ADAPTER_FILE, "optimizer.pt", "rng_state.pth", "scheduler.pt",
-                                                     "trainer_state.json", "training_args.bin"])
+        assert sorted(os.listdir(folder)) == sorted(
+            [ADAPTER_FILE, "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"]
+        )
     assert sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, "training_args.bin"]
     # The adapter file is a fraction of the base weights it leaves out (~11 kB here against ~75 kB).
     assert os.path.getsize(tmp_path / ADAPTER_FILE) < base_weight_bytes(trainer.model) / 4
@@ -204,10 +229,16 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     # last one, which stays in the model unless the best adapter is loaded back.
     ranks = iter([1.0, 3.0, 2.0])
     model = build_model()
-    trainer = LoRADashTrainer(model=model, args=training_arguments(
-        tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="rank"),
-        train_dataset=Tokens(), eval_dataset=Tokens(2), compute_metrics=lambda _: {"rank": next(ranks)},
-        callbacks=[LoRADashCallback(T)])
+    trainer = LoRADashTrainer(
+        model=model,
+        args=training_arguments(
+            tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="rank"
+        ),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(2),
+        compute_metrics=lambda _: {"rank": next(ranks)},
+        callbacks=[LoRADashCallback(T)],
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
     reference = build_model(init_seed=2)
@@ -248,8 +279,15 @@ def llama_folder(tmp_path_factory):
     """A two-layer Llama written by ``save_pretrained``: the "pretrained" checkpoint, loaded quantized below.
     Hidden size 64: bitsandbytes' CPU kernel needs ``in_features`` to be a multiple of its 64-wide blocks."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     folder = tmp_path_factory.mktemp("llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -277,8 +315,9 @@ class SelectionAtLaunch(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == T:
-            self.expected = {name: expected_selection(self.weights[name], layer)
-                             for name, layer in dash_layers(model).items()}
+            self.expected = {
+                name: expected_selection(self.weights[name], layer) for name, layer in dash_layers(model).items()
+            }
 
 
 @pytest.fixture(scope="module")
@@ -290,20 +329,35 @@ def quantized_run(llama_folder, tmp_path_factory):
     codes = {name: base.weight.data.clone() for name, base in bases.items()}
     selection = SelectionAtLaunch(dequantized)
     output_dir = tmp_path_factory.mktemp("quantized")
-    trainer = LoRADashTrainer(model=model, args=training_arguments(output_dir, save_strategy="no"),
-                              train_dataset=causal_tokens(), callbacks=[LoRADashCallback(T), selection])
+    trainer = LoRADashTrainer(
+        model=model,
+        args=training_arguments(output_dir, save_strategy="no"),
+        train_dataset=causal_tokens(),
+        callbacks=[LoRADashCallback(T), selection],
+    )
     flag_after_init = vars(model).get(PEFT_FLAG, "absent")
     trainer.train()
     trainer.save_model(output_dir / "adapter")
-    return SimpleNamespace(trainer=trainer, model=model, bases=bases, codes=codes, expected=selection.expected,
-                           flag_after_init=flag_after_init, adapter=output_dir / "adapter" / ADAPTER_FILE)
+    return SimpleNamespace(
+        trainer=trainer,
+        model=model,
+        bases=bases,
+        codes=codes,
+        expected=selection.expected,
+        flag_after_init=flag_after_init,
+        adapter=output_dir / "adapter" / ADAPTER_FILE,
+    )
 
 
 def test_a_plain_trainer_refuses_a_4bit_model_even_with_the_callback(llama_folder, tmp_path):
     # Why LoRADashTrainer exists for quantized bases: the refusal comes before any callback runs.
     with pytest.raises(ValueError, match="purely quantized"):
-        Trainer(model=load_llama(llama_folder), args=training_arguments(tmp_path), train_dataset=causal_tokens(),
-                callbacks=[LoRADashCallback(T)])
+        Trainer(
+            model=load_llama(llama_folder),
+            args=training_arguments(tmp_path),
+            train_dataset=causal_tokens(),
+            callbacks=[LoRADashCallback(T)],
+        )
 
 
 def test_lora_dash_trainer_trains_a_4bit_model_and_launches_on_the_dequantized_weight(quantized_run):
@@ -362,8 +416,9 @@ def test_a_saved_adapter_loaded_into_a_fresh_4bit_base_gives_the_trained_logits(
         assert torch.equal(fresh(input_ids=probe).logits, expected)
 
 
-def test_an_adapter_trained_on_the_4bit_base_loads_into_the_float_base_with_check_base_false(quantized_run,
-                                                                                            llama_folder):
+def test_an_adapter_trained_on_the_4bit_base_loads_into_the_float_base_with_check_base_false(
+    quantized_run, llama_folder
+):
     float_model = load_llama(llama_folder, quantized=False, init_seed=2)
     with pytest.raises(ValueError, match=r"check_base=False .*quantized copy of this weight"):
         load_adapter(float_model, quantized_run.adapter)
@@ -377,10 +432,15 @@ def test_a_training_step_after_bitsandbytes_repacked_a_layer_for_cpu_inference_i
     model = load_llama(llama_folder)
     down = model.model.layers[1].mlp.down_proj  # not adapted: it still stops the gradient of the layers before it
     down.weight.data, down.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
-        down.weight.data, down.weight.quant_state)
+        down.weight.data, down.weight.quant_state
+    )
     before = adapter_state_dict(model)
-    trainer = LoRADashTrainer(model=model, args=training_arguments(tmp_path, save_strategy="no"),
-                              train_dataset=causal_tokens(), callbacks=[LoRADashCallback(T)])
+    trainer = LoRADashTrainer(
+        model=model,
+        args=training_arguments(tmp_path, save_strategy="no"),
+        train_dataset=causal_tokens(),
+        callbacks=[LoRADashCallback(T)],
+    )
     refusal = r"1 4-bit layers \(first: 'model.layers.1.mlp.down_proj'\).*support_avx512bf16_for_cpu = False"
     with pytest.raises(RuntimeError, match=refusal):
         trainer.train()

@@ -17,8 +17,9 @@ class Encoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(8, 8), "query_proj": nn.Linear(8, 6)})
-                                    for _ in range(2))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"query": nn.Linear(8, 8), "query_proj": nn.Linear(8, 6)}) for _ in range(2)
+        )
         self.norm = nn.LayerNorm(8)
         self.act = nn.ReLU()
         self.block = nn.Sequential(nn.Linear(8, 8))
@@ -150,7 +151,6 @@ def test_s_larger_than_one_layers_rank_rejects_every_layer():
     assert not dash_layers(model)
 
 
-
 # ------------------------------------------------------------------------- targets as a list
 @pytest.mark.parametrize(
     "targets, expected",
@@ -198,13 +198,15 @@ def test_modules_to_save_train_in_full_and_everything_else_stays_frozen():
     assert set(trained_modules(model)) == {"head", "norm"}
     trainable = {id(p) for p in adapter_parameters(model)}
     assert trainable == {id(p) for p in (*model.head.parameters(), *model.norm.parameters())} | {
-        id(p) for layer in dash_layers(model).values() for p in layer.adapter_parameters()}
+        id(p) for layer in dash_layers(model).values() for p in layer.adapter_parameters()
+    }
     for name, p in model.named_parameters():
         assert p.requires_grad == (id(p) in trainable), name
     # A mark, not a wrapper: the trained modules keep their names and keys.
     assert type(model.head) is nn.Linear and type(model.norm) is nn.LayerNorm
     assert {k for k in model.state_dict() if not k.startswith("layers.")} == {
-        k for k in keys_before if not k.startswith("layers.")}
+        k for k in keys_before if not k.startswith("layers.")
+    }
 
 
 def test_modules_to_save_as_a_regex_fullmatch_names():
@@ -234,10 +236,16 @@ BAD_MODULES_TO_SAVE = {
     "also-a-target": (Encoder, {"targets": ["head"], "modules_to_save": ["head"]}, "'head' trains in full"),
     "contains-a-target": (Encoder, {"targets": ["query"], "modules_to_save": ["layers.0"]}, "'layers.0'"),
     "shares-a-parameter": (tied_weight_model, {"targets": "proj", "modules_to_save": "head"}, "shares a parameter"),
-    "matches-nothing": (Encoder, {"targets": ["query"], "modules_to_save": ["classifier"]},
-                        re.escape("modules_to_save ['classifier'] matches no module")),
-    "inside-another": (Encoder, {"targets": ["query"], "modules_to_save": r"block|block\.0"},
-                       re.escape("['block.0'] lie inside 'block'")),
+    "matches-nothing": (
+        Encoder,
+        {"targets": ["query"], "modules_to_save": ["classifier"]},
+        re.escape("modules_to_save ['classifier'] matches no module"),
+    ),
+    "inside-another": (
+        Encoder,
+        {"targets": ["query"], "modules_to_save": r"block|block\.0"},
+        re.escape("['block.0'] lie inside 'block'"),
+    ),
     "invalid-regex": (Encoder, {"targets": ["query"], "modules_to_save": "head("}, "invalid modules_to_save regex"),
     "not-names": (Encoder, {"targets": ["query"], "modules_to_save": [1]}, "modules_to_save must be"),
 }

@@ -575,8 +575,22 @@ def test_dropout_is_off_in_eval_mode():
         (nn.Linear(6, 4), {"eps": math.nan}),  # would only fail at launch, as "rates are not finite"
         (nn.Conv2d(4, 6, 1), {}),
     ],
-    ids=["r=0", "r<0", "r-float", "r-bool", "s=0", "s<0", "s-bool", "s>in", "s>out", "dropout<0", "dropout=1", "eps<0",
-         "eps-nan", "conv2d"],
+    ids=[
+        "r=0",
+        "r<0",
+        "r-float",
+        "r-bool",
+        "s=0",
+        "s<0",
+        "s-bool",
+        "s>in",
+        "s>out",
+        "dropout<0",
+        "dropout=1",
+        "eps<0",
+        "eps-nan",
+        "conv2d",
+    ],
 )
 def test_constructor_rejects_bad_arguments_with_ValueError(base, kwargs):
     with pytest.raises(ValueError):

@@ -45,9 +45,17 @@ def train_across_the_launch(model: nn.Module, loss) -> None:
 
 def bert() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=SEQ, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = transformers.BertForSequenceClassification(config)
     torch.manual_seed(1)
     inject(model, r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|value)|output\.dense)", r=4, alpha=8.0, s=3)
@@ -58,8 +66,16 @@ def bert() -> nn.Module:
 def gpt2() -> nn.Module:
     """GPT-2's ``Conv1D`` stores ``Wᵀ``; ``c_attn`` is adapted."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(config)
     torch.manual_seed(1)
     inject(model, r"transformer\.h\.\d+\.attn\.c_(attn|proj)", r=4, alpha=8.0, s=3)
@@ -99,9 +115,20 @@ def test_merged_bert_saved_with_save_pretrained_loads_without_lora_dash_with_the
     model.save_pretrained(tmp_path / "merged")
     torch.save(tokens(-1), tmp_path / "ids.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LORA_DASH, str(tmp_path / "merged"),
-                             str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_LORA_DASH,
+            str(tmp_path / "merged"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info  # an ordinary checkpoint
@@ -187,4 +214,3 @@ def test_a_model_without_lora_dash_layers_is_refused_and_unchanged():
 
 def test_merge_and_unload_is_exported_at_the_top_level():
     assert lora_dash.merge_and_unload is merge_and_unload and "merge_and_unload" in lora_dash.__all__
-

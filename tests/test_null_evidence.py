@@ -173,8 +173,13 @@ def test_equal_singular_values_select_every_direction_with_probability_s_over_k(
     coords = torch.randn(k, generator=generator(7), dtype=F64)
     draws = 4000
     evidence = null_evidence(
-        torch.full((k,), 2.0, dtype=F64), coords, torch.ones(k, dtype=torch.bool), s, factor_rank=factor_rank,
-        draws=draws, generator=generator(8),
+        torch.full((k,), 2.0, dtype=F64),
+        coords,
+        torch.ones(k, dtype=torch.bool),
+        s,
+        factor_rank=factor_rank,
+        draws=draws,
+        generator=generator(8),
     )
     expected = s / k
     tolerance = 5 * math.sqrt(expected * (1 - expected) / draws)
@@ -208,7 +213,12 @@ def test_a_planted_update_is_flagged(k, s, seed, data):
     spectrum = change_rate_spectrum(W, update, svd_dtype=F64)
     for factor_rank, strategy in ((None, "tsd"), (8, "tsd"), (None, "coordinate"), (8, "coordinate")):
         evidence = null_evidence(
-            spectrum.sigma, spectrum.coords, spectrum.eligible, s, factor_rank=factor_rank, draws=199,
+            spectrum.sigma,
+            spectrum.coords,
+            spectrum.eligible,
+            s,
+            factor_rank=factor_rank,
+            draws=199,
             strategy=strategy,
         )
         assert evidence.p_value == 1 / 200
@@ -234,7 +244,13 @@ def false_positive_rate(
             A = torch.randn(update_rank, m, generator=gen, dtype=F64)
             coords = directions.coordinates_from_factors(B, A, 2.0, U, V)
         evidence = null_evidence(
-            sigma, coords, eligible, s, factor_rank=null_rank, draws=99, generator=generator(runs + run),
+            sigma,
+            coords,
+            eligible,
+            s,
+            factor_rank=null_rank,
+            draws=99,
+            generator=generator(runs + run),
             strategy=strategy,
         )
         p_values.append(evidence.p_value)
@@ -259,7 +275,11 @@ def test_the_dense_null_is_wrong_for_a_rank_one_product():
 
 @FAST
 @given(
-    st.integers(2, 40), seeds, st.integers(-40, 40), st.booleans(), st.sampled_from((None, 2)),
+    st.integers(2, 40),
+    seeds,
+    st.integers(-40, 40),
+    st.booleans(),
+    st.sampled_from((None, 2)),
     st.sampled_from(NULL_EVIDENCE_STRATEGIES),
 )
 def test_scaling_the_update_changes_nothing(k, seed, exponent, negative, factor_rank, strategy):
@@ -310,7 +330,11 @@ def assert_same_evidence(actual, expected) -> None:
     assert torch.equal(actual.index, expected.index)
     assert torch.equal(actual.selection_probability, expected.selection_probability)
     assert (actual.share, actual.null_mean, actual.null_std, actual.p_value, actual.draws) == (
-        expected.share, expected.null_mean, expected.null_std, expected.p_value, expected.draws,
+        expected.share,
+        expected.null_mean,
+        expected.null_std,
+        expected.p_value,
+        expected.draws,
     )
 
 
@@ -391,7 +415,10 @@ def test_coordinate_evidence_is_the_rate_evidence_of_equal_singular_values(k, se
     picked = directions.pick_directions(torch.zeros(k), eligible, s, "coordinate", coords=coords)
     assert torch.equal(by_coordinate.index, picked) and torch.equal(by_rate.index, picked)
     assert (by_coordinate.share, by_coordinate.null_mean, by_coordinate.null_std, by_coordinate.p_value) == (
-        by_rate.share, by_rate.null_mean, by_rate.null_std, by_rate.p_value,
+        by_rate.share,
+        by_rate.null_mean,
+        by_rate.null_std,
+        by_rate.p_value,
     )
     assert by_coordinate.selection_probability.tolist() == [s / int(eligible.sum())] * s
 
@@ -469,8 +496,14 @@ def test_model_report_is_each_layers_evidence_from_its_dense_update(strategy, nu
         spectrum = change_rate_spectrum(layer.base_weight(), dense, svd_dtype=F64)
         factor_rank = layer.r if null == "factors" else None
         expected = null_evidence(
-            spectrum.sigma, spectrum.coords, spectrum.eligible, layer.s, factor_rank=factor_rank, draws=300,
-            generator=gen, strategy=strategy,
+            spectrum.sigma,
+            spectrum.coords,
+            spectrum.eligible,
+            layer.s,
+            factor_rank=factor_rank,
+            draws=300,
+            generator=gen,
+            strategy=strategy,
         )
         evidence = report[name]
         assert torch.equal(evidence.index, expected.index) and torch.equal(evidence.index, layer.dash_index)
@@ -503,7 +536,7 @@ def test_model_report_refuses_a_merged_layer_before_any_work():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"null": "gaussian"}, "null must be \"factors\" or \"dense\", got 'gaussian'"),
+        ({"null": "gaussian"}, 'null must be "factors" or "dense", got \'gaussian\''),
         ({"strategy": "smallest_sigma"}, "null_evidence judges the strategies ('tsd', 'coordinate')"),
         ({"draws": 1}, "draws must be an int >= 2, got 1"),
         ({"seed": -1}, "seed must be an int in [0, 2**63 - 1], got -1"),

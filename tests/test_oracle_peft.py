@@ -77,8 +77,9 @@ def trained(model: nn.Module, steps: int) -> nn.Module:
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
 def test_pre_launch_outputs_and_A_B_gradients_equal_peft_lora_step_by_step(use_rslora):
     dash = dash_model(TARGETS["mixed"], use_rslora=use_rslora)
-    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS["mixed"], lora_dropout=0.0,
-                             use_rslora=use_rslora)
+    config = peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=TARGETS["mixed"], lora_dropout=0.0, use_rslora=use_rslora
+    )
     oracle = peft.get_peft_model(base_model(), config)
     layers, oracle_layers = dash_layers(dash), peft_lora_layers(oracle)
     assert layers.keys() == oracle_layers.keys()
@@ -101,8 +102,10 @@ def test_pre_launch_outputs_and_A_B_gradients_equal_peft_lora_step_by_step(use_r
         torch.testing.assert_close(outputs[0], outputs[1], atol=ABSOLUTE, rtol=0)
         for name, layer in layers.items():
             oracle_layer = oracle_layers[name]
-            for ours, theirs in ((layer.lora_A, oracle_layer.lora_A["default"].weight),
-                                 (layer.lora_B, oracle_layer.lora_B["default"].weight)):
+            for ours, theirs in (
+                (layer.lora_A, oracle_layer.lora_A["default"].weight),
+                (layer.lora_B, oracle_layer.lora_B["default"].weight),
+            ):
                 torch.testing.assert_close(ours.grad, theirs.grad, atol=ABSOLUTE, rtol=0)
                 torch.testing.assert_close(ours, theirs, atol=ABSOLUTE, rtol=0)
         dash_optimizer.step()
@@ -228,8 +231,15 @@ BERT_TARGETS, HEAD = ["query", "value"], ["classifier"]
 def tiny_bert() -> nn.Module:
     """A seeded ``BertForSequenceClassification`` from a tiny config: the "pretrained" model, head included."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
 

@@ -156,12 +156,14 @@ def trained(request):
 
     def record_the_selection(step: int) -> None:
         if step == T:  # the launch ran in this step's hook, on the A and B it leaves
-            expected.update({name: expected_selection(dequantized[name], layer)
-                             for name, layer in dash_layers(model).items()})
+            expected.update(
+                {name: expected_selection(dequantized[name], layer) for name, layer in dash_layers(model).items()}
+            )
 
     _, controller = train(model, T + EXTRA, launch_step=T, loss=mse_on_batch, on_step=record_the_selection)
-    return SimpleNamespace(kind=kind, model=model, dequantized=dequantized, codes=codes, expected=expected,
-                           controller=controller)
+    return SimpleNamespace(
+        kind=kind, model=model, dequantized=dequantized, codes=codes, expected=expected, controller=controller
+    )
 
 
 def test_shapes_come_from_the_features_and_the_adapters_are_float32(trained):
@@ -247,8 +249,10 @@ def test_merge_and_unload_dequantizes_into_the_requested_dtype_and_refuses_a_non
     with pytest.raises(ValueError, match="floating-point"):
         merge_and_unload(model, dequantize=True, dtype=torch.int8)
     assert_same_state(before, state(model))
-    expected = {name: (trained.dequantized[name] + layer.delta_weight().detach()).bfloat16()
-                for name, layer in dash_layers(model).items()}
+    expected = {
+        name: (trained.dequantized[name] + layer.delta_weight().detach()).bfloat16()
+        for name, layer in dash_layers(model).items()
+    }
     merge_and_unload(model, dequantize=True, dtype=torch.bfloat16)
     for name, weight in expected.items():
         linear = model.get_submodule(name)
@@ -260,8 +264,10 @@ def test_an_adapter_trained_on_the_quantized_base_merges_into_the_float_base(tra
     differs from it by the quantization error and needs check_base=False."""
     save_adapter(trained.model, tmp_path / "adapter")
     model = pretrained()
-    expected = {name: getattr(model, name).weight.detach() + layer.delta_weight().detach()
-                for name, layer in dash_layers(trained.model).items()}
+    expected = {
+        name: getattr(model, name).weight.detach() + layer.delta_weight().detach()
+        for name, layer in dash_layers(trained.model).items()
+    }
     inject(model, r"fc\d", r=R, alpha=ALPHA, s=S)
     load_adapter(model, tmp_path / "adapter", check_base=False)
     merge_and_unload(model)
@@ -320,10 +326,14 @@ def opaque_linear() -> nn.Linear:
 UNSUPPORTED = {
     "int8 codes without scales": (int8_linear, "integer weight without scales"),
     "unknown tensor subclass": (opaque_linear, "Opaque"),
-    "bnb 8-bit not yet quantized": (lambda: bnb.nn.Linear8bitLt(IN, HIDDEN, has_fp16_weights=False),
-                                    "Linear8bitLt.*not quantized yet"),
-    "bnb 8-bit fp16 weights": (lambda: bnb.nn.Linear8bitLt(IN, HIDDEN, has_fp16_weights=True).to("cpu"),
-                               "Linear8bitLt.*has_fp16_weights=True"),
+    "bnb 8-bit not yet quantized": (
+        lambda: bnb.nn.Linear8bitLt(IN, HIDDEN, has_fp16_weights=False),
+        "Linear8bitLt.*not quantized yet",
+    ),
+    "bnb 8-bit fp16 weights": (
+        lambda: bnb.nn.Linear8bitLt(IN, HIDDEN, has_fp16_weights=True).to("cpu"),
+        "Linear8bitLt.*has_fp16_weights=True",
+    ),
     "bnb 4-bit not yet quantized": (lambda: bnb.nn.Linear4bit(IN, HIDDEN), "Linear4bit.*not quantized yet"),
 }
 

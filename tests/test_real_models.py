@@ -45,13 +45,31 @@ pytestmark = pytest.mark.slow  # loads the real MiniLM and builds HF models: mak
 def build_decoder(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=48, n_layer=2, n_head=4,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                         bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=96,
+            n_positions=32,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -68,8 +86,9 @@ def pretrained_weight(layer) -> torch.Tensor:
 def naive_selection(model, s: int, svd_dtype=torch.float32) -> dict[str, list[int]]:
     """The dense restatement's choice for every layer, from the current ``A``, ``B``."""
     return {
-        name: naive_select(pretrained_weight(layer), layer.scaling * layer.lora_B @ layer.lora_A, s,
-                           svd_dtype=svd_dtype)[0]
+        name: naive_select(
+            pretrained_weight(layer), layer.scaling * layer.lora_B @ layer.lora_A, s, svd_dtype=svd_dtype
+        )[0]
         for name, layer in dash_layers(model).items()
     }
 
@@ -95,8 +114,9 @@ def decoder(request):
             expected.update(naive_selection(model, s=4))
 
     _, controller = train(model, T + EXTRA, launch_step=T, loss=language_model_loss, on_step=record_the_selection)
-    return SimpleNamespace(kind=kind, base=base, model=model.eval(), controller=controller,
-                           expected=expected, pretrained=pretrained)
+    return SimpleNamespace(
+        kind=kind, base=base, model=model.eval(), controller=controller, expected=expected, pretrained=pretrained
+    )
 
 
 def logits(model, step: int = -1) -> torch.Tensor:
@@ -203,8 +223,15 @@ def minilm():
         losses.append(loss.item())
         if step == T:
             expected = naive_selection(model, MINILM_S)
-    return SimpleNamespace(model=model.eval(), base=base.eval(), layers=layers, controller=controller,
-                           expected=expected, losses=losses, batch=left)
+    return SimpleNamespace(
+        model=model.eval(),
+        base=base.eval(),
+        layers=layers,
+        controller=controller,
+        expected=expected,
+        losses=losses,
+        batch=left,
+    )
 
 
 def test_minilm_all_36_encoder_linears_are_adapted(minilm):

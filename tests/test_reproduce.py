@@ -65,7 +65,8 @@ def test_variant_labels_name_only_what_differs_from_the_studys_default():
     assert Variant(t=100).label(default) == "LoRA-Dash"
     assert Variant(t=25).label(default) == "LoRA-Dash t=25"
     assert Variant(strategy="random", delta_lr_scale=10.0).label(default) == (
-        "LoRA-Dash strategy=random delta_lr_scale=10")
+        "LoRA-Dash strategy=random delta_lr_scale=10"
+    )
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -77,9 +78,18 @@ def test_every_experiment_of_the_plan_runs_with_every_seed():
         assert set(rt) == {2, 4, 8, 16, 32}
         assert all(rt[r].variants for r in (2, 4, 8, 16)) and not rt[32].variants
         labels = {variant.label(rt[8].default) for variant in rt[8].variants}
-        assert {"LoRA-Dash", "LoRA-Dash strategy=largest_sigma", "LoRA-Dash strategy=smallest_sigma",
-                "LoRA-Dash strategy=random", "LoRA-Dash t=25", "LoRA-Dash t=50", "LoRA-Dash t=150",
-                "LoRA-Dash s=2", "LoRA-Dash s=4", "LoRA-Dash s=16"} <= labels
+        assert {
+            "LoRA-Dash",
+            "LoRA-Dash strategy=largest_sigma",
+            "LoRA-Dash strategy=smallest_sigma",
+            "LoRA-Dash strategy=random",
+            "LoRA-Dash t=25",
+            "LoRA-Dash t=50",
+            "LoRA-Dash t=150",
+            "LoRA-Dash s=2",
+            "LoRA-Dash s=4",
+            "LoRA-Dash s=16",
+        } <= labels
         assert all(rt[r].record_tsd for r in (2, 4, 8, 16))
         assert {family.r for family in mine if family.task == "convention"} == {2, 8}
     assert len({family.key for family in families}) == len(families)
@@ -116,8 +126,14 @@ def test_paired_differences_count_the_seeds_with_a_gain():
 @pytest.mark.slow
 def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lora_dash.reproduce", "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_dash.reproduce", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {(run["task"], run["r"], run["method"]) for run in results["runs"]}

@@ -65,8 +65,11 @@ def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(save_at
     model, optimizer, controller = fresh_run()
     train_steps(model, optimizer, 1, save_at)
     torch.save(
-        {"adapter": adapter_state_dict(model), "controller": controller.state_dict(),
-         "optimizer": optimizer.state_dict()},
+        {
+            "adapter": adapter_state_dict(model),
+            "controller": controller.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        },
         tmp_path / "checkpoint.pt",
     )
     del model, optimizer, controller
@@ -159,8 +162,10 @@ def index_repeated(state):
     return "fc3.dash_index"
 
 
-@pytest.mark.parametrize("corrupt", [missing, unexpected, wrong_shape, transposed, not_a_tensor,
-                                     index_out_of_range, index_negative, index_repeated])
+@pytest.mark.parametrize(
+    "corrupt",
+    [missing, unexpected, wrong_shape, transposed, not_a_tensor, index_out_of_range, index_negative, index_repeated],
+)
 @pytest.mark.parametrize("target_launched", [False, True], ids=["into-pre-launch", "into-launched"])
 def test_bad_adapter_state_is_rejected_naming_the_key_and_model_unchanged(corrupt, target_launched):
     state = trained_state(T + 2)
@@ -255,8 +260,15 @@ def test_delta_group_lr_is_scaled_and_weight_decay_appears_only_when_given():
 
 @pytest.mark.parametrize(
     "kwargs, bad",
-    [({"lr": 0.0}, 0.0), ({"lr": -1e-3}, -0.001), ({"lr": math.nan}, math.nan), ({"lr": True}, True),
-     ({"delta_lr_scale": 0}, 0), ({"delta_lr_scale": math.inf}, math.inf), ({"delta_lr_scale": "2"}, "2")],
+    [
+        ({"lr": 0.0}, 0.0),
+        ({"lr": -1e-3}, -0.001),
+        ({"lr": math.nan}, math.nan),
+        ({"lr": True}, True),
+        ({"delta_lr_scale": 0}, 0),
+        ({"delta_lr_scale": math.inf}, math.inf),
+        ({"delta_lr_scale": "2"}, "2"),
+    ],
 )
 def test_param_groups_reject_a_non_positive_or_non_finite_lr_or_scale(kwargs, bad):
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
@@ -324,9 +336,11 @@ def test_head_state_loads_and_reproduces_the_trained_outputs():
         assert torch.equal(other(probe), model(probe))
 
 
-@pytest.mark.parametrize("corrupt", [lambda state: state.pop("fc3.bias"),
-                                     lambda state: state.update({"fc3.weight": torch.zeros(OUT, 3)})],
-                         ids=["missing", "wrong-shape"])
+@pytest.mark.parametrize(
+    "corrupt",
+    [lambda state: state.pop("fc3.bias"), lambda state: state.update({"fc3.weight": torch.zeros(OUT, 3)})],
+    ids=["missing", "wrong-shape"],
+)
 def test_bad_head_state_is_rejected_naming_the_key_and_model_unchanged(corrupt):
     state = adapter_state_dict(build_with_trained_head())
     corrupt(state)

@@ -141,9 +141,16 @@ def test_delta_is_zero_before_launch_and_trains_after():
     optimizer = make_optimizer(model)
     controller = make_controller(model, optimizer, "hook")
     history = []
-    run(model, optimizer, controller, "hook", T + EXTRA,
-        on_step=lambda step: history.append((step, [layer.dash_delta.detach().clone()
-                                                    for layer in dash_layers(model).values()])))
+    run(
+        model,
+        optimizer,
+        controller,
+        "hook",
+        T + EXTRA,
+        on_step=lambda step: history.append(
+            (step, [layer.dash_delta.detach().clone() for layer in dash_layers(model).values()])
+        ),
+    )
     for step, deltas in history:
         for delta in deltas:
             if step <= T:  # pre-launch, and the launch step itself (δ = 0 at launch)
@@ -285,8 +292,12 @@ def test_controller_state_dict_keeps_its_keys_with_a_strategy():
 
 @pytest.mark.parametrize(
     "kwargs, bad",
-    [({"strategy": "top_s"}, "top_s"), ({"strategy": "largest"}, "largest"),
-     ({"strategy": "random", "seed": -1}, -1), ({"seed": 1.5}, 1.5)],
+    [
+        ({"strategy": "top_s"}, "top_s"),
+        ({"strategy": "largest"}, "largest"),
+        ({"strategy": "random", "seed": -1}, -1),
+        ({"seed": 1.5}, 1.5),
+    ],
 )
 @pytest.mark.parametrize("entry", ["launch", "controller"])
 def test_launch_and_controller_reject_bad_strategy_or_seed_before_launching(entry, kwargs, bad):

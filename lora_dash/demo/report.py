@@ -50,15 +50,17 @@ def tsd_layers(model: torch.nn.Module) -> list[dict]:
             continue
         sigma = directions.coordinates(layer.base_weight(), layer.dash_U, layer.dash_V)
         k = min(layer.in_features, layer.out_features)
-        layers.append({
-            "name": name,
-            "kind": layer_kind(name),
-            "k": k,
-            "rank": (layer.dash_index + 1).tolist(),
-            "position": analysis.relative_singular_value_ranks(layer.dash_index, k).tolist(),
-            "sigma": sigma.tolist(),
-            "delta": layer.dash_delta.tolist(),
-        })
+        layers.append(
+            {
+                "name": name,
+                "kind": layer_kind(name),
+                "k": k,
+                "rank": (layer.dash_index + 1).tolist(),
+                "position": analysis.relative_singular_value_ranks(layer.dash_index, k).tolist(),
+                "sigma": sigma.tolist(),
+                "delta": layer.dash_delta.tolist(),
+            }
+        )
     return layers
 
 
@@ -89,8 +91,10 @@ def format_table(results: list[RunResult]) -> str:
     for result in results:
         steps = len(result.losses)
         wall = result.train_seconds + result.eval_seconds
-        lines.append(f"{result.method:<10} {result.accuracy:>8.4f} {result.trainable_parameters:>17,} "
-                     f"{wall:>9.1f}s {steps / result.train_seconds:>8.2f}")
+        lines.append(
+            f"{result.method:<10} {result.accuracy:>8.4f} {result.trainable_parameters:>17,} "
+            f"{wall:>9.1f}s {steps / result.train_seconds:>8.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -113,12 +117,15 @@ def format_tsd_report(layers: list[dict], summary: dict) -> str:
         delta = torch.tensor([d for layer in group for d in layer["delta"]]).abs()
         sigma = torch.tensor([v for layer in group for v in layer["sigma"]])
         spread = f"{ranks.median():.0f} [{ranks.min():.0f}, {ranks.max():.0f}]"
-        lines.append(f"{kind:<10} {spread:>25} {delta.mean():>9.4f} {delta.max():>8.4f} "
-                     f"{(delta / sigma).mean():>11.2%}")
+        lines.append(
+            f"{kind:<10} {spread:>25} {delta.mean():>9.4f} {delta.max():>8.4f} {(delta / sigma).mean():>11.2%}"
+        )
     at = summary["max_abs_delta_at"]
-    lines.append(f"δ moved: mean |δ| = {summary['mean_abs_delta']:.4f}, max |δ| = {summary['max_abs_delta']:.4f} "
-                 f"({short_name(at['layer'])}, rank {at['rank']}), "
-                 f"mean |δ|/σ = {summary['mean_abs_delta_over_sigma']:.2%}")
+    lines.append(
+        f"δ moved: mean |δ| = {summary['mean_abs_delta']:.4f}, max |δ| = {summary['max_abs_delta']:.4f} "
+        f"({short_name(at['layer'])}, rank {at['rank']}), "
+        f"mean |δ|/σ = {summary['mean_abs_delta_over_sigma']:.2%}"
+    )
     return "\n".join(lines)
 
 
@@ -140,11 +147,17 @@ def save_plots(out: Path, results: list[RunResult], config: TrainConfig, layers:
     for result, color, width in zip(results, ("tab:blue", "tab:red"), (3.0, 1.2)):
         steps = range(1, len(result.losses) + 1)
         ax.plot(steps, result.losses, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(steps, moving_average(result.losses, window), color=color, linewidth=width,
-                label=f"{result.method} ({window}-step mean)")
+        ax.plot(
+            steps,
+            moving_average(result.losses, window),
+            color=color,
+            linewidth=width,
+            label=f"{result.method} ({window}-step mean)",
+        )
     ax.axvline(config.t, color="black", linestyle="--", linewidth=1, label=f"launch (t = {config.t})")
-    ax.set(xlabel="optimizer step", ylabel="training loss (cross-entropy)",
-           title="Training loss: identical until launch")
+    ax.set(
+        xlabel="optimizer step", ylabel="training loss (cross-entropy)", title="Training loss: identical until launch"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
@@ -155,8 +168,11 @@ def save_plots(out: Path, results: list[RunResult], config: TrainConfig, layers:
     for layer in layers:
         by_kind.setdefault(layer["kind"], []).extend(layer["position"])
     ax.hist(list(by_kind.values()), bins=20, range=(0.0, 1.0), stacked=True, label=list(by_kind))
-    ax.set(xlabel="position in W's spectrum (0 = largest σ, 1 = smallest)", ylabel="selected directions",
-           title=f"Where the task-specific directions sit ({sum(map(len, by_kind.values()))} directions)")
+    ax.set(
+        xlabel="position in W's spectrum (0 = largest σ, 1 = smallest)",
+        ylabel="selected directions",
+        title=f"Where the task-specific directions sit ({sum(map(len, by_kind.values()))} directions)",
+    )
     ax.legend(title="layer type")
     fig.tight_layout()
     fig.savefig(out / "ranks.png", dpi=120)

@@ -178,12 +178,28 @@ def run(
     """Build, train and evaluate one method; ``progress`` and ``on_step`` as in :func:`train`."""
     tokenizer, model, optimizer, controller = build(method, config)
     start = time.perf_counter()
-    losses, launched_at = train(model, tokenizer, optimizer, split, config, controller, desc=f"{method} train",
-                                progress=progress, on_step=on_step)
+    losses, launched_at = train(
+        model,
+        tokenizer,
+        optimizer,
+        split,
+        config,
+        controller,
+        desc=f"{method} train",
+        progress=progress,
+        on_step=on_step,
+    )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    accuracy = evaluate(model, tokenizer, split.test_texts, split.test_labels, config.eval_batch_size,
-                        desc=f"{method} eval", progress=progress)
+    accuracy = evaluate(
+        model,
+        tokenizer,
+        split.test_texts,
+        split.test_labels,
+        config.eval_batch_size,
+        desc=f"{method} eval",
+        progress=progress,
+    )
     eval_seconds = time.perf_counter() - start
     trainable = lora_dash.count_trainable_parameters(model) + sum(p.numel() for p in model.head.parameters())
     return RunResult(method, model, losses, accuracy, trainable, train_seconds, eval_seconds, launched_at)

@@ -23,12 +23,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "strategies, t and s, LoRA's TSD prediction against full fine-tuning. Resumable.",
     )
     parser.add_argument("--quick", action="store_true", help="a miniature of every experiment (for CI)")
-    parser.add_argument("--out", type=Path, help="results folder (default results/reproduce, or "
-                        "results/reproduce-quick with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {list(plan.SEEDS)}; 0 with "
-                        "--quick)")
-    parser.add_argument("--workers", type=int, default=1, help="processes in parallel, each with "
-                        "cores/workers threads (default 1)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default results/reproduce, or results/reproduce-quick with --quick)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help=f"training seeds (default {list(plan.SEEDS)}; 0 with --quick)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes in parallel, each with cores/workers threads (default 1)"
+    )
     parser.add_argument("--report-only", action="store_true", help="only gather the units already run")
     args = parser.parse_args(argv)
     args.out = args.out or Path("results/reproduce-quick" if args.quick else "results/reproduce")

@@ -78,13 +78,20 @@ class Mode:
 
 
 FULL = Mode(
-    settings=Settings(steps=200, short_steps=150, batch_size=8, n_test=1000, ft_steps=200, ft_batch_size=16,
-                      record_every=25),
-    t=100, t_sweep=(25, 50, 150), s_sweep=(2, 4, 16), delta_lr_scales=(10.0,),
+    settings=Settings(
+        steps=200, short_steps=150, batch_size=8, n_test=1000, ft_steps=200, ft_batch_size=16, record_every=25
+    ),
+    t=100,
+    t_sweep=(25, 50, 150),
+    s_sweep=(2, 4, 16),
+    delta_lr_scales=(10.0,),
 )
 QUICK = Mode(
     settings=Settings(steps=10, short_steps=7, batch_size=4, n_test=40, ft_steps=4, ft_batch_size=4, record_every=3),
-    t=4, t_sweep=(2, 6, 8), s_sweep=(2, 16), delta_lr_scales=(10.0,),
+    t=4,
+    t_sweep=(2, 6, 8),
+    s_sweep=(2, 16),
+    delta_lr_scales=(10.0,),
 )
 
 
@@ -126,6 +133,7 @@ def families(mode: Mode, seeds: tuple[int, ...] = SEEDS) -> list[Family]:
     plan += [Family("rotten_tomatoes", 2, seed, (dash,), record_tsd=True, default=dash) for seed in seeds]
     plan += [Family("rotten_tomatoes", 32, seed, default=dash) for seed in seeds]
     plan += [Family("convention", r, seed, (dash,) if r == 2 else (), default=dash) for r in (2, 8) for seed in seeds]
-    plan += [Family("rotten_tomatoes", r, seed, (dash,), record_tsd=True, default=dash) for r in (4, 16)
-             for seed in seeds]
+    plan += [
+        Family("rotten_tomatoes", r, seed, (dash,), record_tsd=True, default=dash) for r in (4, 16) for seed in seeds
+    ]
     return plan

@@ -19,8 +19,10 @@ from lora_dash.demo.model import MINILM_TARGETS
 from lora_dash.reproduce import plan
 from lora_dash.reproduce.runner import prediction_scores, random_update_spectra, spectrum_summary
 
-TASK_NAMES = {"rotten_tomatoes": "Rotten Tomatoes (fresh vs rotten)",
-              "convention": "2012 conventions (Democratic vs Republican sentence)"}
+TASK_NAMES = {
+    "rotten_tomatoes": "Rotten Tomatoes (fresh vs rotten)",
+    "convention": "2012 conventions (Democratic vs Republican sentence)",
+}
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -67,8 +69,10 @@ def _differences(runs_a: dict[int, dict], runs_b: dict[int, dict], step: int) ->
 
 def rank_table(runs: list[dict], task: str, short: int, long: int) -> list[str]:
     """Claim 3: LoRA vs LoRA-Dash per rank at both budgets, and LoRA at 4× the rank."""
-    lines = ["| r | budget | LoRA | LoRA-Dash | Dash − LoRA (seeds with a gain) | LoRA at 4r | Dash − LoRA 4r |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| r | budget | LoRA | LoRA-Dash | Dash − LoRA (seeds with a gain) | LoRA at 4r | Dash − LoRA 4r |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ranks = sorted({run["r"] for run in runs if run["task"] == task and run["method"] == "LoRA-Dash"})
     for r in ranks:
         lora, dash = _select(runs, task=task, r=r, method="LoRA"), _select(runs, task=task, r=r, method="LoRA-Dash")
@@ -78,7 +82,8 @@ def rank_table(runs: list[dict], task: str, short: int, long: int) -> list[str]:
             lines.append(
                 f"| {r} | {step} steps | {mean_std([_accuracy(x, step) for x in lora.values()])} | "
                 f"{mean_std([_accuracy(x, step) for x in dash.values()])} | {paired(_differences(dash, lora, step))} | "
-                f"{wide_cell} | {paired(_differences(dash, wide, step)) if wide else '–'} |")
+                f"{wide_cell} | {paired(_differences(dash, wide, step)) if wide else '–'} |"
+            )
     return lines
 
 
@@ -86,10 +91,18 @@ def variant_table(runs: list[dict], task: str, r: int, step: int, title: str, pi
     """Claims 4 and 5 and the beyond-the-paper knob: variants at rank ``r`` chosen by ``pick(variant)``."""
     lora = _select(runs, task=task, r=r, method="LoRA")
     default = _select(runs, task=task, r=r, method="LoRA-Dash")  # t, s, strategy, δ lr of the plan
-    lines = [f"| {title} | accuracy | − LoRA (seeds with a gain) | − LoRA-Dash default | median σ-position | "
-             f"mean abs δ/σ |", "|---|---|---|---|---|---|"]
-    methods = sorted({run["method"] for run in runs if run["task"] == task and run["r"] == r and run["variant"]
-                      and pick(run["variant"])}, key=lambda m: (m != "LoRA-Dash", m))
+    lines = [
+        f"| {title} | accuracy | − LoRA (seeds with a gain) | − LoRA-Dash default | median σ-position | mean abs δ/σ |",
+        "|---|---|---|---|---|---|",
+    ]
+    methods = sorted(
+        {
+            run["method"]
+            for run in runs
+            if run["task"] == task and run["r"] == r and run["variant"] and pick(run["variant"])
+        },
+        key=lambda m: (m != "LoRA-Dash", m),
+    )
     for method in methods:
         chosen = _select(runs, task=task, r=r, method=method)
         positions = [p for run in chosen.values() for p in run["positions"]]
@@ -98,7 +111,8 @@ def variant_table(runs: list[dict], task: str, r: int, step: int, title: str, pi
             f"{paired(_differences(chosen, lora, step))} | "
             f"{'–' if method == 'LoRA-Dash' else paired(_differences(chosen, default, step))} | "
             f"{statistics.median(positions):.2f} | "
-            f"{mean_std([run['mean_abs_delta_over_sigma'] for run in chosen.values()], digits=3)} % |")
+            f"{mean_std([run['mean_abs_delta_over_sigma'] for run in chosen.values()], digits=3)} % |"
+        )
     return lines
 
 
@@ -107,15 +121,20 @@ def prediction_table(runs: list[dict], task: str) -> list[str]:
     recorded = [run for run in runs if run["task"] == task and run["method"] == "LoRA" and "tsd_prediction" in run]
     ranks = sorted({run["r"] for run in recorded})
     steps = sorted({score["step"] for run in recorded for score in run["tsd_prediction"]})
-    lines = ["| step | " + " | ".join(f"r={r} recall | r={r} accuracy" for r in ranks) + " |",
-             "|---" * (1 + 2 * len(ranks)) + "|"]
+    lines = [
+        "| step | " + " | ".join(f"r={r} recall | r={r} accuracy" for r in ranks) + " |",
+        "|---" * (1 + 2 * len(ranks)) + "|",
+    ]
     for step in steps:
         cells = []
         for r in ranks:
-            scores = [score for run in recorded if run["r"] == r for score in run["tsd_prediction"]
-                      if score["step"] == step]
-            cells += [mean_std([s["recall"] for s in scores], digits=1), mean_std([s["accuracy"] for s in scores],
-                                                                                  digits=1)]
+            scores = [
+                score for run in recorded if run["r"] == r for score in run["tsd_prediction"] if score["step"] == step
+            ]
+            cells += [
+                mean_std([s["recall"] for s in scores], digits=1),
+                mean_std([s["accuracy"] for s in scores], digits=1),
+            ]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return lines
 
@@ -129,8 +148,9 @@ def null_controls(out: Path, references: list[dict]) -> dict[str, list[dict]]:
     controls: dict[str, list[dict]] = {label: [] for label in NULL_UPDATES}
     for ref in references:
         saved = torch.load(out / "units" / f"ft-{ref['task']}-seed{ref['seed']}.pt", weights_only=True)
-        reference = {name: ChangeRateSpectrum(None, None, layer["rates"], layer["eligible"])
-                     for name, layer in saved.items()}
+        reference = {
+            name: ChangeRateSpectrum(None, None, layer["rates"], layer["eligible"]) for name, layer in saved.items()
+        }
         for label, rank in NULL_UPDATES.items():
             spectra = random_update_spectra(MINILM_TARGETS, seed=ref["seed"], rank=rank)
             controls[label].append({"spectrum": spectrum_summary(spectra), **prediction_scores(spectra, reference)})
@@ -138,9 +158,12 @@ def null_controls(out: Path, references: list[dict]) -> dict[str, list[dict]]:
 
 
 def null_prediction_lines(controls: dict[str, list[dict]]) -> list[str]:
-    return [f"- {label}: recall {mean_std([x['recall'] for x in values], digits=1)} %, accuracy "
-            f"{mean_std([x['accuracy'] for x in values], digits=1)} % (one draw per seed)"
-            for label, values in controls.items() if values]
+    return [
+        f"- {label}: recall {mean_std([x['recall'] for x in values], digits=1)} %, accuracy "
+        f"{mean_std([x['accuracy'] for x in values], digits=1)} % (one draw per seed)"
+        for label, values in controls.items()
+        if values
+    ]
 
 
 def spectrum_lines(references: list[dict], controls: dict[str, list[dict]]) -> list[str]:
@@ -148,13 +171,20 @@ def spectrum_lines(references: list[dict], controls: dict[str, list[dict]]) -> l
     beside the same figures for random updates."""
     if not references:
         return ["(no full fine-tuning reference in this run)"]
-    lines = [f"- full fine-tuning test accuracy: {mean_std([ref['accuracy'] for ref in references])} %", "",
-             "| update | top-8 share of all change rate | 2nd / 16th rate ÷ largest | top 8 per tenth of the "
-             "spectrum (largest σ first) | median position | in the last 1 % |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"- full fine-tuning test accuracy: {mean_std([ref['accuracy'] for ref in references])} %",
+        "",
+        "| update | top-8 share of all change rate | 2nd / 16th rate ÷ largest | top 8 per tenth of the "
+        "spectrum (largest σ first) | median position | in the last 1 % |",
+        "|---|---|---|---|---|---|",
+    ]
     lines.append(_spectrum_row("full fine-tuning", references))
     lines += [_spectrum_row(label, values) for label, values in controls.items() if values]
-    return lines + ["", "Position 0 is the largest σ, 1 the smallest. A uniform spread of change rate over k = 384 "
-                    "directions would give the top 8 a share of 2.1 %."]
+    return lines + [
+        "",
+        "Position 0 is the largest σ, 1 the smallest. A uniform spread of change rate over k = 384 "
+        "directions would give the top 8 a share of 2.1 %.",
+    ]
 
 
 def _spectrum_row(label: str, summaries: list[dict]) -> str:
@@ -165,9 +195,11 @@ def _spectrum_row(label: str, summaries: list[dict]) -> str:
     tenths = torch.histc(torch.tensor(positions), bins=10, min=0.0, max=1.0) / len(positions)
     second = [statistics.mean(layer[1] for layer in spectrum["sorted_rates"]) for spectrum in spectra]
     sixteenth = [statistics.mean(layer[15] for layer in spectrum["sorted_rates"]) for spectrum in spectra]
-    return (f"| {label} | {mean_std(shares, digits=1)} % | {mean_std(second, digits=1)} % / "
-            f"{mean_std(sixteenth, digits=1)} % | {' '.join(f'{share:.0%}' for share in tenths.tolist())} | "
-            f"{statistics.median(positions):.2f} | {sum(p > 0.99 for p in positions) / len(positions):.0%} |")
+    return (
+        f"| {label} | {mean_std(shares, digits=1)} % | {mean_std(second, digits=1)} % / "
+        f"{mean_std(sixteenth, digits=1)} % | {' '.join(f'{share:.0%}' for share in tenths.tolist())} | "
+        f"{statistics.median(positions):.2f} | {sum(p > 0.99 for p in positions) / len(positions):.0%} |"
+    )
 
 
 def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -> list[str]:
@@ -177,8 +209,10 @@ def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -
     for ax, task in zip(fig.subplots(1, 2), plan.TASKS):
         for method, color in (("LoRA", "tab:blue"), ("LoRA-Dash", "tab:red")):
             ranks = sorted({run["r"] for run in runs if run["task"] == task and run["method"] == method})
-            means = [statistics.mean(_accuracy(x, long) for x in _select(runs, task=task, r=r, method=method).values())
-                     for r in ranks]
+            means = [
+                statistics.mean(_accuracy(x, long) for x in _select(runs, task=task, r=r, method=method).values())
+                for r in ranks
+            ]
             ax.plot(ranks, [100 * m for m in means], "o-", color=color, label=method)
         ax.set(xscale="log", xlabel="rank r", ylabel=f"test accuracy after {long} steps (%)", title=TASK_NAMES[task])
         ax.legend()
@@ -192,12 +226,23 @@ def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -
         for ax, metric in zip(fig.subplots(1, 2), ("recall", "accuracy")):
             for r in sorted({run["r"] for run in recorded}):
                 steps = [score["step"] for score in next(run for run in recorded if run["r"] == r)["tsd_prediction"]]
-                values = [statistics.mean(score[metric] for run in recorded if run["r"] == r
-                                          for score in run["tsd_prediction"] if score["step"] == step)
-                          for step in steps]
+                values = [
+                    statistics.mean(
+                        score[metric]
+                        for run in recorded
+                        if run["r"] == r
+                        for score in run["tsd_prediction"]
+                        if score["step"] == step
+                    )
+                    for step in steps
+                ]
                 ax.plot(steps, values, "o-", label=f"r = {r}")
-            ax.set(xlabel="LoRA optimizer step", ylabel=metric, ylim=(0, 1),
-                   title=f"TSD {metric} of LoRA's ΔW vs full fine-tuning")
+            ax.set(
+                xlabel="LoRA optimizer step",
+                ylabel=metric,
+                ylim=(0, 1),
+                title=f"TSD {metric} of LoRA's ΔW vs full fine-tuning",
+            )
             ax.legend()
         fig.tight_layout()
         fig.savefig(out / "tsd_prediction.png", dpi=110)
@@ -211,12 +256,14 @@ def save_plots(out: Path, runs: list[dict], references: list[dict], long: int) -
             left.plot(layer[:64], color="tab:gray", alpha=0.15, linewidth=0.8)
         depth = min(64, min(map(len, layers)))
         left.plot([statistics.mean(layer[i] for layer in layers) for i in range(depth)], color="black", label="mean")
-        left.set(xlabel="direction, by change rate", ylabel="ρ / max ρ",
-                 title="Full fine-tuning: sorted change rates")
+        left.set(xlabel="direction, by change rate", ylabel="ρ / max ρ", title="Full fine-tuning: sorted change rates")
         left.legend()
         right.hist([p for ref in references for p in ref["spectrum"]["top_positions"]], bins=20, range=(0, 1))
-        right.set(xlabel="position in σ's order (0 = largest, 1 = smallest)", ylabel="top-8 directions",
-                  title="Where full fine-tuning's top directions sit")
+        right.set(
+            xlabel="position in σ's order (0 = largest, 1 = smallest)",
+            ylabel="top-8 directions",
+            title="Where full fine-tuning's top directions sit",
+        )
         fig.tight_layout()
         fig.savefig(out / "ft_spectrum.png", dpi=110)
         written.append("ft_spectrum.png")
@@ -240,40 +287,90 @@ def write_report(out: Path, quick: bool, seeds: tuple[int, ...], run_seconds: fl
         if any(run["task"] == task for run in runs):
             split = plan.load_task(task, mode)
             majority = max(split.test_labels.float().mean().item(), 1 - split.test_labels.float().mean().item())
-            sections += [f"## Claim 3 — LoRA vs LoRA-Dash by rank: {TASK_NAMES[task]}", "",
-                         f"{len(split.train_texts):,} training and {len(split.test_texts):,} test texts; always "
-                         f"predicting the majority class scores {100 * majority:.2f} %.", "",
-                         *rank_table(runs, task, short, long), ""]
+            sections += [
+                f"## Claim 3 — LoRA vs LoRA-Dash by rank: {TASK_NAMES[task]}",
+                "",
+                f"{len(split.train_texts):,} training and {len(split.test_texts):,} test texts; always "
+                f"predicting the majority class scores {100 * majority:.2f} %.",
+                "",
+                *rank_table(runs, task, short, long),
+                "",
+            ]
     task = "rotten_tomatoes"
     if any(run["variant"] and run["task"] == task and run["r"] == 8 for run in runs):
         sections += [
-            f"## Claim 4 — which directions to dash (r = 8, {long} steps, {TASK_NAMES[task]})", "",
-            *variant_table(runs, task, 8, long, "directions",
-                           lambda v: v["t"] == mode.t and v["s"] == 8 and v["delta_lr_scale"] == 1.0), "",
-            f"## Claim 5 — robustness to t and s (r = 8, {long} steps)", "",
-            *variant_table(runs, task, 8, long, "launch step / directions",
-                           lambda v: v["strategy"] == "tsd" and v["delta_lr_scale"] == 1.0), "",
-            f"## Beyond the paper — δ's learning rate (r = 8, {long} steps)", "",
-            *variant_table(runs, task, 8, long, "δ learning rate",
-                           lambda v: v["strategy"] == "tsd" and v["t"] == mode.t and v["s"] == 8), "",
+            f"## Claim 4 — which directions to dash (r = 8, {long} steps, {TASK_NAMES[task]})",
+            "",
+            *variant_table(
+                runs,
+                task,
+                8,
+                long,
+                "directions",
+                lambda v: v["t"] == mode.t and v["s"] == 8 and v["delta_lr_scale"] == 1.0,
+            ),
+            "",
+            f"## Claim 5 — robustness to t and s (r = 8, {long} steps)",
+            "",
+            *variant_table(
+                runs,
+                task,
+                8,
+                long,
+                "launch step / directions",
+                lambda v: v["strategy"] == "tsd" and v["delta_lr_scale"] == 1.0,
+            ),
+            "",
+            f"## Beyond the paper — δ's learning rate (r = 8, {long} steps)",
+            "",
+            *variant_table(
+                runs,
+                task,
+                8,
+                long,
+                "δ learning rate",
+                lambda v: v["strategy"] == "tsd" and v["t"] == mode.t and v["s"] == 8,
+            ),
+            "",
         ]
     controls = null_controls(out, references)
-    sections += ["## Claim 1 — full fine-tuning's change-rate spectrum (Rotten Tomatoes)", "",
-                 *spectrum_lines(references, controls), "",
-                 "## Claim 2 — LoRA's ΔW as a predictor of full fine-tuning's TSDs (mean over the 36 layers, %)", "",
-                 "Recall: share of full fine-tuning's top 4 inside LoRA's top 8; accuracy: share of LoRA's top 8 "
-                 "inside full fine-tuning's top 16. A random top 8 of k = 384 directions scores 8/384 = 2.1 % "
-                 "recall and 16/384 = 4.2 % accuracy on average. The control: the same scores for an update that "
-                 "learned nothing:", "", *null_prediction_lines(controls), "",
-                 *prediction_table(runs, task), ""]
-    environment = {"python": platform.python_version(), "torch": torch.__version__,
-                   "threads": torch.get_num_threads()}
+    sections += [
+        "## Claim 1 — full fine-tuning's change-rate spectrum (Rotten Tomatoes)",
+        "",
+        *spectrum_lines(references, controls),
+        "",
+        "## Claim 2 — LoRA's ΔW as a predictor of full fine-tuning's TSDs (mean over the 36 layers, %)",
+        "",
+        "Recall: share of full fine-tuning's top 4 inside LoRA's top 8; accuracy: share of LoRA's top 8 "
+        "inside full fine-tuning's top 16. A random top 8 of k = 384 directions scores 8/384 = 2.1 % "
+        "recall and 16/384 = 4.2 % accuracy on average. The control: the same scores for an update that "
+        "learned nothing:",
+        "",
+        *null_prediction_lines(controls),
+        "",
+        *prediction_table(runs, task),
+        "",
+    ]
+    environment = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     training = sum(run["seconds"] for run in runs) + sum(ref["seconds"] for ref in references)
-    sections += [f"Environment: {environment}. Time summed over every run (its training steps and the evaluations "
-                 f"during it; model loading excluded): {training / 60:.0f} min. Wall time of the invocation that "
-                 f"wrote this file: {run_seconds / 60:.0f} min (units already on disk are not rerun)."]
+    sections += [
+        f"Environment: {environment}. Time summed over every run (its training steps and the evaluations "
+        f"during it; model loading excluded): {training / 60:.0f} min. Wall time of the invocation that "
+        f"wrote this file: {run_seconds / 60:.0f} min (units already on disk are not rerun)."
+    ]
     (out / "tables.md").write_text("\n".join(sections) + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"quick": quick, "seeds": list(seeds), "settings": mode.settings.__dict__, "runs": runs,
-         "full_fine_tuning": references, "environment": environment, "seconds": run_seconds}) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "quick": quick,
+                "seeds": list(seeds),
+                "settings": mode.settings.__dict__,
+                "runs": runs,
+                "full_fine_tuning": references,
+                "environment": environment,
+                "seconds": run_seconds,
+            }
+        )
+        + "\n"
+    )
     return ["results.json", "tables.md", *save_plots(out, runs, references, long)]

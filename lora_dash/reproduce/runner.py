@@ -37,14 +37,20 @@ def full_fine_tuning(split: Split, settings: Settings, seed: int, targets: str) 
     ``ΔW = W_ft − W`` per layer; ``ρ_i = |u_iᵀ ΔW v_i| / σ_i`` on ``W``'s own directions (METHOD.md §2).
     Returns ``{"accuracy", "seconds", "layers": {name: ChangeRateSpectrum}}``; tensors stay in memory.
     """
-    config = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch_size, seed=seed, lr=settings.lr,
-                         targets=targets)
+    config = TrainConfig(
+        steps=settings.ft_steps, batch_size=settings.ft_batch_size, seed=seed, lr=settings.lr, targets=targets
+    )
     torch.manual_seed(seed)
     tokenizer, encoder = load_minilm()
     model = SentenceClassifier(encoder)
     pretrained = {name: module.weight.detach().clone() for name, module in _targets(model, targets).items()}
-    optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": settings.ft_lr},
-                                   {"params": model.head.parameters(), "lr": settings.lr}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": settings.ft_lr},
+            {"params": model.head.parameters(), "lr": settings.lr},
+        ],
+        weight_decay=0.0,
+    )
     start = time.perf_counter()
     train(model, tokenizer, optimizer, split, config, progress=False)
     seconds = time.perf_counter() - start
@@ -85,8 +91,15 @@ class PredictionRecorder:
             true = self.reference[name]
             recall.append(analysis.tsd_recall(rates, true.rates, eligible, true.eligible))
             accuracy.append(analysis.tsd_accuracy(rates, true.rates, eligible, true.eligible))
-        self.scores.append({"step": step, "recall": _mean(recall), "accuracy": _mean(accuracy),
-                            "recall_per_layer": recall, "accuracy_per_layer": accuracy})
+        self.scores.append(
+            {
+                "step": step,
+                "recall": _mean(recall),
+                "accuracy": _mean(accuracy),
+                "recall_per_layer": recall,
+                "accuracy_per_layer": accuracy,
+            }
+        )
 
 
 def _mean(values: list[float]) -> float:
@@ -135,8 +148,14 @@ def run_family(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train the family's LoRA run and every variant; one result dict per run (JSON-ready)."""
-    config = TrainConfig(r=family.r, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                         seed=family.seed, targets=targets)
+    config = TrainConfig(
+        r=family.r,
+        steps=settings.steps,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        seed=family.seed,
+        targets=targets,
+    )
     eval_steps = sorted({settings.short_steps, settings.steps})
     fork_steps = {variant.t for variant in family.variants}
 
@@ -170,18 +189,29 @@ def run_family(
         # The ablations are compared at the long budget only; the method itself at both.
         scored = eval_steps if variant == family.default else [settings.steps]
 
-        def on_dash_step(step: int, loss: float, model=dash, tokenizer=tokenizer, scores=dash_accuracy,
-                         scored=scored) -> None:
+        def on_dash_step(
+            step: int, loss: float, model=dash, tokenizer=tokenizer, scores=dash_accuracy, scored=scored
+        ) -> None:
             if step in scored:
                 scores[step] = evaluate(model, tokenizer, split.test_texts, split.test_labels, progress=False)
                 model.train()
 
         start = time.perf_counter()
-        dash_losses, _ = train(dash, tokenizer, optimizer, split, config, controller, progress=False,
-                               on_step=on_dash_step, first_step=variant.t + 1)
+        dash_losses, _ = train(
+            dash,
+            tokenizer,
+            optimizer,
+            split,
+            config,
+            controller,
+            progress=False,
+            on_step=on_dash_step,
+            first_step=variant.t + 1,
+        )
         label = variant.label(family.default)
-        result = _result(family, label, variant, dash_accuracy, losses[:variant.t] + dash_losses, dash,
-                         time.perf_counter() - start)
+        result = _result(
+            family, label, variant, dash_accuracy, losses[: variant.t] + dash_losses, dash, time.perf_counter() - start
+        )
         results.append(result)
         log(f"{family.key} {label}: acc {_accuracies(dash_accuracy)} ({result['seconds']:.0f}s)")
     return results
@@ -191,8 +221,15 @@ def _accuracies(accuracy: dict[int, float]) -> str:
     return ", ".join(f"{value:.4f}@{step}" for step, value in sorted(accuracy.items()))
 
 
-def _result(family: Family, method: str, variant: Variant | None, accuracy: dict[int, float], losses: list[float],
-            model: torch.nn.Module, seconds: float) -> dict[str, Any]:
+def _result(
+    family: Family,
+    method: str,
+    variant: Variant | None,
+    accuracy: dict[int, float],
+    losses: list[float],
+    model: torch.nn.Module,
+    seconds: float,
+) -> dict[str, Any]:
     result = {
         "task": family.task,
         "r": family.r,
@@ -209,7 +246,8 @@ def _result(family: Family, method: str, variant: Variant | None, accuracy: dict
         result["positions"] = [position for layer in layers for position in layer["position"]]
         result["mean_abs_delta"] = _mean([abs(d) for layer in layers for d in layer["delta"]])
         result["mean_abs_delta_over_sigma"] = _mean(
-            [abs(d) / s for layer in layers for d, s in zip(layer["delta"], layer["sigma"])])
+            [abs(d) / s for layer in layers for d, s in zip(layer["delta"], layer["sigma"])]
+        )
     return result
 
 
@@ -245,7 +283,8 @@ def random_update_spectra(targets: str, seed: int, rank: int | None = None) -> d
             update = torch.randn(out_features, in_features, generator=generator)
         else:
             update = torch.randn(out_features, rank, generator=generator) @ torch.randn(
-                rank, in_features, generator=generator)
+                rank, in_features, generator=generator
+            )
         spectra[name] = analysis.change_rate_spectrum(weight, update)
     return spectra
 
@@ -254,8 +293,12 @@ def prediction_scores(
     predicted: dict[str, analysis.ChangeRateSpectrum], reference: dict[str, analysis.ChangeRateSpectrum]
 ) -> dict[str, float]:
     """Recall and accuracy of ``predicted``'s rates against ``reference``'s, averaged over layers."""
-    recall = [analysis.tsd_recall(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
-              for name, true in reference.items()]
-    accuracy = [analysis.tsd_accuracy(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
-                for name, true in reference.items()]
+    recall = [
+        analysis.tsd_recall(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
+        for name, true in reference.items()
+    ]
+    accuracy = [
+        analysis.tsd_accuracy(predicted[name].rates, true.rates, predicted[name].eligible, true.eligible)
+        for name, true in reference.items()
+    ]
     return {"recall": _mean(recall), "accuracy": _mean(accuracy)}

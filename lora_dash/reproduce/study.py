@@ -38,8 +38,13 @@ def run_reference(quick: bool, seed: int, units: Path) -> str:
     reference = full_fine_tuning(split, mode.settings, seed, MINILM_TARGETS)
     spectra = {name: {"rates": layer.rates, "eligible": layer.eligible} for name, layer in reference["layers"].items()}
     torch.save(spectra, units / f"ft-{REFERENCE_TASK}-seed{seed}.pt")
-    summary = {"task": REFERENCE_TASK, "seed": seed, "accuracy": reference["accuracy"],
-               "seconds": reference["seconds"], "spectrum": spectrum_summary(reference["layers"])}
+    summary = {
+        "task": REFERENCE_TASK,
+        "seed": seed,
+        "accuracy": reference["accuracy"],
+        "seconds": reference["seconds"],
+        "spectrum": spectrum_summary(reference["layers"]),
+    }
     _write(units / f"ft-{REFERENCE_TASK}-seed{seed}.json", summary)
     log(f"full fine-tuning seed {seed}: acc {reference['accuracy']:.4f} ({reference['seconds']:.0f}s)")
     return f"ft seed {seed}"
@@ -52,8 +57,9 @@ def run_unit(quick: bool, family: Family, units: Path) -> str:
     reference = None
     if family.record_tsd:
         saved = torch.load(units / f"ft-{REFERENCE_TASK}-seed{family.seed}.pt", weights_only=True)
-        reference = {name: ChangeRateSpectrum(None, None, layer["rates"], layer["eligible"])
-                     for name, layer in saved.items()}
+        reference = {
+            name: ChangeRateSpectrum(None, None, layer["rates"], layer["eligible"]) for name, layer in saved.items()
+        }
     runs = run_family(family, split, mode.settings, MINILM_TARGETS, reference, log=log)
     _write(units / f"{family.key}.json", {"family": family.key, "runs": runs})
     return family.key
@@ -73,13 +79,16 @@ def run_study(out: Path, quick: bool, seeds: tuple[int, ...], workers: int) -> N
     families = plan.families(mode, seeds)
     todo_references = [seed for seed in seeds if not (units / f"ft-{REFERENCE_TASK}-seed{seed}.pt").exists()]
     todo = [family for family in families if not (units / f"{family.key}.json").exists()]
-    log(f"{len(todo_references)} fine-tuning references and {len(todo)} of {len(families)} families to run, "
-         f"{workers} worker(s)")
+    log(
+        f"{len(todo_references)} fine-tuning references and {len(todo)} of {len(families)} families to run, "
+        f"{workers} worker(s)"
+    )
     # The miniature's tensors are tiny: one thread each avoids paying for (and, on a busy machine,
     # spinning in) parallel regions that have nothing to share.
     threads = 1 if quick else max(1, torch.get_num_threads() // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+    ) as pool:
         # The references first (the families that score TSD prediction read them), then the plan in order.
         for future in [pool.submit(run_reference, quick, seed, units) for seed in todo_references]:
             future.result()

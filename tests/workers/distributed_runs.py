@@ -92,8 +92,15 @@ def fsdp_run(rank, world, out):
     load_adapter(fresh, out / "fsdp_adapter_rank0.pt")  # every rank loads rank 0's file
     with torch.no_grad():
         reloaded_output = fresh(PROBE_X)
-    return {"phases": phases, "warnings": caught, "state": state, "output": output, "sharded_rows": sharded_rows,
-            "reloaded_state": lora_dash.adapter_state_dict(fresh), "reloaded_output": reloaded_output}
+    return {
+        "phases": phases,
+        "warnings": caught,
+        "state": state,
+        "output": output,
+        "sharded_rows": sharded_rows,
+        "reloaded_state": lora_dash.adapter_state_dict(fresh),
+        "reloaded_output": reloaded_output,
+    }
 
 
 def main(rank, world, port, out):
