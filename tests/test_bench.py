@@ -33,8 +33,10 @@ from lora_dash.bench.harness import (  # noqa: E402
 from lora_dash.bench.report import SECTIONS, TENSOR_MEMORY, Ratio, Target  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RATIO_ROW = re.compile(r"^\| (?P<case>[^|]+) \| (?P<ratio>[^|]+ / [^|]+) \| (?P<value>[^|]+) \| (?P<band>[^|]+) \| "
-                       r"(?P<target>[^|]+) \| (?P<verdict>PASS|MISS|UNRESOLVED|—) \|$")
+RATIO_ROW = re.compile(
+    r"^\| (?P<case>[^|]+) \| (?P<ratio>[^|]+ / [^|]+) \| (?P<value>[^|]+) \| (?P<band>[^|]+) \| "
+    r"(?P<target>[^|]+) \| (?P<verdict>PASS|MISS|UNRESOLVED|—) \|$"
+)
 FLOAT = 4  # bytes; every contender trains in float32
 
 
@@ -96,7 +98,7 @@ def test_interleaved_rounds_start_one_contender_further_on_and_pair_by_round():
     order: list[str] = []
     contenders = [Contender(name, run=lambda name=name: order.append(name)) for name in "abc"]
     samples = interleaved_samples(contenders, repeats=3, warmup=1)
-    assert order == list("abc" "bca" "cab" "abc")
+    assert order == list("abcbcacababc")
     assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3, "c": 3}
     assert not gc.get_freeze_count()  # what sampling set aside for the collector is back in its care
 
@@ -121,10 +123,17 @@ def test_aa_band_reaches_as_far_from_one_as_the_interval_of_the_per_round_ratios
         aa_band(first, second[:-1])
 
 
-@pytest.mark.parametrize("value, band, verdict", [
-    (1.00, 0.01, "PASS"), (1.015, 0.01, "UNRESOLVED"), (1.025, 0.01, "UNRESOLVED"), (1.04, 0.01, "MISS"),
-    (1.04, None, "MISS"), (1.019, None, "PASS"),
-])
+@pytest.mark.parametrize(
+    "value, band, verdict",
+    [
+        (1.00, 0.01, "PASS"),
+        (1.015, 0.01, "UNRESOLVED"),
+        (1.025, 0.01, "UNRESOLVED"),
+        (1.04, 0.01, "MISS"),
+        (1.04, None, "MISS"),
+        (1.019, None, "PASS"),
+    ],
+)
 def test_a_verdict_with_a_band_needs_the_whole_band_on_one_side_of_the_bound(value, band, verdict):
     assert Ratio("s", "c", "a", "b", value, Target(1.02), band).verdict == verdict
 
@@ -143,7 +152,11 @@ def quick_run(tmp_path_factory):
     # One thread: the test machine may be busy, and oversubscribed thread pools only slow the smoke run.
     completed = subprocess.run(
         [sys.executable, "-m", "lora_dash.bench", "--quick", "--threads", "1", "--markdown", str(markdown)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed.stdout, markdown.read_text()
@@ -151,8 +164,14 @@ def quick_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_help_explains_every_flag():
-    completed = subprocess.run([sys.executable, "-m", "lora_dash.bench", "--help"], cwd=REPO, capture_output=True,
-                               text=True, timeout=120, check=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "lora_dash.bench", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     for flag in ("--quick", "--repeats", "--threads", "--markdown"):
         assert flag in completed.stdout
 
@@ -168,8 +187,18 @@ def test_printed_table_has_every_section(quick_run):
 @pytest.mark.slow
 def test_markdown_has_machine_versions_command_and_every_section(quick_run):
     _, markdown = quick_run
-    for key in ("CPU", "cores", "torch threads", "python", "torch", "peft", "transformers", "date",
-                "load average (1, 5, 15 min) at the start", "load average at the end"):
+    for key in (
+        "CPU",
+        "cores",
+        "torch threads",
+        "python",
+        "torch",
+        "peft",
+        "transformers",
+        "date",
+        "load average (1, 5, 15 min) at the start",
+        "load average at the end",
+    ):
         assert f"| {key} |" in markdown
     assert "`python -m lora_dash.bench --quick --threads 1 --markdown " in markdown
     for section in SECTIONS:

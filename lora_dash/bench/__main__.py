@@ -61,25 +61,41 @@ class Settings:
     def describe(self) -> str:
         batch, tokens = self.model_batch
         shapes = ", ".join(f"{o}×{i} ({t} tokens)" for o, i, t in self.layer_shapes)
-        return (f"r = s = 8, α = 16; layer shapes (out×in) {shapes}; MiniLM batch {batch} × {tokens} tokens; "
-                f"{self.warmup} warm-up + {self.repeats} rounds per layer case, {self.inference_repeats} per "
-                f"merged-inference case, {self.model_repeats} per model case; layer samples of at least "
-                f"{self.min_sample_seconds * 1000:g} ms; {self.memory_children} memory children per contender, "
-                f"{self.memory_steps} training steps each")
+        return (
+            f"r = s = 8, α = 16; layer shapes (out×in) {shapes}; MiniLM batch {batch} × {tokens} tokens; "
+            f"{self.warmup} warm-up + {self.repeats} rounds per layer case, {self.inference_repeats} per "
+            f"merged-inference case, {self.model_repeats} per model case; layer samples of at least "
+            f"{self.min_sample_seconds * 1000:g} ms; {self.memory_children} memory children per contender, "
+            f"{self.memory_steps} training steps each"
+        )
 
 
 # Attention-sized, MLP-sized and LLM-sized layers, with token counts typical of each.
 SHAPES = ((384, 384, 2048), (1024, 1024, 1024), (1536, 384, 2048), (4096, 4096, 256))
 FULL = Settings(
-    layer_shapes=SHAPES, model_batch=(32, 48), repeats=7, inference_repeats=41, model_repeats=5, warmup=1,
+    layer_shapes=SHAPES,
+    model_batch=(32, 48),
+    repeats=7,
+    inference_repeats=41,
+    model_repeats=5,
+    warmup=1,
     min_sample_seconds=0.05,
     memory_shapes=SHAPES,
-    memory_contenders=(c.PEFT, c.PRE, c.DASH, c.DENSE), model_memory=True,
+    memory_contenders=(c.PEFT, c.PRE, c.DASH, c.DENSE),
+    model_memory=True,
 )
 QUICK = Settings(
-    layer_shapes=((256, 256, 512), (512, 256, 256)), model_batch=(2, 16), repeats=3, inference_repeats=6,
-    model_repeats=2, warmup=1, min_sample_seconds=0.005, memory_shapes=((256, 256, 512),),
-    memory_contenders=(c.PEFT, c.PRE, c.DASH), model_memory=False, memory_children=1,
+    layer_shapes=((256, 256, 512), (512, 256, 256)),
+    model_batch=(2, 16),
+    repeats=3,
+    inference_repeats=6,
+    model_repeats=2,
+    warmup=1,
+    min_sample_seconds=0.005,
+    memory_shapes=((256, 256, 512),),
+    memory_contenders=(c.PEFT, c.PRE, c.DASH),
+    model_memory=False,
+    memory_children=1,
     launch_targets=r"encoder\.encoder\.layer\.0\.attention\.self\.(query|key|value)",
 )
 
@@ -105,14 +121,19 @@ def bench_layer_steps(settings: Settings, folder: Path) -> tuple[list[Measuremen
         if shape in settings.memory_shapes:
             for name in settings.memory_contenders:
                 torch.save(layers[name], layer_file(folder, shape, name))
-        timed = [Contender(name, c.layer_training_step(layer, out_features, in_features, tokens))
-                 for name, layer in layers.items()]
+        timed = [
+            Contender(name, c.layer_training_step(layer, out_features, in_features, tokens))
+            for name, layer in layers.items()
+        ]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
         medians = interleaved_medians(timed, settings.repeats, settings.warmup, number)
         measurements += [Measurement(report.LAYER_STEP, case, name, ms, "ms") for name, ms in medians.items()]
         large = min(out_features, in_features) >= 1024
         for numerator, denominator, target in (
-            (c.PRE, c.FLOOR, None), (c.DASH, c.FLOOR, None), (c.PRE, c.PEFT, None), (c.DASH, c.PEFT, DASH_VS_LORA),
+            (c.PRE, c.FLOOR, None),
+            (c.DASH, c.FLOOR, None),
+            (c.PRE, c.PEFT, None),
+            (c.DASH, c.PEFT, DASH_VS_LORA),
             (c.DENSE, c.DASH, DENSE_SPEEDUP if large else None),
         ):
             ratios.append(ratio(measurements, report.LAYER_STEP, case, numerator, denominator, target))
@@ -123,15 +144,21 @@ def bench_model_step(settings: Settings, tokenizer, encoder: nn.Module) -> tuple
     """The MiniLM classifier's training step, every model contender."""
     batch_size, tokens = settings.model_batch
     batch = c.minilm_batch(tokenizer, batch_size, tokens)
-    timed = [Contender(name, c.model_training_step(c.build_classifier(name, encoder), batch))
-             for name in c.MODEL_CONTENDERS]
+    timed = [
+        Contender(name, c.model_training_step(c.build_classifier(name, encoder), batch)) for name in c.MODEL_CONTENDERS
+    ]
     medians = interleaved_medians(timed, settings.model_repeats, settings.warmup)
     case = f"batch {batch_size} × {tokens} tokens"
     measurements = [Measurement(report.MODEL_STEP, case, name, ms, "ms") for name, ms in medians.items()]
-    ratios = [ratio(measurements, report.MODEL_STEP, case, numerator, denominator, target)
-              for numerator, denominator, target in (
-                  (c.PRE, c.MODEL_FLOOR, None), (c.DASH, c.MODEL_FLOOR, None),
-                  (c.PRE, c.PEFT, None), (c.DASH, c.PEFT, DASH_VS_LORA))]
+    ratios = [
+        ratio(measurements, report.MODEL_STEP, case, numerator, denominator, target)
+        for numerator, denominator, target in (
+            (c.PRE, c.MODEL_FLOOR, None),
+            (c.DASH, c.MODEL_FLOOR, None),
+            (c.PRE, c.PEFT, None),
+            (c.DASH, c.PEFT, DASH_VS_LORA),
+        )
+    ]
     return measurements, ratios
 
 
@@ -141,16 +168,23 @@ def bench_merged_inference(settings: Settings) -> tuple[list[Measurement], list[
     measurements, ratios = [], []
     for out_features, in_features, tokens in settings.layer_shapes:
         case = shape_case(out_features, in_features, tokens)
-        timed = [Contender(name, c.inference_call(c.build_inference_layer(name, out_features, in_features),
-                                                  in_features, tokens))
-                 for name in (c.PLAIN, c.PLAIN_AGAIN, c.MERGED)]
+        timed = [
+            Contender(
+                name, c.inference_call(c.build_inference_layer(name, out_features, in_features), in_features, tokens)
+            )
+            for name in (c.PLAIN, c.PLAIN_AGAIN, c.MERGED)
+        ]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
         samples = interleaved_samples(timed, settings.inference_repeats, settings.warmup, number)
         band = aa_band(samples[c.PLAIN], samples[c.PLAIN_AGAIN])
-        measurements += [Measurement(report.MERGED_INFERENCE, case, name, statistics.median(ms), "ms")
-                         for name, ms in samples.items()]
-        ratios += [ratio(measurements, report.MERGED_INFERENCE, case, c.PLAIN_AGAIN, c.PLAIN, band=band),
-                   ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.PLAIN, MERGED_VS_LINEAR, band)]
+        measurements += [
+            Measurement(report.MERGED_INFERENCE, case, name, statistics.median(ms), "ms")
+            for name, ms in samples.items()
+        ]
+        ratios += [
+            ratio(measurements, report.MERGED_INFERENCE, case, c.PLAIN_AGAIN, c.PLAIN, band=band),
+            ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.PLAIN, MERGED_VS_LINEAR, band),
+        ]
     return measurements, ratios
 
 
@@ -163,8 +197,10 @@ def bench_launch(settings: Settings, prepared: nn.Module) -> tuple[list[Measurem
         nonlocal model
         model = copy.deepcopy(prepared)
 
-    timed = [Contender(c.LAUNCH, run=lambda: lora_dash.launch(model), prepare=fresh_copy),
-             Contender(c.BARE_SVD, run=lambda: c.bare_svds(weights))]
+    timed = [
+        Contender(c.LAUNCH, run=lambda: lora_dash.launch(model), prepare=fresh_copy),
+        Contender(c.BARE_SVD, run=lambda: c.bare_svds(weights)),
+    ]
     medians = interleaved_medians(timed, settings.model_repeats, settings.warmup)
     case = f"{len(weights)} layers"
     measurements = [Measurement(report.LAUNCH_TIME, case, name, ms, "ms") for name, ms in medians.items()]
@@ -194,17 +230,23 @@ def memory_case(case: str, specs: dict[str, dict], children: int) -> list[Measur
     measurements = []
     for name, measured in runs.items():
         growth = [run["growth_kib"] / 1024 for run in measured]
-        measurements.append(Measurement(report.MEMORY, case, name, statistics.median(growth), "MiB",
-                                        spread=(min(growth), max(growth))))
+        measurements.append(
+            Measurement(report.MEMORY, case, name, statistics.median(growth), "MiB", spread=(min(growth), max(growth)))
+        )
         tensors = measured[0]["tensors"]
         if tensors is None:
             continue
         if any(run["tensors"] != tensors for run in measured):
-            raise RuntimeError(f"{case}, {name}: the children counted different tensor bytes: "
-                               f"{[run['tensors'] for run in measured]}")
+            raise RuntimeError(
+                f"{case}, {name}: the children counted different tensor bytes: {[run['tensors'] for run in measured]}"
+            )
         step = tensors["gradients"] + tensors["optimizer_state"] + tensors["saved"]
-        parts = (("module", tensors["module"]), ("gradients", tensors["gradients"]),
-                 ("optimizer state", tensors["optimizer_state"]), ("saved for backward", tensors["saved"]))
+        parts = (
+            ("module", tensors["module"]),
+            ("gradients", tensors["gradients"]),
+            ("optimizer state", tensors["optimizer_state"]),
+            ("saved for backward", tensors["saved"]),
+        )
         measurements.append(Measurement(report.TENSOR_MEMORY, case, name, step, "B", parts=parts))
     return measurements
 
@@ -214,8 +256,9 @@ def memory_ratios(measurements: list[Measurement], case: str, dense: bool) -> li
     tensor bytes, shown for the RSS growth."""
     pairs = [(c.DASH, c.PEFT, DASH_VS_LORA), (c.DASH, c.PRE, DASH_VS_LORA)]
     pairs += [(c.DENSE, c.DASH, None)] if dense else []
-    return ([ratio(measurements, report.TENSOR_MEMORY, case, top, bottom, target) for top, bottom, target in pairs]
-            + [ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom, _ in pairs])
+    return [ratio(measurements, report.TENSOR_MEMORY, case, top, bottom, target) for top, bottom, target in pairs] + [
+        ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom, _ in pairs
+    ]
 
 
 def bench_memory(settings: Settings, folder: Path, prepared: nn.Module) -> tuple[list[Measurement], list[Ratio]]:
@@ -226,16 +269,33 @@ def bench_memory(settings: Settings, folder: Path, prepared: nn.Module) -> tuple
     for shape in settings.memory_shapes:
         out_features, in_features, tokens = shape
         case = f"layer {shape_case(out_features, in_features, tokens)}"
-        specs = {name: {"kind": "layer", "contender": name, "path": str(layer_file(folder, shape, name)),
-                        "out": out_features, "in": in_features, "tokens": tokens, "steps": settings.memory_steps}
-                 for name in settings.memory_contenders}
+        specs = {
+            name: {
+                "kind": "layer",
+                "contender": name,
+                "path": str(layer_file(folder, shape, name)),
+                "out": out_features,
+                "in": in_features,
+                "tokens": tokens,
+                "steps": settings.memory_steps,
+            }
+            for name in settings.memory_contenders
+        }
         measurements += memory_case(case, specs, settings.memory_children)
         ratios += memory_ratios(measurements, case, dense=c.DENSE in settings.memory_contenders)
     if settings.model_memory:
         batch_size, tokens = settings.model_batch
         case = f"MiniLM batch {batch_size} × {tokens} tokens"
-        specs = {name: {"kind": "model", "contender": name, "batch": batch_size, "tokens": tokens,
-                        "steps": settings.memory_steps} for name in (c.PEFT, c.PRE, c.DASH)}
+        specs = {
+            name: {
+                "kind": "model",
+                "contender": name,
+                "batch": batch_size,
+                "tokens": tokens,
+                "steps": settings.memory_steps,
+            }
+            for name in (c.PEFT, c.PRE, c.DASH)
+        }
         measurements += memory_case(case, specs, settings.memory_children)
         ratios += memory_ratios(measurements, case, dense=False)
     path = str(folder / "launch-layers.pt")
@@ -259,17 +319,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs in this one process, round-robin, after warm-up; the table shows medians and the ratios with "
         "their targets (PASS/MISS). Offline.",
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run in well under a minute: tiny shapes, "
-                        "a small MiniLM batch, few repeats, three layers to launch, layer memory at one shape "
-                        "without the dense dash, no model memory; its ratios mean nothing, it shows that all runs")
-    parser.add_argument("--repeats", type=int, help=f"timed rounds per layer case (default {FULL.repeats}; "
-                        f"{QUICK.repeats} with --quick); merged inference takes {FULL.inference_repeats} "
-                        f"({QUICK.inference_repeats}), the model step and the launch {FULL.model_repeats} "
-                        f"({QUICK.model_repeats})")
-    parser.add_argument("--threads", type=int, help="torch threads, here and in the memory children "
-                        "(default: torch's own choice)")
-    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown to "
-                        "PATH (e.g. BENCHMARKS.md), with the machine, the versions, this command and the date")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in well under a minute: tiny shapes, "
+        "a small MiniLM batch, few repeats, three layers to launch, layer memory at one shape "
+        "without the dense dash, no model memory; its ratios mean nothing, it shows that all runs",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed rounds per layer case (default {FULL.repeats}; "
+        f"{QUICK.repeats} with --quick); merged inference takes {FULL.inference_repeats} "
+        f"({QUICK.inference_repeats}), the model step and the launch {FULL.model_repeats} "
+        f"({QUICK.model_repeats})",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads, here and in the memory children (default: torch's own choice)"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="PATH",
+        help="also write the report as markdown to "
+        "PATH (e.g. BENCHMARKS.md), with the machine, the versions, this command and the date",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -311,8 +385,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.markdown is not None:
         command = shlex.join(["python", "-m", "lora_dash.bench", *(sys.argv[1:] if argv is None else argv)])
-        machine = {**report.environment(), "load average (1, 5, 15 min) at the start": load_at_start,
-                   "load average at the end": report.load_average()}
+        machine = {
+            **report.environment(),
+            "load average (1, 5, 15 min) at the start": load_at_start,
+            "load average at the end": report.load_average(),
+        }
         args.markdown.write_text(report.format_markdown(measurements, ratios, command, settings.describe(), machine))
         print(f"markdown written to {args.markdown}")
 

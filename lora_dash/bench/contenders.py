@@ -117,8 +117,9 @@ def build_layers(out_features: int, in_features: int, seed: int = 0) -> dict[str
     return layers
 
 
-def layer_training_step(module: nn.Module, out_features: int, in_features: int, tokens: int,
-                        seed: int = 0) -> TrainingStep:
+def layer_training_step(
+    module: nn.Module, out_features: int, in_features: int, tokens: int, seed: int = 0
+) -> TrainingStep:
     """A training step of one layer on ``x: (tokens, in)``, which requires grad as if earlier layers made it.
 
     Forward, ``y.backward(g)`` with a fixed random ``g: (tokens, out)``, AdamW step. The floor has no

@@ -218,7 +218,9 @@ def measure_in_child(spec: dict) -> dict:
     """Run ``python -m lora_dash.bench.memory SPEC`` in a fresh process and return its measurement."""
     completed = subprocess.run(
         [sys.executable, "-m", "lora_dash.bench.memory", json.dumps(spec)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"memory child {spec} failed:\n{completed.stderr[-4000:]}")
@@ -260,9 +262,19 @@ def count_tensor_bytes(step: TrainingStep) -> dict[str, int]:
     trained = [p for p in step.module.parameters() if p.requires_grad and p.grad is not None]
     gradients = _storage_bytes([p.grad for p in trained])
     step.update()
-    state = [] if step.optimizer is None else [
-        value for per_parameter in step.optimizer.state.values() for value in per_parameter.values()
-        if isinstance(value, Tensor)
-    ]
-    return {"module": sum(owned.values()), "gradients": sum(gradients.values()),
-            "optimizer_state": sum(_storage_bytes(state).values()), "saved": sum(saved.values())}
+    state = (
+        []
+        if step.optimizer is None
+        else [
+            value
+            for per_parameter in step.optimizer.state.values()
+            for value in per_parameter.values()
+            if isinstance(value, Tensor)
+        ]
+    )
+    return {
+        "module": sum(owned.values()),
+        "gradients": sum(gradients.values()),
+        "optimizer_state": sum(_storage_bytes(state).values()),
+        "saved": sum(saved.values()),
+    }

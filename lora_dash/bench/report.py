@@ -106,15 +106,23 @@ class Ratio:
             return "—"
         band = self.band or 0.0
         # The two ends of value ± band, the one farther from meeting the target first.
-        worst, best = (self.value + band, self.value - band) if self.target.at_most else (
-            self.value - band, self.value + band)
+        worst, best = (
+            (self.value + band, self.value - band) if self.target.at_most else (self.value - band, self.value + band)
+        )
         if self.target.met(worst):
             return "PASS"
         return "UNRESOLVED" if self.target.met(best) else "MISS"
 
 
-def ratio(measurements: list[Measurement], section: str, case: str, numerator: str, denominator: str,
-          target: Target | None = None, band: float | None = None) -> Ratio:
+def ratio(
+    measurements: list[Measurement],
+    section: str,
+    case: str,
+    numerator: str,
+    denominator: str,
+    target: Target | None = None,
+    band: float | None = None,
+) -> Ratio:
     """The ratio of two measurements already taken; NaN where the denominator is not positive."""
     values = {(m.section, m.case, m.contender): m.value for m in measurements}
     top, bottom = values[section, case, numerator], values[section, case, denominator]
@@ -171,14 +179,25 @@ def _measurement_table(measurements: list[Measurement], section: str) -> tuple[l
     rows = [m for m in measurements if m.section == section]
     part_names = list(dict.fromkeys(name for m in rows for name, _ in m.parts))
     header = ["case", "contender", *part_names, "measured" if not part_names else "step (judged)"]
-    return header, [[m.case, m.contender, *(_quantity(dict(m.parts)[name], m.unit) for name in part_names),
-                     _measured(m)] for m in rows]
+    return header, [
+        [m.case, m.contender, *(_quantity(dict(m.parts)[name], m.unit) for name in part_names), _measured(m)]
+        for m in rows
+    ]
 
 
 def _ratio_rows(ratios: list[Ratio], section: str) -> list[list[str]]:
-    return [[r.case, f"{r.numerator} / {r.denominator}", f"{r.value:.3f}",
-             "—" if r.band is None else f"± {r.band:.3f}", str(r.target or "—"), r.verdict]
-            for r in ratios if r.section == section]
+    return [
+        [
+            r.case,
+            f"{r.numerator} / {r.denominator}",
+            f"{r.value:.3f}",
+            "—" if r.band is None else f"± {r.band:.3f}",
+            str(r.target or "—"),
+            r.verdict,
+        ]
+        for r in ratios
+        if r.section == section
+    ]
 
 
 RATIO_HEADER = ["case", "ratio", "value", "A/A band", "target", "verdict"]
@@ -200,9 +219,12 @@ def summary(ratios: list[Ratio]) -> str:
     judged = [r for r in ratios if r.target is not None]
 
     def named(verdict: str) -> list[str]:
-        return [f"{r.case}: {r.numerator} / {r.denominator} = {r.value:.3f}"
-                f"{'' if r.band is None else f' ± {r.band:.3f}'} (target {r.target})"
-                for r in judged if r.verdict == verdict]
+        return [
+            f"{r.case}: {r.numerator} / {r.denominator} = {r.value:.3f}"
+            f"{'' if r.band is None else f' ± {r.band:.3f}'} (target {r.target})"
+            for r in judged
+            if r.verdict == verdict
+        ]
 
     missed, unresolved = named("MISS"), named("UNRESOLVED")
     line = f"{len(judged) - len(missed) - len(unresolved)} of {len(judged)} targets met"
@@ -214,13 +236,16 @@ def format_table(measurements: list[Measurement], ratios: list[Ratio]) -> str:
     """The printed report: per section, the medians and then the ratios."""
     blocks = []
     for section in SECTIONS:
-        blocks.append(f"== {section}\n{_aligned(*_measurement_table(measurements, section))}\n\n"
-                      f"{_aligned(RATIO_HEADER, _ratio_rows(ratios, section))}")
+        blocks.append(
+            f"== {section}\n{_aligned(*_measurement_table(measurements, section))}\n\n"
+            f"{_aligned(RATIO_HEADER, _ratio_rows(ratios, section))}"
+        )
     return "\n\n".join(blocks) + "\n\n" + summary(ratios)
 
 
-def format_markdown(measurements: list[Measurement], ratios: list[Ratio], command: str, settings: str,
-                    machine: dict[str, str]) -> str:
+def format_markdown(
+    measurements: list[Measurement], ratios: list[Ratio], command: str, settings: str, machine: dict[str, str]
+) -> str:
     """The markdown report: machine, versions, command, date and method, then every section's tables."""
     lines = [
         "# LoRA-Dash benchmarks",
@@ -237,8 +262,13 @@ def format_markdown(measurements: list[Measurement], ratios: list[Ratio], comman
     ]
     for section in SECTIONS:
         lines += [
-            "", f"## {section}", "", SECTION_NOTES[section], "",
-            _pipe_table(*_measurement_table(measurements, section)), "",
+            "",
+            f"## {section}",
+            "",
+            SECTION_NOTES[section],
+            "",
+            _pipe_table(*_measurement_table(measurements, section)),
+            "",
             _pipe_table(RATIO_HEADER, _ratio_rows(ratios, section)),
         ]
     return "\n".join(lines) + "\n"
