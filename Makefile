@@ -6,8 +6,9 @@
 # format check, over the library, the tests and the notebooks; CI runs it before the tests.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
-# `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, and measures
-# its memory (a few minutes on CPU); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the report.
+# `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, measures
+# its memory, then times the launch on 1-3 gloo ranks and the SVD cost by shape (46 minutes in all on a busy
+# 2-core machine); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the first part's report.
 # `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores, resumable) into
 # results/reproduce; `make reproduce ARGS=--quick` is its few-minute miniature.
 # `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 4 hours on 2 cores,
@@ -42,6 +43,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lora_dash.bench $(ARGS)
+	$(PY) -m lora_dash.bench.launch $(filter --quick,$(ARGS))
+	$(PY) -m lora_dash.bench.launch --svd-costs $(filter --quick,$(ARGS))
 
 reproduce: $(STAMP)
 	$(PY) -m lora_dash.reproduce $(ARGS)

@@ -64,13 +64,32 @@ class Settings:
 
 
 FULL = Settings(
-    scaling_shapes=tuple(2 * llama_block(1024, 2752)), worlds=(1, 2, 3), rounds=3,
-    svd_shapes=((256, 256), (512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (1024, 4096), (4096, 1024),
-                (2752, 1024), (5504, 2048), (1024, 8192)),
-    svd_repeats=3, fit_min_side=1024,
+    scaling_shapes=tuple(2 * llama_block(1024, 2752)),
+    worlds=(1, 2, 3),
+    rounds=3,
+    svd_shapes=(
+        (256, 256),
+        (512, 512),
+        (1024, 1024),
+        (2048, 2048),
+        (4096, 4096),
+        (1024, 4096),
+        (4096, 1024),
+        (2752, 1024),
+        (5504, 2048),
+        (1024, 8192),
+    ),
+    svd_repeats=3,
+    fit_min_side=1024,
 )
-QUICK = Settings(scaling_shapes=((96, 64), (64, 64), (64, 160)), worlds=(2,), rounds=1,
-                 svd_shapes=((64, 64), (128, 128), (128, 256)), svd_repeats=1, fit_min_side=64)
+QUICK = Settings(
+    scaling_shapes=((96, 64), (64, 64), (64, 160)),
+    worlds=(2,),
+    rounds=1,
+    svd_shapes=((64, 64), (128, 128), (128, 256)),
+    svd_repeats=1,
+    fit_min_side=64,
+)
 
 
 # --------------------------------------------------------------------------------------------- scaling
@@ -124,9 +143,16 @@ def time_launch(world: int, settings: Settings) -> dict[str, list[float]]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
     spec = json.dumps({"shapes": settings.scaling_shapes, "rounds": settings.rounds})
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo" if sys.platform.startswith("linux") else "lo0"}
-    workers = [subprocess.Popen([sys.executable, "-m", "lora_dash.bench.launch", "--worker", str(rank), str(world),
-                                 str(store.port), spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env) for rank in range(world)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lora_dash.bench.launch", "--worker", str(rank), str(world), str(store.port), spec],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(world)
+    ]
     try:
         outputs = [worker.communicate(timeout=WORKER_TIMEOUT_S) for worker in workers]
     finally:
@@ -149,21 +175,25 @@ def bench_scaling(settings: Settings) -> str:
     for world in settings.worlds:
         (shared_wall, shared_cpu), (redundant_wall, redundant_cpu) = time_launch(world, settings).values()
         largest = max(rank_loads(costs, assign_owners(costs, world), world)) / sum(costs)
-        rows.append(f"| {world} | {shared_wall:.2f} | {redundant_wall:.2f} | {redundant_wall / shared_wall:.2f} | "
-                    f"{shared_cpu:.2f} | {redundant_cpu:.2f} | {redundant_cpu / shared_cpu:.2f} | {largest:.3f} |")
+        rows.append(
+            f"| {world} | {shared_wall:.2f} | {redundant_wall:.2f} | {redundant_wall / shared_wall:.2f} | "
+            f"{shared_cpu:.2f} | {redundant_cpu:.2f} | {redundant_cpu / shared_cpu:.2f} | {largest:.3f} |"
+        )
     described = ", ".join(f"{o}×{i}" for o, i in shapes)
-    return "\n".join([
-        f"Launch of {len(shapes)} matrices ({described}; r = s = 8), float32 SVDs, gloo on this machine "
-        f"({cores} cores), one torch thread per rank; median of {settings.rounds} rounds. *Wall*: the slowest "
-        "rank's time between barriers. *CPU*: the largest CPU time one rank spent in the launch, what the wall "
-        "time would be with a free core per rank. *Share*: the largest rank's part of the summed "
-        "`n·m·min(n, m)`, the speed-up's ceiling being its inverse.",
-        "",
-        "| ranks | shared wall (s) | redundant wall (s) | redundant / shared | shared CPU (s) | redundant CPU (s) "
-        "| redundant / shared | share |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
+    return "\n".join(
+        [
+            f"Launch of {len(shapes)} matrices ({described}; r = s = 8), float32 SVDs, gloo on this machine "
+            f"({cores} cores), one torch thread per rank; median of {settings.rounds} rounds. *Wall*: the slowest "
+            "rank's time between barriers. *CPU*: the largest CPU time one rank spent in the launch, what the wall "
+            "time would be with a free core per rank. *Share*: the largest rank's part of the summed "
+            "`n·m·min(n, m)`, the speed-up's ceiling being its inverse.",
+            "",
+            "| ranks | shared wall (s) | redundant wall (s) | redundant / shared | shared CPU (s) | redundant CPU (s) "
+            "| redundant / shared | share |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------- SVD costs
@@ -247,46 +277,58 @@ def bench_svd_costs(settings: Settings) -> str:
     largest = max(seconds, key=lambda shape: svd_cost(*shape))
     measured = []
     for shape, t in seconds.items():
-        cells = [f"{t * 1000:.1f}"] + [f"{model.seconds(constants, shape) * 1000:.1f} ({residuals[shape]:+.1%})"
-                                       for model, constants, residuals in fits]
+        cells = [f"{t * 1000:.1f}"] + [
+            f"{model.seconds(constants, shape) * 1000:.1f} ({residuals[shape]:+.1%})"
+            for model, constants, residuals in fits
+        ]
         note = "" if shape in in_fit else " (not fitted)"
         measured.append(f"| {shape[0]}×{shape[1]}{note} | {' | '.join(cells)} |")
     described = []
     for model, constants, residuals in fits:
         errors = [residuals[shape] for shape in in_fit]
         values = ", ".join(f"{letter} = {value:.3e} s" for letter, value in zip("ab", constants))
-        described.append(f"- `t = {model.name}`: {values}; relative residuals RMS "
-                         f"{(sum(e * e for e in errors) / len(errors)) ** 0.5:.1%}, worst {max(map(abs, errors)):.1%}.")
-    projected = [f"| {name} | {len(shapes)} | {model.name} | "
-                 + " | ".join(duration(projected_seconds(model, constants, shapes, world)) for world in PROJECTED_RANKS)
-                 + " |" for name, shapes in MODELS.items() for model, constants, _ in fits]
-    return "\n".join([
-        f"**Measured** on this machine ({os.cpu_count()} cores), one torch thread: CPU time of the float32 thin "
-        f"SVD as the launch runs it (a wide matrix through its transpose), median of {settings.svd_repeats} "
-        "rounds after a warm-up round, shapes timed round-robin; beside it each fit's value (and its relative "
-        "residual):",
-        "",
-        "| shape (out×in) | measured CPU (ms) | "
-        + " | ".join(f"fit {model.name} (ms)" for model in COST_MODELS) + " |",
-        "|---|---:|" + "---:|" * len(COST_MODELS),
-        *measured,
-        "",
-        f"**Fits**, by least squares on the relative error over the {len(in_fit)} shapes with min(n, m) ≥ "
-        f"{settings.fit_min_side} (smaller ones are dominated by fixed costs):",
-        "",
-        *described,
-        "",
-        "**Projected** (not measured): the largest rank's summed SVD time under the launch's size-balanced "
-        "assignment, each SVD's time from a fit, CPU float32 at the measured speed of one core per rank; SVDs "
-        "only (the selection, the gathers and the broadcast of `s·(n + m)` numbers a layer are small beside "
-        f"them). Shapes costlier than the costliest measured one ({largest[0]}×{largest[1]}) are extrapolated: "
-        "the residuals do not bound the error there.",
-        "",
-        "| model | adapted matrices | cost model | "
-        + " | ".join(f"{world} rank{'s' * (world > 1)}" for world in PROJECTED_RANKS) + " |",
-        "|---|---:|---|" + "---:|" * len(PROJECTED_RANKS),
-        *projected,
-    ])
+        described.append(
+            f"- `t = {model.name}`: {values}; relative residuals RMS "
+            f"{(sum(e * e for e in errors) / len(errors)) ** 0.5:.1%}, worst {max(map(abs, errors)):.1%}."
+        )
+    projected = [
+        f"| {name} | {len(shapes)} | {model.name} | "
+        + " | ".join(duration(projected_seconds(model, constants, shapes, world)) for world in PROJECTED_RANKS)
+        + " |"
+        for name, shapes in MODELS.items()
+        for model, constants, _ in fits
+    ]
+    return "\n".join(
+        [
+            f"**Measured** on this machine ({os.cpu_count()} cores), one torch thread: CPU time of the float32 thin "
+            f"SVD as the launch runs it (a wide matrix through its transpose), median of {settings.svd_repeats} "
+            "rounds after a warm-up round, shapes timed round-robin; beside it each fit's value (and its relative "
+            "residual):",
+            "",
+            "| shape (out×in) | measured CPU (ms) | "
+            + " | ".join(f"fit {model.name} (ms)" for model in COST_MODELS)
+            + " |",
+            "|---|---:|" + "---:|" * len(COST_MODELS),
+            *measured,
+            "",
+            f"**Fits**, by least squares on the relative error over the {len(in_fit)} shapes with min(n, m) ≥ "
+            f"{settings.fit_min_side} (smaller ones are dominated by fixed costs):",
+            "",
+            *described,
+            "",
+            "**Projected** (not measured): the largest rank's summed SVD time under the launch's size-balanced "
+            "assignment, each SVD's time from a fit, CPU float32 at the measured speed of one core per rank; SVDs "
+            "only (the selection, the gathers and the broadcast of `s·(n + m)` numbers a layer are small beside "
+            f"them). Shapes costlier than the costliest measured one ({largest[0]}×{largest[1]}) are extrapolated: "
+            "the residuals do not bound the error there.",
+            "",
+            "| model | adapted matrices | cost model | "
+            + " | ".join(f"{world} rank{'s' * (world > 1)}" for world in PROJECTED_RANKS)
+            + " |",
+            "|---|---:|---|" + "---:|" * len(PROJECTED_RANKS),
+            *projected,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -298,8 +340,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "With --svd-costs: float32 SVD time against shape, a fit of a·n·m·min(n, m), and the projected "
         "launch time of LLaMA-7B and a 70B model on 1, 8 and 64 ranks. Prints markdown.",
     )
-    parser.add_argument("--svd-costs", action="store_true", help="time SVDs by shape, fit, project (instead of "
-                        "the scaling runs; about two minutes)")
+    parser.add_argument(
+        "--svd-costs",
+        action="store_true",
+        help="time SVDs by shape, fit, project (instead of the scaling runs; about ten minutes on 2 cores)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke run")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)  # RANK WORLD PORT SPEC: one scaling rank
     return parser.parse_args(argv)
