@@ -19,7 +19,7 @@ from lora_dash.demo.extras import DATA_PACKAGES, EXTRAS, missing_message, requir
 from lora_dash.reproduce.__main__ import main as reproduce_main
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = ("demo", "bench", "reproduce")
+TOOLS = ("demo", "bench", "reproduce", "commonsense")
 HIDDEN_EXTRAS = ("transformers", "tqdm", "matplotlib", "peft")
 DEMO_MISSING = (
     'lora_dash.demo needs the demo extra: pip install "lora-dash[demo]" (missing: transformers, tqdm, matplotlib)'
@@ -42,7 +42,7 @@ def run_hiding(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def helps() -> dict[str, str]:
-    """Each tool's ``--help`` output, all three from one interpreter without the extras (one start-up, not three)."""
+    """Each tool's ``--help`` output, all from one interpreter without the extras (one start-up, not one per tool)."""
     code = (
         f"for tool in {TOOLS!r}:\n"
         "    print('=== ' + tool)\n"
