@@ -140,13 +140,13 @@ def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_p
     assert {("convention", 2, "LoRA-Dash"), ("convention", 8, "LoRA"), ("rotten_tomatoes", 32, "LoRA")} <= methods
     assert ("rotten_tomatoes", 8, "LoRA-Dash strategy=random") in methods
     tables = (tmp_path / "tables.md").read_text()
-    for heading in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "Claim 5", "Beyond the paper"):
+    for heading in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "Claim 5", "Beyond the paper", "converged budget"):
         assert heading in tables
     for name in ("accuracy_by_rank.png", "tsd_prediction.png", "ft_spectrum.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A rerun finds every unit on disk and runs nothing.
     run_study(tmp_path, quick=True, seeds=(0,), workers=1)
-    assert "0 fine-tuning references and 0 of" in capsys.readouterr().out
+    assert "0 fine-tuning references, 0 of 7 families and 0 of 2 converged-budget units" in capsys.readouterr().out
 
 
 def test_report_only_without_a_study_is_refused(tmp_path, capsys):

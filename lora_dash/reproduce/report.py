@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from lora_dash.analysis import ChangeRateSpectrum
 from lora_dash.demo.model import MINILM_TARGETS
 from lora_dash.reproduce import plan
+from lora_dash.reproduce.converged_report import converged_sections
 from lora_dash.reproduce.runner import prediction_scores, random_update_spectra, spectrum_summary
+from lora_dash.reproduce.stats import mean_std, paired
 
 TASK_NAMES = {
     "rotten_tomatoes": "Rotten Tomatoes (fresh vs rotten)",
@@ -25,27 +27,12 @@ TASK_NAMES = {
 }
 
 
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    """``"81.23 ± 0.45"`` (×100 for accuracies); just the mean for a single value."""
-    values = [scale * value for value in values]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "–"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def paired(differences: list[float]) -> str:
-    """``"+0.35 ± 0.20 (2/3)"``: mean ± std of paired differences, in points, and seeds with a gain."""
-    if not differences:
-        return "–"
-    points = [100 * difference for difference in differences]
-    spread = f" ± {statistics.stdev(points):.2f}" if len(points) > 1 else ""
-    return f"{statistics.mean(points):+.2f}{spread} ({sum(d > 0 for d in points)}/{len(points)})"
-
-
 def load_units(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """All runs and all fine-tuning summaries found under ``out/units``."""
     runs, references = [], []
     for path in sorted((out / "units").glob("*.json")):
+        if path.name.startswith("converged-"):  # the converged-budget study has its own report
+            continue
         payload = json.loads(path.read_text())
         if path.name.startswith("ft-"):
             references.append(payload)
@@ -351,6 +338,8 @@ def write_report(out: Path, quick: bool, seeds: tuple[int, ...], run_seconds: fl
         *prediction_table(runs, task),
         "",
     ]
+    converged_lines, converged_result = converged_sections(out, quick)
+    sections += converged_lines
     environment = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     training = sum(run["seconds"] for run in runs) + sum(ref["seconds"] for ref in references)
     sections += [
@@ -367,6 +356,7 @@ def write_report(out: Path, quick: bool, seeds: tuple[int, ...], run_seconds: fl
                 "settings": mode.settings.__dict__,
                 "runs": runs,
                 "full_fine_tuning": references,
+                "converged": converged_result,
                 "environment": environment,
                 "seconds": run_seconds,
             }

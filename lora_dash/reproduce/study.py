@@ -16,7 +16,7 @@ import torch
 
 from lora_dash.analysis import ChangeRateSpectrum
 from lora_dash.demo.model import MINILM_TARGETS
-from lora_dash.reproduce import plan
+from lora_dash.reproduce import converged, plan
 from lora_dash.reproduce.plan import Family
 from lora_dash.reproduce.runner import full_fine_tuning, run_family, spectrum_summary
 
@@ -65,6 +65,11 @@ def run_unit(quick: bool, family: Family, units: Path) -> str:
     return family.key
 
 
+def run_converged_unit(quick: bool, key: str, units: Path) -> str:
+    """One unit of the converged-budget study (:mod:`lora_dash.reproduce.converged`)."""
+    return converged.run_unit(quick, key, units, log)
+
+
 def _write(path: Path, payload: dict) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload) + "\n")
@@ -79,9 +84,11 @@ def run_study(out: Path, quick: bool, seeds: tuple[int, ...], workers: int) -> N
     families = plan.families(mode, seeds)
     todo_references = [seed for seed in seeds if not (units / f"ft-{REFERENCE_TASK}-seed{seed}.pt").exists()]
     todo = [family for family in families if not (units / f"{family.key}.json").exists()]
+    converged_keys = converged.unit_keys(converged.QUICK if quick else converged.FULL, seeds)
+    todo_converged = [key for key in converged_keys if not (units / f"{key}.json").exists()]
     log(
-        f"{len(todo_references)} fine-tuning references and {len(todo)} of {len(families)} families to run, "
-        f"{workers} worker(s)"
+        f"{len(todo_references)} fine-tuning references, {len(todo)} of {len(families)} families and "
+        f"{len(todo_converged)} of {len(converged_keys)} converged-budget units to run, {workers} worker(s)"
     )
     # The miniature's tensors are tiny: one thread each avoids paying for (and, on a busy machine,
     # spinning in) parallel regions that have nothing to share.
@@ -93,4 +100,6 @@ def run_study(out: Path, quick: bool, seeds: tuple[int, ...], workers: int) -> N
         for future in [pool.submit(run_reference, quick, seed, units) for seed in todo_references]:
             future.result()
         for future in [pool.submit(run_unit, quick, family, units) for family in todo]:
+            future.result()
+        for future in [pool.submit(run_converged_unit, quick, key, units) for key in todo_converged]:
             future.result()
