@@ -465,3 +465,30 @@ def model_null_evidence(
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from error
     return report
+
+
+def evidence_summary(report: dict[str, NullEvidence], alpha: float = 0.05) -> str:
+    """One line for a log: how many layers of a :func:`model_null_evidence` report are flagged at ``alpha``.
+
+    E.g. ``"3/36 layers with p ≤ 0.05 (1.8 expected from noise alone); median p 0.41; top-s share
+    44.1 % vs 43.8 % under the null (means over layers)"``.
+
+    Raises:
+        ValueError: an empty report, or ``alpha`` not in ``(0, 1)``.
+    """
+    if not report:
+        raise ValueError("the report is empty")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    evidence = list(report.values())
+    p_values = sorted(e.p_value for e in evidence)
+    middle = len(p_values) // 2
+    median = p_values[middle] if len(p_values) % 2 else (p_values[middle - 1] + p_values[middle]) / 2
+    flagged = sum(p <= alpha for p in p_values)
+    share = sum(e.share for e in evidence) / len(evidence)
+    null_share = sum(e.null_mean for e in evidence) / len(evidence)
+    return (
+        f"{flagged}/{len(evidence)} layers with p ≤ {alpha:g} ({alpha * len(evidence):.1f} expected from noise "
+        f"alone); median p {median:.3g}; top-s share {100 * share:.1f} % vs {100 * null_share:.1f} % under the "
+        "null (means over layers)"
+    )

@@ -2,6 +2,7 @@
 
 import warnings
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -214,14 +215,28 @@ class LaunchController:
         strategy, seed, distributed: how :func:`launch` chooses the directions (default: the method's TSDs,
             shared among the ranks under ``torch.distributed``). They are arguments, not saved state: pass
             the same ones when resuming.
+        log_evidence: if given (e.g. ``print`` or ``logger.info``), right after the launch it receives two
+            lines, :func:`lora_dash.analysis.evidence_summary` of
+            :func:`lora_dash.analysis.model_null_evidence` for ``"tsd"`` and for ``"coordinate"``: whether
+            the LoRA update the directions were chosen from says more than isotropic noise. That costs
+            two SVDs per layer and the null's draws, at the launch only; None (default) computes nothing.
     """
 
     def __init__(
-        self, model: nn.Module, launch_step: int = 100, strategy: str = "tsd", seed: int = 0, distributed: bool = True
+        self,
+        model: nn.Module,
+        launch_step: int = 100,
+        strategy: str = "tsd",
+        seed: int = 0,
+        distributed: bool = True,
+        log_evidence: Callable[[str], Any] | None = None,
     ) -> None:
         check_launch_step(launch_step)
         check_launch_options(strategy, seed, distributed)
+        if log_evidence is not None and not callable(log_evidence):
+            raise ValueError(f"log_evidence must be callable or None, got {type(log_evidence).__name__}")
         layers = require_dash_layers(model)
+        self.log_evidence = log_evidence
         self.model = model
         self.launch_step = launch_step
         self.strategy, self.seed, self.distributed = strategy, seed, distributed
@@ -322,6 +337,8 @@ class LaunchController:
         zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
         selected = launch(self.model, self.strategy, self.seed, self.distributed)
+        if self.log_evidence is not None:
+            self._log_evidence()
         self._launched = True
         self._stop_watching()
         deltas = [layer.dash_delta for layer in dash_layers(self.model).values()]
@@ -341,6 +358,17 @@ class LaunchController:
                     stacklevel=2,
                 )
         return selected
+
+    def _log_evidence(self) -> None:
+        # Imported here: the analysis module builds on this one (layer_generators).
+        from lora_dash.analysis import evidence_summary, model_null_evidence
+
+        for strategy in ("tsd", "coordinate"):
+            try:
+                summary = evidence_summary(model_null_evidence(self.model, strategy, seed=self.seed))
+            except ValueError as error:  # e.g. launch_step=0: ΔW = 0 has no top-s share; the launch stands
+                summary = f"not computed: {error}"
+            self.log_evidence(f"LoRA-Dash launch, null evidence ({strategy}): {summary}")
 
     def _stop_watching(self) -> None:
         if self._watch is not None:

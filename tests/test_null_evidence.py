@@ -21,6 +21,7 @@ from lora_dash import directions
 from lora_dash.analysis import (
     NULL_EVIDENCE_STRATEGIES,
     change_rate_spectrum,
+    evidence_summary,
     model_null_evidence,
     null_coordinates,
     null_evidence,
@@ -581,3 +582,67 @@ def test_launch_with_the_coordinate_strategy_selects_the_largest_absolute_coordi
     controlled = trained_model(launch=False)
     lora_dash.LaunchController(controlled, launch_step=0, strategy="coordinate")  # t = 0 launches at once
     assert launched_indices(controlled) == expected
+
+
+# --- the one-line summary, and the controller that logs it when asked ------------------------------
+
+
+def test_the_summary_counts_the_flagged_layers_and_averages_the_shares():
+    model = trained_model()
+    report = model_null_evidence(model, draws=50)
+    line = evidence_summary(report, alpha=0.5)
+    flagged = sum(evidence.p_value <= 0.5 for evidence in report.values())
+    assert line.startswith(f"{flagged}/3 layers with p ≤ 0.5 (1.5 expected from noise alone)")
+    share = sum(evidence.share for evidence in report.values()) / 3
+    assert f"top-s share {100 * share:.1f} %" in line
+
+
+@pytest.mark.parametrize("report, alpha, message", [({}, 0.05, "the report is empty"), (None, 1.0, "alpha must be")])
+def test_the_summary_rejects_an_empty_report_or_a_bad_alpha(report, alpha, message):
+    report = model_null_evidence(trained_model(), draws=10) if report is None else report
+    with pytest.raises(ValueError, match=message):
+        evidence_summary(report, alpha)
+
+
+def test_a_controller_asked_to_logs_the_evidence_of_the_update_it_launched_from():
+    model, lines = build_adapted(), []
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(lora_dash.adapter_parameters(model), lr=1e-2)
+    controller = lora_dash.LaunchController(model, launch_step=3, log_evidence=lines.append).attach(optimizer)
+    train(model, 2, optimizer=optimizer)
+    assert lines == []  # nothing before the launch
+    train(model, 1, optimizer=optimizer, start=3)
+    assert controller.launched
+    # The launch leaves B and A as they were: the report of the launched model is the launch's.
+    expected = [
+        f"LoRA-Dash launch, null evidence ({strategy}): {evidence_summary(model_null_evidence(model, strategy))}"
+        for strategy in ("tsd", "coordinate")
+    ]
+    assert lines == expected
+
+
+def test_a_controller_not_asked_computes_no_evidence(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("model_null_evidence was called")
+
+    monkeypatch.setattr(lora_dash.analysis, "model_null_evidence", refuse)
+    model = build_adapted()
+    optimizer = torch.optim.AdamW(lora_dash.adapter_parameters(model), lr=1e-2)
+    controller = lora_dash.LaunchController(model, launch_step=2).attach(optimizer)
+    train(model, 3, optimizer=optimizer)
+    assert controller.launched
+
+
+def test_a_launch_with_no_update_logs_why_there_is_no_evidence_and_still_launches():
+    model, lines = build_adapted(), []
+    controller = lora_dash.LaunchController(model, launch_step=0, log_evidence=lines.append)
+    assert controller.launched
+    assert len(lines) == 2 and "not computed: layer 'fc1': the update has no component" in lines[0]
+
+
+def test_a_controller_refuses_a_log_that_cannot_be_called_before_any_change():
+    model = trained_model(launch=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="log_evidence must be callable or None, got str"):
+        lora_dash.LaunchController(model, launch_step=0, log_evidence="stdout")
+    assert_unchanged(model, before)
