@@ -9,8 +9,9 @@
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, measures
 # its memory, then times the launch on 1-3 gloo ranks and the SVD cost by shape (46 minutes in all on a busy
 # 2-core machine); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the first part's report.
-# `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores, resumable) into
-# results/reproduce; `make reproduce ARGS=--quick` is its few-minute miniature.
+# `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores for the short budget,
+# 50 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
+# `make reproduce ARGS=--quick` is its few-minute miniature.
 # `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 4 hours on 2 cores,
 # resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables.
 PYTHON ?= python3

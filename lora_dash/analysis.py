@@ -338,7 +338,10 @@ def null_evidence(
         eps: the ``ε`` of ``ρ_i = |c_i| / (σ_i + ε)``, as in :func:`lora_dash.directions.change_rates`.
         factor_rank: ``None`` for the dense null, ``r`` for the null of a rank-``r`` Gaussian product.
         draws: Monte Carlo draws, ``>= 2``.
-        generator: the source of the draws; None means a CPU generator seeded with 0.
+        generator: the source of the draws; None means a CPU generator seeded with 0, so calls without
+            one share their draws: when judging several layers, give each its own generator (as
+            :func:`model_null_evidence` does with :func:`lora_dash.schedule.layer_generators`) for
+            results that are independent across layers.
         strategy: the selection judged, one of :data:`NULL_EVIDENCE_STRATEGIES`.
 
     Raises:
