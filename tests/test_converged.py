@@ -129,7 +129,8 @@ def _bases(k: int, layers: int) -> dict:
 def test_a_prediction_equal_to_the_reference_beats_every_null_draw(strategy):
     bases = _bases(64, 3)
     reference = {name: torch.randn(64, generator=torch.Generator().manual_seed(i)) for i, name in enumerate(bases)}
-    scores = converged_report.overlap_with_null(reference, reference, bases, strategy, 8, draws=49)
+    null = converged_report.null_overlaps(reference, bases, strategy, 8, draws=49)
+    scores = converged_report.overlap_with_null(reference, reference, bases, strategy, null)
     assert scores["recall"] == scores["accuracy"] == 1.0
     assert scores["p_recall"] == scores["p_accuracy"] == 1 / 50
     assert scores["null_recall"] < 0.7
@@ -143,8 +144,9 @@ def test_a_prediction_drawn_from_the_null_is_not_flagged_more_often_than_alpha()
     for trial in range(60):
         noise = analysis.null_coordinates(2, 64, 4, generator).float()
         predicted = {name: noise[i] for i, name in enumerate(bases)}
+        null = converged_report.null_overlaps(reference, bases, "coordinate", 4, 99, seed=trial)
         p_values.append(
-            converged_report.overlap_with_null(predicted, reference, bases, "coordinate", 4, 99, trial)["p_accuracy"]
+            converged_report.overlap_with_null(predicted, reference, bases, "coordinate", null)["p_accuracy"]
         )
     # Exact under the null: P(p <= 0.05) <= 0.05; 60 trials see at most a handful (binomial 99.9 % bound: 9).
     assert sum(p <= 0.05 for p in p_values) <= 9

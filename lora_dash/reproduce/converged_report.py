@@ -76,40 +76,56 @@ def layer_evidence(
     }
 
 
-def overlap_with_null(
-    predicted: dict[str, Tensor],
+def null_overlaps(
     reference: dict[str, Tensor],
     bases: dict[str, tuple[Tensor, Tensor]],
     strategy: str,
     factor_rank: int | None,
     draws: int,
     seed: int = 0,
-) -> dict[str, float]:
-    """The paper's recall and accuracy of ``predicted``'s top 8 against ``reference``'s, layer-averaged,
-    beside the same scores for ``draws`` isotropic updates of the null (rank ``factor_rank``).
+) -> dict[str, Tensor]:
+    """The paper's recall and accuracy against ``reference``'s top directions of ``draws`` isotropic
+    updates (rank ``factor_rank``), ranked by ``strategy``'s score and averaged over layers.
 
-    Both are ranked by ``strategy``'s score. ``p`` is the share of null draws whose layer-averaged
-    score reaches the observed one, as ``(1 + #) / (1 + draws)``.
+    Returns ``{"recall": (draws,), "accuracy": (draws,)}``: the null law of a layer-averaged score.
     """
     generator = torch.Generator().manual_seed(seed)
-    observed = {"recall": [], "accuracy": []}
     null = {"recall": torch.zeros(draws, dtype=torch.float64), "accuracy": torch.zeros(draws, dtype=torch.float64)}
+    for name, c in reference.items():
+        sigma, eligible = bases[name]
+        noise = analysis.null_coordinates(draws, c.numel(), factor_rank, generator)
+        true = _scores(c, sigma, eligible, strategy)
+        recall, accuracy = top_overlaps(_scores(noise, sigma.double(), eligible, strategy), true, eligible)
+        null["recall"] += recall / len(reference)
+        null["accuracy"] += accuracy / len(reference)
+    return null
+
+
+def overlap_with_null(
+    predicted: dict[str, Tensor],
+    reference: dict[str, Tensor],
+    bases: dict[str, tuple[Tensor, Tensor]],
+    strategy: str,
+    null: dict[str, Tensor],
+) -> dict[str, float]:
+    """The paper's recall and accuracy of ``predicted``'s top 8 against ``reference``'s, layer-averaged,
+    beside ``null`` (:func:`null_overlaps` of the same reference and strategy).
+
+    ``p`` is the share of null draws whose score reaches the observed one, as ``(1 + #) / (1 + draws)``.
+    """
+    observed = {"recall": [], "accuracy": []}
     for name, c in predicted.items():
         sigma, eligible = bases[name]
         mine, true = _scores(c, sigma, eligible, strategy), _scores(reference[name], sigma, eligible, strategy)
         observed["recall"].append(analysis.tsd_recall(mine, true, eligible, eligible))
         observed["accuracy"].append(analysis.tsd_accuracy(mine, true, eligible, eligible))
-        noise = analysis.null_coordinates(draws, c.numel(), factor_rank, generator)
-        recall, accuracy = top_overlaps(_scores(noise, sigma.double(), eligible, strategy), true, eligible)
-        null["recall"] += recall / len(predicted)
-        null["accuracy"] += accuracy / len(predicted)
     summary = {}
     for measure, values in observed.items():
-        value = statistics.mean(values)
+        value, draws = statistics.mean(values), null[measure]
         summary[measure] = value
-        summary[f"null_{measure}"] = null[measure].mean().item()
-        summary[f"null_{measure}_95"] = null[measure].quantile(0.95).item()
-        summary[f"p_{measure}"] = (1 + int((null[measure] >= value - 1e-12).sum())) / (1 + draws)
+        summary[f"null_{measure}"] = draws.mean().item()
+        summary[f"null_{measure}_95"] = draws.quantile(0.95).item()
+        summary[f"p_{measure}"] = (1 + int((draws >= value - 1e-12).sum())) / (1 + draws.numel())
     return summary
 
 
@@ -162,12 +178,13 @@ def converged_sections(out: Path, quick: bool) -> tuple[list[str], dict]:
 
     # Accuracy: full fine-tuning, LoRA, and the two forks.
     lines += [
-        "| method | test accuracy | − LoRA (seeds with a gain) | median σ-position of the dashed directions |",
-        "|---|---|---|---|",
+        "| method | test accuracy | − LoRA (seeds with a gain) | median σ-position of the dashed directions | "
+        "mean abs δ | mean abs δ/σ |",
+        "|---|---|---|---|---|---|",
     ]
     if ft:
         ft_accuracy = [unit["summary"]["accuracy"] for unit in ft.values()]
-        lines.append(f"| full fine-tuning | {mean_std(ft_accuracy)} | – | – |")
+        lines.append(f"| full fine-tuning | {mean_std(ft_accuracy)} | – | – | – | – |")
         result["full_fine_tuning_accuracy"] = ft_accuracy
     for r in ranks:
         families = _by_seed(units, f"converged-r{r}-")
@@ -181,7 +198,10 @@ def converged_sections(out: Path, quick: bool) -> tuple[list[str], dict]:
             positions = [p for run in chosen.values() for p in run.get("positions") or []]
             where = f"{statistics.median(positions):.2f}" if positions else "–"
             gain = "–" if method == "LoRA" else paired(differences)
-            lines.append(f"| {method} r = {r} | {mean_std(accuracy)} | {gain} | {where} |")
+            delta = [run["mean_abs_delta"] for run in chosen.values() if "mean_abs_delta" in run]
+            ratio = [run["mean_abs_delta_over_sigma"] for run in chosen.values() if "mean_abs_delta" in run]
+            sizes = f"{mean_std(delta, scale=1, digits=4)} | {mean_std(ratio, digits=3)} %" if delta else "– | –"
+            lines.append(f"| {method} r = {r} | {mean_std(accuracy)} | {gain} | {where} | {sizes} |")
             result.setdefault("accuracy", {})[f"{method} r={r}"] = accuracy
     lines.append("")
 
@@ -230,15 +250,18 @@ def converged_sections(out: Path, quick: bool) -> tuple[list[str], dict]:
         ]
         claim2 = {}
         for r in ranks:
-            families = _by_seed(units, f"converged-r{r}-")
+            families = {seed: unit for seed, unit in _by_seed(units, f"converged-r{r}-").items() if seed in reference}
+            # The null depends on the reference, not on the step: drawn once per seed and strategy.
+            nulls = {
+                (seed, strategy): null_overlaps(reference[seed], bases, strategy, r, settings.draws, seed)
+                for seed in families
+                for strategy in ("tsd", "coordinate")
+            }
             for step in sorted({step for unit in families.values() for step in unit["coords"]}):
                 for strategy in ("tsd", "coordinate"):
                     scores = [
-                        overlap_with_null(
-                            unit["coords"][step], reference[seed], bases, strategy, r, settings.draws, seed
-                        )
+                        overlap_with_null(unit["coords"][step], reference[seed], bases, strategy, nulls[seed, strategy])
                         for seed, unit in families.items()
-                        if seed in reference
                     ]
                     if scores:
                         claim2[f"r={r} step={step} {strategy}"] = scores
