@@ -12,7 +12,7 @@
 # `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores for the short budget,
 # 50 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
 # `make reproduce ARGS=--quick` is its few-minute miniature.
-# `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 4 hours on 2 cores,
+# `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 6 hours on 2 cores,
 # resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables.
 PYTHON ?= python3
 VENV := .venv
@@ -28,8 +28,9 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The ten slowest tests are listed at the end: where to look first when the suite grows slow.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=10 $(ARGS)
 
 # One torch thread unless told otherwise: on these tiny tensors thread pools cost more than they give.
 test-fast: $(STAMP)

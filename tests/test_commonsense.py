@@ -142,6 +142,33 @@ def test_batched_padded_log_likelihoods_equal_one_sequence_at_a_time(tiny_llama)
     torch.testing.assert_close(loss, -alone.sum() / sum(len(s.target) for s in sequences), rtol=1e-4, atol=1e-4)
 
 
+def test_packed_choices_score_as_one_sequence_per_choice(tiny_llama):
+    generator = torch.Generator().manual_seed(2)
+
+    def ids(length):
+        return tuple(torch.randint(3, 64, (length,), generator=generator).tolist())
+
+    packs = [
+        train.Packed(ids(7), (ids(3), ids(1), ids(4))),
+        train.Packed(ids(2), (ids(5),)),
+        train.Packed(ids(11), (ids(2), ids(2))),
+    ]
+    alone = [Encoded(packed.prompt, target) for packed in packs for target in packed.targets]
+    with torch.no_grad():
+        packed = train.packed_log_likelihoods(tiny_llama, train.collate_packed(packs, pad_id=0))
+        separate = train.target_log_likelihoods(tiny_llama, train.collate(alone, pad_id=0))
+    assert packed.shape == (6,)
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_only_choices_with_the_same_prompt_share_a_pack():
+    sequences = [Encoded((1, 2, 3), (4,)), Encoded((2, 3), (5, 6)), Encoded((1, 2, 3), (7,))]
+    packs = train.pack(sequences)
+    assert packs == [(train.Packed((1, 2, 3), ((4,), (7,))), [0, 2]), (train.Packed((2, 3), ((5, 6),)), [1])]
+    with pytest.raises(ValueError, match="at least one token"):
+        train.collate_packed([train.Packed((1,), ((),))], pad_id=0)
+
+
 class CharTokenizer:
     """One token per character (ids 3–63): enough to exercise :func:`train.evaluate` without a real tokenizer."""
 
@@ -159,6 +186,8 @@ def test_evaluate_picks_the_best_choice_per_character_and_by_sum(tiny_llama):
             ("piqa", "Goal: open a jar", ("twist the lid", "hit it"), 0),
             ("piqa", "Goal: dry hair", ("towel", "use a hair dryer on it"), 1),
             ("obqa", "Q: sun is a", ("star", "planet", "moon"), 2),
+            # Cut to 64 tokens, this prompt keeps a different tail before each choice: separate packs.
+            ("obqa", "Q: " + "which one " * 6 + "is a fruit", ("pear", "a kitchen table"), 0),
         ]
     ]
     correct = {"acc": Counter(), "acc_raw": Counter()}
@@ -172,7 +201,7 @@ def test_evaluate_picks_the_best_choice_per_character_and_by_sum(tiny_llama):
     result = train.evaluate(tiny_llama, tokenizer, questions, max_tokens=64, token_budget=40)
     for metric in ("acc", "acc_raw"):
         assert result["piqa"][metric] == correct[metric]["piqa"] / 2
-        assert result["obqa"][metric] == correct[metric]["obqa"] / 1
+        assert result["obqa"][metric] == correct[metric]["obqa"] / 2
         assert result["average"][metric] == (result["piqa"][metric] + result["obqa"][metric]) / 2
 
 

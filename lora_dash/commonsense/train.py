@@ -11,6 +11,12 @@ evaluations, which removes the bias towards short choices) and ``acc_raw`` does 
 instead *generates* an answer and parses the label out of it; with the choices scored directly, a
 model that never saw the format still gets a meaningful zero-shot number.
 
+Scoring shares each question's prompt among its choices: one sequence holds the prompt once and then
+every choice, and an attention mask lets each choice see the prompt and its own earlier tokens only,
+with the positions each would have alone (:class:`Packed`). That is the same computation as one
+sequence per choice (a test checks it against :func:`target_log_likelihoods`), with the prompt,
+usually most of the tokens, read once instead of once per choice.
+
 Sequences are length-bucketed: sorted by length and cut into batches of at most ``token_budget``
 padded tokens, so padding costs little.
 """
@@ -85,7 +91,10 @@ def _target_logits(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Te
 
 
 def target_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
-    """``(b,)`` sum over each row's target tokens of ``log p(token | everything before it)``."""
+    """``(b,)`` sum over each row's target tokens of ``log p(token | everything before it)``.
+
+    One sequence per target: the plain statement of what :func:`packed_log_likelihoods` computes faster.
+    """
     logits, labels, rows = _target_logits(model, batch)
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return torch.zeros(batch["labels"].shape[0], dtype=log_probs.dtype).index_add_(0, rows, log_probs)
@@ -95,6 +104,89 @@ def target_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy over the batch's target tokens (a scalar)."""
     logits, labels, _ = _target_logits(model, batch)
     return F.cross_entropy(logits, labels)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A prompt once, then the targets that follow it; each target sees the prompt and itself, not the others."""
+
+    prompt: tuple[int, ...]
+    targets: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(target) for target in self.targets)
+
+
+def pack(sequences: list[Encoded]) -> list[tuple[Packed, list[int]]]:
+    """The sequences grouped by identical prompt: ``[(packed, indices of its targets in sequences)]``.
+
+    Choices of one question share their prompt, unless cutting a long prompt to fit a longer choice
+    left them different beginnings; then they go in different packs and nothing changes for them.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, sequence in enumerate(sequences):
+        groups.setdefault(sequence.prompt, []).append(index)
+    return [(Packed(prompt, tuple(sequences[i].target for i in indices)), indices) for prompt, indices in groups.items()]
+
+
+def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, Tensor]:
+    """The batch of packed sequences, right-padded to ``width`` tokens.
+
+    Returns ``input_ids`` and ``position_ids`` ``(b, width)`` (a target's positions continue from the
+    prompt's end, as if it were alone), an additive ``attention_mask`` ``(b, 1, width, width)`` (0 where
+    a token may attend, the dtype's minimum elsewhere; padding attends to itself only), and for each of
+    the ``n`` scored tokens in order (pack by pack, target by target): its ``row``, the ``source``
+    position whose logits predict it, its ``label`` and its ``target`` number, all ``(n,)``.
+    """
+    if any(len(target) == 0 for packed in packs for target in packed.targets):
+        raise ValueError("every target needs at least one token")
+    width = max(len(packed) for packed in packs)
+    input_ids = torch.full((len(packs), width), pad_id)
+    position_ids = torch.zeros(len(packs), width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(packs), 1, 1)
+    rows, sources, labels, owners = [], [], [], []
+    number = 0
+    for row, packed in enumerate(packs):
+        length = len(packed.prompt)
+        input_ids[row, :length] = torch.tensor(packed.prompt)
+        position_ids[row, :length] = torch.arange(length)
+        allowed[row, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril()
+        start = length
+        for target in packed.targets:
+            end = start + len(target)
+            input_ids[row, start:end] = torch.tensor(target)
+            position_ids[row, start:end] = torch.arange(length, length + len(target))
+            allowed[row, start:end, :length] = True
+            allowed[row, start:end, start:end] = torch.ones(len(target), len(target), dtype=torch.bool).tril()
+            # The first target token is predicted from the prompt's last position, the rest from their own.
+            sources += [length - 1, *range(start, end - 1)]
+            rows += [row] * len(target)
+            labels += target
+            owners += [number] * len(target)
+            number += 1
+            start = end
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask.unsqueeze(1),
+        "row": torch.tensor(rows),
+        "source": torch.tensor(sources),
+        "label": torch.tensor(labels),
+        "target": torch.tensor(owners),
+    }
+
+
+def packed_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
+    """``(targets,)`` for each target of :func:`collate_packed`'s batch, ``Σ_j log p(token_j | prompt, earlier tokens)``."""
+    mask = batch["attention_mask"].to(model.dtype)
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    ).last_hidden_state
+    logits = model.lm_head(hidden[batch["row"], batch["source"]]).float()
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, batch["label"].unsqueeze(-1)).squeeze(-1)
+    count = int(batch["target"].max()) + 1
+    return torch.zeros(count, dtype=log_probs.dtype).index_add_(0, batch["target"], log_probs)
 
 
 def length_buckets(lengths: list[int], token_budget: int) -> Iterator[list[int]]:
@@ -123,12 +215,21 @@ def evaluate(
     unweighted mean over tasks, as the paper's "Avg." column. The model is left in eval mode.
     """
     model.eval()
-    pairs = [(number, choice) for number, question in enumerate(questions) for choice in question.choices]
-    encoded = [encode(tokenizer, questions[number].prompt, " " + choice, max_tokens) for number, choice in pairs]
-    scores = torch.empty(len(pairs), dtype=torch.float64)
-    for indices in length_buckets([len(sequence) for sequence in encoded], token_budget):
-        batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
-        scores[indices] = target_log_likelihoods(model, batch).double()
+    packs: list[Packed] = []
+    choice_numbers: list[list[int]] = []  # of each pack's targets, in the flat list of all choices
+    first = 0
+    for question in questions:
+        sequences = [encode(tokenizer, question.prompt, " " + choice, max_tokens) for choice in question.choices]
+        for packed, indices in pack(sequences):
+            packs.append(packed)
+            choice_numbers.append([first + index for index in indices])
+        first += len(sequences)
+    scores = torch.empty(first, dtype=torch.float64)
+    for batch_packs in length_buckets([len(packed) for packed in packs], token_budget):
+        batch = collate_packed([packs[i] for i in batch_packs], tokenizer.pad_token_id)
+        scores[[number for i in batch_packs for number in choice_numbers[i]]] = packed_log_likelihoods(
+            model, batch
+        ).double()
     by_task: dict[str, dict[str, list[bool]]] = {}
     start = 0
     for question in questions:
