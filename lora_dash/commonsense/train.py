@@ -126,7 +126,7 @@ def pack(sequences: list[Encoded]) -> list[tuple[Packed, list[int]]]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, sequence in enumerate(sequences):
         groups.setdefault(sequence.prompt, []).append(index)
-    return [(Packed(prompt, tuple(sequences[i].target for i in indices)), indices) for prompt, indices in groups.items()]
+    return [(Packed(prompt, tuple(sequences[i].target for i in group)), group) for prompt, group in groups.items()]
 
 
 def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, Tensor]:
@@ -178,7 +178,7 @@ def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, Tensor]:
 
 
 def packed_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
-    """``(targets,)`` for each target of :func:`collate_packed`'s batch, ``Σ_j log p(token_j | prompt, earlier tokens)``."""
+    """``(targets,)``: for each target of a :func:`collate_packed` batch, ``Σ_j log p(t_j | prompt, t_<j)``."""
     mask = batch["attention_mask"].to(model.dtype)
     hidden = model.model(
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
