@@ -255,9 +255,11 @@ def _unit(r: int, seed: int, lora: float, dash: float) -> dict:
         accuracy = {task: {"acc": value, "acc_raw": value, "n": 10} for task in data.TASKS}
         accuracy["average"] = {"acc": value, "acc_raw": value}
         extra = {"selected": 8, "below_noise": 2, "positions": [0.95] * 8, "mean_abs_delta_over_sigma": 0.1}
-        return {"method": method, "accuracy": accuracy, **(extra if method == "LoRA-Dash" else {})}
+        timing = {"train_seconds": 600 if method == "LoRA" else 300, "eval_seconds": 90}
+        return {"method": method, "accuracy": accuracy, **timing, **(extra if method == "LoRA-Dash" else {})}
 
-    return {"r": r, "seed": seed, "runs": [run("LoRA", lora), run("LoRA-Dash", dash)], "wall_seconds": 60, "threads": 2}
+    runs = [run("LoRA", lora), run("LoRA-Dash", dash)]
+    return {"r": r, "seed": seed, "runs": runs, "wall_seconds": 1260, "threads": 2}
 
 
 def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
@@ -275,6 +277,9 @@ def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     assert "| Dash − LoRA, r=4 (seeds ahead) | +0.50 ± 2.12 (1/2) |" in text
     assert "| Dash r=4 − LoRA r=32 | -3.00 (0/1) |" in text
     assert "LoRA-Dash r=4: 4 of 16 selected directions (25.0 %) lie below" in text
+    assert "| LoRA-Dash r=32 (1 seed) |" in text
+    assert "| r4-seed1 | 21.0 | 10.0 | 5.0 | 1.5, 1.5 | 2 |" in text
+    assert "Wall time of the units present: 1.05 h." in text
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -287,6 +292,7 @@ def test_the_quick_study_runs_resumes_and_reports(tmp_path):
     assert len(lora["losses"]) == len(dash["losses"]) == study.QUICK.steps
     assert dash["losses"][: study.QUICK.t] == lora["losses"][: study.QUICK.t]  # the fork shares the pre-launch
     assert dash["selected"] == 150 * study.QUICK.s
+    assert lora["eval_seconds"] > 0 and dash["eval_seconds"] > 0
     assert dash["trainable_parameters"] == lora["trainable_parameters"] + 150 * study.QUICK.s
     zero = json.loads((out / "units" / "zeroshot.json").read_text())
     assert len(zero["layers"]) == 150 and set(zero["accuracy"]) == {*data.TASKS, "average"}

@@ -62,7 +62,7 @@ def accuracy_table(units: dict[str, dict], ranks: list[int], metric: str = "acc"
             if runs:
                 lines.append(
                     _row(
-                        f"{method} r={r} ({len(runs)} seeds)",
+                        f"{method} r={r} ({len(runs)} seed{'' if len(runs) == 1 else 's'})",
                         [mean_std([run["accuracy"][c][metric] for run in runs.values()]) for c in COLUMNS],
                     )
                 )
@@ -119,6 +119,27 @@ def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
     return lines
 
 
+def timing_lines(units: dict[str, dict]) -> list[str]:
+    """Each unit's wall time, and its runs' training and scoring times (minutes), then the total."""
+    if not units:
+        return []
+    lines = [
+        "## Wall time, minutes",
+        "",
+        "| unit | wall | LoRA train | LoRA-Dash train | scoring (each run) | torch threads |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, unit in units.items():
+        runs = {run["method"]: run for run in unit.get("runs", [])}
+        cells = [f"{runs[m]['train_seconds'] / 60:.1f}" if m in runs else "–" for m in ("LoRA", "LoRA-Dash")]
+        scoring = [f"{run['eval_seconds'] / 60:.1f}" for run in runs.values() if "eval_seconds" in run]
+        lines.append(
+            _row(key, [f"{unit['wall_seconds'] / 60:.1f}", *cells, ", ".join(scoring) or "–", str(unit["threads"])])
+        )
+    hours = sum(unit["wall_seconds"] for unit in units.values()) / 3600
+    return [*lines, "", f"Wall time of the units present: {hours:.2f} h."]
+
+
 def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
     """``out/tables.md`` from whatever units exist; says which units of the plan are missing."""
     units = load_units(out)
@@ -157,9 +178,7 @@ def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
         *noise_lines(units, ranks),
         "",
     ]
-    seconds = sum(unit["wall_seconds"] for unit in units.values())
-    threads = ", ".join(sorted({str(unit["threads"]) for unit in units.values()}))
-    lines += [f"Wall time of the units present: {seconds / 3600:.2f} h ({threads} torch thread(s))." if units else ""]
+    lines += timing_lines(units)
     path = out / "tables.md"
     path.write_text("\n".join(lines) + "\n")
     return path

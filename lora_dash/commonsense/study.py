@@ -128,6 +128,13 @@ def _adapted(settings: Settings, r: int, seed: int, cache: Path):
     return tokenizer, model
 
 
+def _scored(model: torch.nn.Module, tokenizer, test: list[Question], settings: Settings) -> dict[str, Any]:
+    """``{"accuracy": evaluate(...), "eval_seconds": its wall time}``."""
+    start = time.perf_counter()
+    accuracy = evaluate(model, tokenizer, test, settings.max_tokens, settings.eval_token_budget)
+    return {"accuracy": accuracy, "eval_seconds": time.perf_counter() - start}
+
+
 def selected_directions(model: torch.nn.Module, levels: dict[str, float]) -> dict[str, Any]:
     """Where the launched directions sit: σ-positions (0 largest … 1 smallest), and how many lie below noise."""
     layers = tsd_layers(model)
@@ -173,7 +180,7 @@ def lora_run(
         "method": "LoRA",
         "losses": losses,
         "train_seconds": time.perf_counter() - start,
-        "accuracy": evaluate(model, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
+        **_scored(model, tokenizer, test, settings),
         "trainable_parameters": lora_dash.count_trainable_parameters(model),
     }
     log(f"r{r}-seed{seed} LoRA: average acc {lora['accuracy']['average']['acc']:.4f}")
@@ -227,7 +234,7 @@ def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str,
         "losses": losses[: settings.t] + dash_losses,
         "train_seconds": time.perf_counter() - start,
         "launch_seconds": launch_seconds,
-        "accuracy": evaluate(dash, tokenizer, test, settings.max_tokens, settings.eval_token_budget),
+        **_scored(dash, tokenizer, test, settings),
         "trainable_parameters": lora_dash.count_trainable_parameters(dash),
         **selected_directions(dash, quantization_noise_levels()),
     }
