@@ -51,8 +51,9 @@ class Settings:
     eval_token_budget: int = 4096  # padded tokens per evaluation batch
 
 
-#: The step budget and test size are set by the compute budget (about 4 hours on 2 cores at ~5.5 s a
-#: step of 8 questions, ~1,600 tokens); the learning rate (0 here) by the pilot: see :func:`pilot_choice`.
+#: The step budget and test size were set for a 4-hour budget on 2 cores from a first estimate of
+#: ~5.5 s a step; measured undisturbed it is ~8 s (~50 minutes a unit, see tables.md's wall times).
+#: The learning rate (0 here) is the pilot's: see :func:`pilot_choice`.
 FULL = Settings(ranks=(4, 32), steps=200, batch_size=8, lr=0.0, n_test=75)
 
 #: The pilot: plain LoRA r = 4, seed 0, a short schedule at each learning rate; scored on questions
