@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_dash.commonsense.data import TASKS
 from lora_dash.commonsense.study import Settings, unit_keys
-from lora_dash.reproduce.report import mean_std, paired
+from lora_dash.reproduce.stats import mean_std, paired
 
 COLUMNS = [*TASKS, "average"]
 TASK_TITLES = {
@@ -119,6 +119,28 @@ def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
     return lines
 
 
+def loss_lines(units: dict[str, dict], ranks: list[int], t: int) -> list[str]:
+    """Per rank, the mean training loss after the launch (steps t+1 … end), LoRA against LoRA-Dash, paired."""
+    lines = []
+    for r in ranks:
+        lora, dash = _runs(units, r, "LoRA"), _runs(units, r, "LoRA-Dash")
+        seeds = sorted(set(lora) & set(dash))
+        if not seeds:
+            continue
+        after = {
+            method: [statistics.mean(runs[seed]["losses"][t:]) for seed in seeds]
+            for method, runs in (("LoRA", lora), ("LoRA-Dash", dash))
+        }
+        differences = [dash - lora for dash, lora in zip(after["LoRA-Dash"], after["LoRA"], strict=True)]
+        lower = sum(difference < 0 for difference in differences)
+        lines.append(
+            f"- r={r}: mean training loss over steps {t + 1}–end, LoRA {mean_std(after['LoRA'], 1.0, 4)}, "
+            f"LoRA-Dash {mean_std(after['LoRA-Dash'], 1.0, 4)}; LoRA-Dash − LoRA "
+            f"{mean_std(differences, 1.0, 5)} (LoRA-Dash lower in {lower} of {len(seeds)} seeds)."
+        )
+    return lines
+
+
 def timing_lines(units: dict[str, dict]) -> list[str]:
     """Each unit's wall time, and its runs' training and scoring times (minutes), then the total."""
     if not units:
@@ -176,6 +198,10 @@ def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
         "## Quantization noise and the selected directions",
         "",
         *noise_lines(units, ranks),
+        "",
+        "## Training loss after the launch",
+        "",
+        *loss_lines(units, ranks, settings.t),
         "",
     ]
     lines += timing_lines(units)
