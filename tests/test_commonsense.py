@@ -269,6 +269,16 @@ def _unit(r: int, seed: int, lora: float, dash: float) -> dict:
     return {"r": r, "seed": seed, "runs": runs, "wall_seconds": 1260, "threads": 2}
 
 
+def test_the_most_frequent_answer_position_is_scored_per_task_and_averaged():
+    questions = [
+        data.Question(task, "", ("a", "b", "c"), gold)
+        for task, gold in [("piqa", 0), ("piqa", 0), ("piqa", 1), ("obqa", 2)]
+    ]
+    result = report.most_frequent_position(questions)
+    assert result["piqa"] == {"acc": 2 / 3, "acc_raw": 2 / 3} and result["obqa"]["acc"] == 1.0
+    assert result["average"]["acc"] == (2 / 3 + 1.0) / 2
+
+
 def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     units = tmp_path / "units"
     units.mkdir()
@@ -285,6 +295,7 @@ def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     assert "| Dash r=4 − LoRA r=32 | -3.00 (0/1) |" in text
     assert "LoRA-Dash r=4: 4 of 16 selected directions (25.0 %) lie below" in text
     assert "| LoRA-Dash r=32 (1 seed) |" in text
+    assert "| most frequent answer position | 62.67 | 50.67 |" in text  # BoolQ: 47 of 75 test answers are "yes"
     assert "| r4-seed1 | 21.0 | 10.0 | 5.0 | 1.5, 1.5 | 2 |" in text
     assert "Wall time of the units present: 1.05 h." in text
     assert (

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_dash.commonsense.data import TASKS
-from lora_dash.commonsense.study import Settings, unit_keys
+from lora_dash.commonsense.data import TASKS, Question
+from lora_dash.commonsense.study import Settings, train_and_test, unit_keys
 from lora_dash.reproduce.stats import mean_std, paired
 
 COLUMNS = [*TASKS, "average"]
@@ -50,10 +51,26 @@ def _row(label: str, cells: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def accuracy_table(units: dict[str, dict], ranks: list[int], metric: str = "acc") -> list[str]:
-    """Per task and average: zero-shot, then LoRA and LoRA-Dash per rank (mean ± std), the paired
-    difference per rank, and LoRA-Dash at the smallest rank against LoRA at the largest."""
+def most_frequent_position(test: list[Question]) -> dict[str, dict[str, float]]:
+    """The accuracy of always answering the choice at each task's most frequent gold position (BoolQ:
+    always "yes"; the other tasks are stratified by position, so about chance), in :func:`evaluate`'s shape."""
+    by_task: dict[str, Counter] = {}
+    for question in test:
+        by_task.setdefault(question.task, Counter())[question.gold] += 1
+    result = {task: dict.fromkeys(("acc", "acc_raw"), max(c.values()) / c.total()) for task, c in by_task.items()}
+    result["average"] = dict.fromkeys(("acc", "acc_raw"), statistics.mean(r["acc"] for r in result.values()))
+    return result
+
+
+def accuracy_table(
+    units: dict[str, dict], ranks: list[int], metric: str = "acc", baseline: dict[str, dict] | None = None
+) -> list[str]:
+    """Per task and average: the ``baseline`` (:func:`most_frequent_position`) if given, zero-shot, then
+    LoRA and LoRA-Dash per rank (mean ± std), the paired difference per rank, and LoRA-Dash at the
+    smallest rank against LoRA at the largest."""
     lines = [_row("method", [TASK_TITLES[c] for c in COLUMNS]), "|---" * (len(COLUMNS) + 1) + "|"]
+    if baseline is not None:
+        lines.append(_row("most frequent answer position", [mean_std([baseline[c][metric]]) for c in COLUMNS]))
     if "zeroshot" in units:
         lines.append(_row("zero-shot", [mean_std([units["zeroshot"]["accuracy"][c][metric]]) for c in COLUMNS]))
     for r in ranks:
@@ -168,6 +185,7 @@ def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
     planned = unit_keys(settings, seeds)
     missing = [key for key in planned if key not in units]
     ranks = sorted({unit["r"] for unit in units.values() if "r" in unit} | set(settings.ranks))
+    baseline = most_frequent_position(train_and_test(settings)[1])
     lines = [
         "# LoRA vs LoRA-Dash: SmolLM2-135M-Instruct on eight commonsense tasks",
         "",
@@ -189,11 +207,11 @@ def write_report(out: Path, settings: Settings, seeds: tuple[int, ...]) -> Path:
     lines += [
         "## Accuracy per character (acc), %",
         "",
-        *accuracy_table(units, ranks),
+        *accuracy_table(units, ranks, "acc", baseline),
         "",
         "## Accuracy by summed log-likelihood (acc_raw), %",
         "",
-        *accuracy_table(units, ranks, "acc_raw"),
+        *accuracy_table(units, ranks, "acc_raw", baseline),
         "",
         "## Quantization noise and the selected directions",
         "",
