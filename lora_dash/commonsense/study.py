@@ -52,7 +52,7 @@ class Settings:
 
 
 #: The step budget and test size were set for a 4-hour budget on 2 cores from a first estimate of
-#: ~5.5 s a step; measured undisturbed it is ~8 s (~50 minutes a unit, see tables.md's wall times).
+#: ~5.5 s a step; measured undisturbed it is ~10 s (about an hour a unit: tables.md's wall times).
 #: The learning rate (0 here) is the pilot's: see :func:`pilot_choice`.
 FULL = Settings(ranks=(4, 32), steps=200, batch_size=8, lr=0.0, n_test=75)
 
