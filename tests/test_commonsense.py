@@ -167,6 +167,8 @@ def test_only_choices_with_the_same_prompt_share_a_pack():
     assert packs == [(train.Packed((1, 2, 3), ((4,), (7,))), [0, 2]), (train.Packed((2, 3), ((5, 6),)), [1])]
     with pytest.raises(ValueError, match="at least one token"):
         train.collate_packed([train.Packed((1,), ((),))], pad_id=0)
+    with pytest.raises(ValueError, match="at least one pack"):
+        train.collate_packed([], pad_id=0)
 
 
 class CharTokenizer:

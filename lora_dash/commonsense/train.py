@@ -138,6 +138,8 @@ def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, Tensor]:
     the ``n`` scored tokens in order (pack by pack, target by target): its ``row``, the ``source``
     position whose logits predict it, its ``label`` and its ``target`` number, all ``(n,)``.
     """
+    if not packs:
+        raise ValueError("collate_packed needs at least one pack")
     if any(len(target) == 0 for packed in packs for target in packed.targets):
         raise ValueError("every target needs at least one token")
     width = max(len(packed) for packed in packs)
