@@ -122,6 +122,16 @@ def test_paired_differences_count_the_seeds_with_a_gain():
     assert paired([]) == "–"
 
 
+def test_float_noise_around_zero_is_neither_a_gain_nor_a_negative_zero():
+    # Two averages of the same accuracies summed in another order differ by about 1e-17.
+    noise = (0.1 + 0.2 + 0.3) - (0.3 + 0.2 + 0.1)
+    assert noise != 0.0
+    assert paired([noise, noise]) == "+0.00 ± 0.00 (0/2)"
+    assert paired([-abs(noise)]) == "+0.00 (0/1)"
+    assert mean_std([-abs(noise)], 1.0, 5) == "0.00000"
+    assert paired([0.0001, -0.0001]) == "+0.00 ± 0.01 (1/2)"
+
+
 # -------------------------------------------------------------------------------- quick study
 @pytest.mark.slow
 def test_quick_study_runs_every_experiment_and_writes_its_tables_and_plots(tmp_path, capsys):
