@@ -295,6 +295,7 @@ def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     assert "| LoRA r=4 (2 seeds) | 55.00 ± 7.07 |" in text
     assert "| Dash − LoRA, r=4 (seeds ahead) | +0.50 ± 2.12 (1/2) |" in text
     assert "| Dash r=4 − LoRA r=32 | -3.00 (0/1) |" in text
+    assert "| LoRA r=4 − LoRA r=32 | -5.00 (0/1) |" in text  # the rank trend alone, seed 0
     assert "LoRA-Dash r=4: 4 of 16 selected directions (25.0 %) lie below" in text
     assert "| LoRA-Dash r=32 (1 seed) |" in text
     assert "| most frequent answer position | 62.67 | 50.67 |" in text  # BoolQ: 47 of 75 test answers are "yes"
