@@ -256,7 +256,13 @@ def _unit(r: int, seed: int, lora: float, dash: float) -> dict:
     def run(method, value):
         accuracy = {task: {"acc": value, "acc_raw": value, "n": 10} for task in data.TASKS}
         accuracy["average"] = {"acc": value, "acc_raw": value}
-        extra = {"selected": 8, "below_noise": 2, "positions": [0.95] * 8, "mean_abs_delta_over_sigma": 0.1}
+        extra = {
+            "selected": 8,
+            "below_noise": 2,
+            "layers_with_any_below_noise": 1 + seed,
+            "positions": [0.95] * 8,
+            "mean_abs_delta_over_sigma": 0.1,
+        }
         timing = {"train_seconds": 600 if method == "LoRA" else 300, "eval_seconds": 90}
         losses = [1.0] * 100 + [value] * 100  # after the launch (t = 100), the loss is the accuracy here
         return {
@@ -296,7 +302,9 @@ def test_the_report_pairs_seeds_and_names_the_missing_units(tmp_path):
     assert "| Dash − LoRA, r=4 (seeds ahead) | +0.50 ± 2.12 (1/2) |" in text
     assert "| Dash r=4 − LoRA r=32 | -3.00 (0/1) |" in text
     assert "| LoRA r=4 − LoRA r=32 | -5.00 (0/1) |" in text  # the rank trend alone, seed 0
-    assert "LoRA-Dash r=4: 4 of 16 selected directions (25.0 %) lie below" in text
+    noise = "selected directions (25.0 %) lie below their matrix's noise level (matrices with any:"
+    assert f"LoRA-Dash r=4: 4 of 16 {noise} 1 to 2 a run)" in text  # seeds 0 and 1: 1 and 2 matrices
+    assert f"LoRA-Dash r=32: 2 of 8 {noise} 1 a run)" in text
     assert "| LoRA-Dash r=32 (1 seed) |" in text
     assert "| most frequent answer position | 62.67 | 50.67 |" in text  # BoolQ: 47 of 75 test answers are "yes"
     assert "| r4-seed1 | 21.0 | 10.0 | 5.0 | 1.5, 1.5 | 2 |" in text

@@ -133,10 +133,13 @@ def noise_lines(units: dict[str, dict], ranks: list[int]) -> list[str]:
             selected = sum(run["selected"] for run in runs.values())
             below = sum(run["below_noise"] for run in runs.values())
             positions = [p for run in runs.values() for p in run["positions"]]
+            matrices = sorted(run["layers_with_any_below_noise"] for run in runs.values())
+            spread = f"{matrices[0]}" if matrices[0] == matrices[-1] else f"{matrices[0]} to {matrices[-1]}"
             lines.append(
                 f"- LoRA-Dash r={r}: {below} of {selected} selected directions ({100 * below / selected:.1f} %) lie "
-                f"below their matrix's noise level; median σ-position {statistics.median(positions):.3f} (0 = largest, "
-                f"1 = smallest), {100 * sum(p >= 0.9 for p in positions) / len(positions):.0f} % in the last tenth; "
+                f"below their matrix's noise level (matrices with any: {spread} a run); median σ-position "
+                f"{statistics.median(positions):.3f} (0 = largest, 1 = smallest), "
+                f"{100 * sum(p >= 0.9 for p in positions) / len(positions):.0f} % in the last tenth; "
                 f"mean |δ|/σ {mean_std([run['mean_abs_delta_over_sigma'] for run in runs.values()], 1.0, 3)}."
             )
     return lines
