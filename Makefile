@@ -12,7 +12,7 @@
 # `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores for the short budget,
 # 50 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
 # `make reproduce ARGS=--quick` is its few-minute miniature.
-# `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 6 hours on 2 cores,
+# `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 6.5 hours on 2 cores,
 # resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables.
 PYTHON ?= python3
 VENV := .venv
