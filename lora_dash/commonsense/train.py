@@ -4,10 +4,11 @@ Training: causal language modelling on ``prompt + target`` with the loss on the 
 (the prompt is context), mean over the batch's target tokens.
 
 Evaluation, the standard multiple-choice protocol: each choice is scored by the model's
-log-likelihood of ``" " + choice`` after the prompt, ``log p(choice | prompt) = Σ_j log p(c_j | prompt,
-c_<j)``, and the question counts as right when the gold choice scores highest. Two scores are kept:
-``acc`` divides the log-likelihood by the choice's length in characters (``acc_per_char`` of OLMo's
-evaluations, which removes the bias towards short choices) and ``acc_raw`` does not. The paper
+log-likelihood of its continuation (``" " + choice``, or the cloze format's continuation) after its
+prompt, ``log p(choice | prompt) = Σ_j log p(c_j | prompt, c_<j)``, and the question counts as right
+when the gold choice scores highest. Three scores are kept: ``acc`` divides the log-likelihood by the
+continuation's length in characters (``acc_per_char`` of OLMo's evaluations, which removes the bias
+towards short choices), ``acc_per_token`` by its length in tokens, and ``acc_raw`` does not divide. The paper
 instead *generates* an answer and parses the label out of it; with the choices scored directly, a
 model that never saw the format still gets a meaningful zero-shot number.
 
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lora_dash.commonsense.data import Question
+from lora_dash.commonsense.data import ClozeQuestion, Question, gold_request, requests
 from lora_dash.demo.train import endless_batches
 
 if TYPE_CHECKING:
@@ -203,25 +204,32 @@ def length_buckets(lengths: list[int], token_budget: int) -> Iterator[list[int]]
         yield batch
 
 
+#: How a question's choices are compared: by log-likelihood per character of the continuation (OLMo's
+#: ``acc_per_char``), per token, or summed (``acc_raw``).
+METRICS = ("acc", "acc_per_token", "acc_raw")
+
+
 @torch.no_grad()
-def evaluate(
+def question_hits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    questions: list[Question],
+    questions: list[Question | ClozeQuestion],
     max_tokens: int,
     token_budget: int = 4096,
-) -> dict[str, dict[str, float]]:
-    """Multiple-choice accuracy per task (``acc`` per character, ``acc_raw`` by sum) and their task average.
+) -> dict[str, list[bool]]:
+    """Per metric of :data:`METRICS`, whether each question (in order) ranks its gold choice first.
 
-    Returns ``{task: {"acc", "acc_raw", "n"}, ..., "average": {"acc", "acc_raw"}}``; the average is the
-    unweighted mean over tasks, as the paper's "Avg." column. The model is left in eval mode.
+    Each choice's continuation is scored after its own prompt (:func:`data.requests`); the choices of a
+    question that share a prompt are packed into one sequence. The model is left in eval mode.
     """
     model.eval()
     packs: list[Packed] = []
     choice_numbers: list[list[int]] = []  # of each pack's targets, in the flat list of all choices
+    token_counts: list[int] = []
     first = 0
     for question in questions:
-        sequences = [encode(tokenizer, question.prompt, " " + choice, max_tokens) for choice in question.choices]
+        sequences = [encode(tokenizer, prompt, continuation, max_tokens) for prompt, continuation in requests(question)]
+        token_counts += [len(sequence.target) for sequence in sequences]
         for packed, indices in pack(sequences):
             packs.append(packed)
             choice_numbers.append([first + index for index in indices])
@@ -232,25 +240,46 @@ def evaluate(
         scores[[number for i in batch_packs for number in choice_numbers[i]]] = packed_log_likelihoods(
             model, batch
         ).double()
-    by_task: dict[str, dict[str, list[bool]]] = {}
+    tokens = torch.tensor(token_counts, dtype=torch.float64)
+    hits: dict[str, list[bool]] = {metric: [] for metric in METRICS}
     start = 0
     for question in questions:
-        raw = scores[start : start + len(question.choices)]
-        per_char = raw / torch.tensor([len(" " + choice) for choice in question.choices], dtype=torch.float64)
-        start += len(question.choices)
-        hits = by_task.setdefault(question.task, {"acc": [], "acc_raw": []})
-        hits["acc"].append(int(per_char.argmax()) == question.gold)
-        hits["acc_raw"].append(int(raw.argmax()) == question.gold)
-    result = {
-        task: {
-            "acc": sum(hits["acc"]) / len(hits["acc"]),
-            "acc_raw": sum(hits["acc_raw"]) / len(hits["acc_raw"]),
-            "n": len(hits["acc"]),
-        }
-        for task, hits in by_task.items()
+        pairs = requests(question)
+        end = start + len(pairs)
+        raw = scores[start:end]
+        chars = torch.tensor([len(continuation) for _, continuation in pairs], dtype=torch.float64)
+        for metric, score in zip(METRICS, (raw / chars, raw / tokens[start:end], raw), strict=True):
+            hits[metric].append(int(score.argmax()) == question.gold)
+        start = end
+    return hits
+
+
+def accuracy(questions: list[Question | ClozeQuestion], hits: dict[str, list[bool]]) -> dict[str, dict[str, float]]:
+    """Accuracy per task and metric, and their unweighted mean over tasks (the paper's "Avg." column).
+
+    Returns ``{task: {"acc", "acc_per_token", "acc_raw", "n"}, ..., "average": {metric: ...}}``.
+    """
+    by_task: dict[str, list[int]] = {}
+    for number, question in enumerate(questions):
+        by_task.setdefault(question.task, []).append(number)
+    result: dict[str, dict[str, float]] = {
+        task: {metric: sum(hits[metric][i] for i in numbers) / len(numbers) for metric in METRICS} | {"n": len(numbers)}
+        for task, numbers in by_task.items()
     }
-    result["average"] = {key: sum(task[key] for task in result.values()) / len(by_task) for key in ("acc", "acc_raw")}
+    result["average"] = {metric: sum(task[metric] for task in result.values()) / len(by_task) for metric in METRICS}
     return result
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[Question | ClozeQuestion],
+    max_tokens: int,
+    token_budget: int = 4096,
+) -> dict[str, dict[str, float]]:
+    """Multiple-choice accuracy per task and metric, and their task average (:func:`accuracy` of
+    :func:`question_hits`). The model is left in eval mode."""
+    return accuracy(questions, question_hits(model, tokenizer, questions, max_tokens, token_budget))
 
 
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
@@ -269,7 +298,7 @@ def train_steps(
     tokenizer: PreTrainedTokenizerBase,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    questions: list[Question],
+    questions: list[Question | ClozeQuestion],
     steps: int,
     batch_size: int,
     seed: int,
@@ -285,7 +314,8 @@ def train_steps(
     """
     if not 1 <= first_step <= steps + 1:
         raise ValueError(f"first_step must be in [1, steps + 1 = {steps + 1}], got {first_step}")
-    texts = [question.prompt + question.target for question in questions]
+    golds = [gold_request(question) for question in questions]
+    texts = [prompt + continuation for prompt, continuation in golds]
     stream = endless_batches(texts, torch.arange(len(questions)), batch_size, seed)
     for _ in range(first_step - 1):
         next(stream)
@@ -293,8 +323,8 @@ def train_steps(
     losses = []
     for step in range(first_step, steps + 1):
         _, indices = next(stream)
-        chosen = [questions[i] for i in indices.tolist()]
-        batch = collate([encode(tokenizer, q.prompt, q.target, max_tokens) for q in chosen], tokenizer.pad_token_id)
+        chosen = [golds[i] for i in indices.tolist()]
+        batch = collate([encode(tokenizer, *gold, max_tokens) for gold in chosen], tokenizer.pad_token_id)
         loss = target_loss(model, batch)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"non-finite training loss {loss.item()} at step {step}")
