@@ -346,8 +346,6 @@ def run_cloze(
 
     The budget's choice is written to ``out/budget.json`` before any comparison unit runs.
     """
-    from lora_dash.commonsense.cloze_report import choose_budget, load_units
-
     units = out / "units"
     cut = splits(settings)
     done = 0
@@ -381,6 +379,8 @@ def run_cloze(
             return
     if until == "curve":
         return
+    from lora_dash.commonsense.cloze_report import choose_budget, load_units  # it imports this module
+
     choice = choose_budget(load_units(out), settings, forced=budget)
     write_json(out / "budget.json", choice)
     if choice["steps"] is None:
