@@ -43,7 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="only write tables.md from the units already run")
+    cloze = parser.add_argument_group(
+        "the cloze study (issue 22; into <out>, default results/commonsense/cloze)",
+        "choices scored as continuations of a natural prompt, a LoRA learning curve on a validation slice "
+        "first, then LoRA, LoRA-Dash and dash-only at the curve's budget; writes summary.json and tables.md",
+    )
+    cloze.add_argument("--cloze", action="store_true", help="run (or with --report-only, report) the cloze study")
+    cloze.add_argument(
+        "--until",
+        choices=("zeroshot", "curve", "compare"),
+        default="compare",
+        help="the last stage to run (default compare, which needs --t)",
+    )
+    cloze.add_argument("--max-units", type=int, help="run at most this many units, then report")
+    cloze.add_argument("--budget", type=int, help="force the comparison's step count instead of the curve's choice")
+    cloze.add_argument("--t", type=int, help="the comparison's launch step (optimizer steps)")
     args = parser.parse_args(argv)
+    if args.cloze:
+        args.out = args.out or Path("results/commonsense-quick/cloze" if args.quick else "results/commonsense/cloze")
     args.out = args.out or Path("results/commonsense-quick" if args.quick else "results/commonsense")
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1, 2)))
     if args.report_only and not (args.out / "units").is_dir():
@@ -61,8 +78,21 @@ def main(argv: list[str] | None = None) -> None:
     from lora_dash.reproduce.study import log
 
     torch.set_num_threads(args.threads)
-    settings = QUICK if args.quick else FULL
     started = time.perf_counter()
+    if args.cloze:
+        from lora_dash.commonsense import cloze
+        from lora_dash.commonsense.cloze_report import write_cloze_report
+
+        settings = cloze.QUICK if args.quick else cloze.FULL
+        try:
+            if not args.report_only:
+                cloze.run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t)
+            path = write_cloze_report(args.out, settings, cloze.splits(settings))
+        except DataError as error:
+            raise SystemExit(f"lora_dash.commonsense: {error}") from None
+        log(f"done in {time.perf_counter() - started:.0f}s; {path} written")
+        return
+    settings = QUICK if args.quick else FULL
     try:
         if not args.quick and not args.report_only:
             # The learning rate is the pilot's choice: plain LoRA only, run before any LoRA-Dash run.

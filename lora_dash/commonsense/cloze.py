@@ -73,6 +73,7 @@ FULL = ClozeSettings()
 QUICK = ClozeSettings(
     max_test=3,
     max_validation=2,
+    curve_rank=2,
     curve_steps=(2, 4),
     ranks=(2,),
     seeds=(0,),
@@ -309,7 +310,10 @@ def comparison_unit(
         "losses": losses,
         "first_step": first_step,
         "train_seconds": train_seconds,
-        "trainable_parameters": lora_dash.count_trainable_parameters(model),
+        # The library counts the adapter's parameters (A, B, and δ once launched); dash-only trains δ alone.
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if method == "dash_only"
+        else lora_dash.count_trainable_parameters(model),
         "test": scored(model, tokenizer, test, settings),
     }
 
@@ -381,7 +385,7 @@ def run_cloze(
         return
     from lora_dash.commonsense.cloze_report import choose_budget, load_units  # it imports this module
 
-    choice = choose_budget(load_units(out), settings, forced=budget)
+    choice = choose_budget(load_units(out), settings, cut, forced=budget)
     write_json(out / "budget.json", choice)
     if choice["steps"] is None:
         log(f"no budget chosen: {choice['reason']}")

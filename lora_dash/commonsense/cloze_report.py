@@ -1,0 +1,313 @@
+"""The cloze study's numbers: paired intervals, the budget's choice, ``summary.json`` and ``tables.md``.
+
+Every comparison is paired on the same questions: a run's per-question hits (stored in its unit)
+against another run's on the same questions, or against a baseline's. The interval is a percentile
+bootstrap that resamples questions (within each task, the same draw for every seed) and seeds, so it
+carries both sources of noise; a comparison of one seed resamples questions only. Missing units are
+named and their numbers are ``null``, never filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_dash.commonsense.cloze import (
+    METHODS,
+    ClozeSettings,
+    ClozeSplit,
+    comparison_keys,
+    curve_keys,
+    fingerprint,
+    parts,
+)
+from lora_dash.commonsense.data import TASKS, ClozeQuestion
+from lora_dash.commonsense.report import TASK_TITLES
+from lora_dash.commonsense.train import METRICS
+
+Hits = dict[str, np.ndarray]  # task → 0/1 per question, in the split's order
+METHOD_TITLES = {"lora": "LoRA", "dash": "LoRA-Dash", "dash_only": "dash-only"}
+
+
+def load_units(out: Path) -> dict[str, dict[str, Any]]:
+    """Every unit file under ``out/units``, by key."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted((out / "units").glob("*.json"))}
+
+
+def hits_of(scores: dict[str, Any], metric: str = "acc") -> Hits:
+    """A unit's stored hits (strings of 0/1) as arrays, per task."""
+    return {
+        task: np.array([c == "1" for c in by_metric[metric]], dtype=np.float64)
+        for task, by_metric in scores["hits"].items()
+    }
+
+
+def most_frequent_hits(questions: list[ClozeQuestion]) -> Hits:
+    """Per task, whether always answering the task's most frequent gold position (ties to the first) is right."""
+    hits = {}
+    for task in dict.fromkeys(q.task for q in questions):
+        golds = [q.gold for q in questions if q.task == task]
+        position = min(Counter(golds).items(), key=lambda item: (-item[1], item[0]))[0]
+        hits[task] = np.array([gold == position for gold in golds], dtype=np.float64)
+    return hits
+
+
+def average(hits: Hits) -> float:
+    """Unweighted mean over tasks of the accuracy, in percent."""
+    return 100 * float(np.mean([values.mean() for values in hits.values()]))
+
+
+def paired_bootstrap(first: list[Hits], second: list[Hits], resamples: int, seed: int = 0) -> dict[str, float]:
+    """Mean and 95 % percentile interval of ``average(first) − average(second)``, in points.
+
+    ``first[i]`` and ``second[i]`` are the hits of pair ``i`` (a seed) on the same questions. Each resample
+    draws, per task, the questions with replacement (one draw shared by all pairs) and the pairs with
+    replacement, and averages the differences as :func:`average` does.
+    """
+    if not first or len(first) != len(second):
+        raise ValueError(f"need as many pairs on each side, at least one; got {len(first)} and {len(second)}")
+    rng = np.random.default_rng(seed)
+    pairs = len(first)
+    pair_counts = rng.multinomial(pairs, [1 / pairs] * pairs, size=resamples)  # (resamples, pairs)
+    totals = np.zeros(resamples)
+    for task in first[0]:
+        differences = np.stack([a[task] - b[task] for a, b in zip(first, second, strict=True)])  # (pairs, n)
+        n = differences.shape[1]
+        question_counts = rng.multinomial(n, [1 / n] * n, size=resamples)  # (resamples, n)
+        per_pair = question_counts @ differences.T / n  # (resamples, pairs)
+        totals += (pair_counts * per_pair).sum(axis=1) / pairs
+    totals *= 100 / len(first[0])
+    mean = statistics.mean(average(a) - average(b) for a, b in zip(first, second, strict=True))
+    low, high = np.percentile(totals, [2.5, 97.5])
+    return {"mean": mean, "ci95_low": float(low), "ci95_high": float(high)}
+
+
+def _check(scores: dict[str, Any], questions: list[ClozeQuestion], key: str) -> None:
+    if scores["fingerprint"] != fingerprint(questions):
+        raise ValueError(f"unit {key} was scored on other questions than this split's; rerun it")
+
+
+def choose_budget(
+    units: dict[str, dict], settings: ClozeSettings, cut: dict[str, ClozeSplit], forced: int | None = None
+) -> dict[str, Any]:
+    """The curve on the validation slice, and the budget it chooses.
+
+    The rule, fixed before the curve ran: the smallest step count of the curve (all smaller ones present)
+    at which LoRA beats both the zero-shot row and the most-frequent-position baseline by at least
+    ``settings.margin`` points on average (``acc``), paired, with each interval above 0. ``forced`` (the
+    ``--budget`` flag) overrides the choice and says so.
+    """
+    _, validation, _ = parts(cut)
+    baseline = most_frequent_hits(validation)
+    rule = (
+        f"smallest curve step count at which LoRA r={settings.curve_rank} beats zero-shot and the most frequent "
+        f"answer position on validation by >= {settings.margin:g} points (acc, paired mean) with both 95 % "
+        "intervals above 0"
+    )
+    rows, chosen, reason = [], None, "the curve has not reached the margin"
+    if "zeroshot" in units:
+        _check(units["zeroshot"]["validation"], validation, "zeroshot")
+        zero = hits_of(units["zeroshot"]["validation"])
+        for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
+            if key not in units:
+                reason = f"curve unit {key} missing"
+                break
+            _check(units[key]["validation"], validation, key)
+            lora = hits_of(units[key]["validation"])
+            row = {
+                "steps": steps,
+                "validation_avg": average(lora),
+                "validation_avg_per_token": average(hits_of(units[key]["validation"], "acc_per_token")),
+                "minus_zero_shot": paired_bootstrap([lora], [zero], settings.resamples),
+                "minus_most_frequent": paired_bootstrap([lora], [baseline], settings.resamples),
+            }
+            row["clears"] = all(
+                row[name]["mean"] >= settings.margin and row[name]["ci95_low"] > 0
+                for name in ("minus_zero_shot", "minus_most_frequent")
+            )
+            rows.append(row)
+            if row["clears"] and chosen is None:
+                chosen, reason = steps, "chosen by the rule"
+    else:
+        reason = "zero-shot unit missing"
+    if forced is not None:
+        chosen, reason = forced, "forced by --budget (not the rule's choice)"
+    return {
+        "rule": rule,
+        "zero_shot_validation_avg": average(hits_of(units["zeroshot"]["validation"])) if "zeroshot" in units else None,
+        "most_frequent_validation_avg": average(baseline),
+        "curve": rows,
+        "steps": chosen,
+        "reason": reason,
+    }
+
+
+def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str) -> dict[str, Any]:
+    """Per rank: mean test average per method over its seeds, and the paired intervals against LoRA."""
+    fields: dict[str, Any] = {f"{method}_avg": {} for method in ("lora", "dash", "dash_only")}
+    fields |= {"dash_minus_lora": {}, "dash_only_minus_lora": {}}
+    for r in settings.ranks:
+        runs: dict[str, dict[int, Hits]] = {}
+        for method in METHODS:
+            runs[method] = {}
+            for seed in settings.seeds:
+                key = f"r{r}-seed{seed}-{method}"
+                if key in units:
+                    _check(units[key]["test"], test, key)
+                    runs[method][seed] = hits_of(units[key]["test"], metric)
+            values = [average(hits) for hits in runs[method].values()]
+            fields[f"{method}_avg"][str(r)] = statistics.mean(values) if values else None
+        for method in ("dash", "dash_only"):
+            seeds = sorted(set(runs[method]) & set(runs["lora"]))
+            fields[f"{method}_minus_lora"][str(r)] = (
+                paired_bootstrap([runs[method][s] for s in seeds], [runs["lora"][s] for s in seeds], settings.resamples)
+                if seeds
+                else None
+            )
+    return fields
+
+
+def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> dict[str, Any]:
+    """``summary.json``'s content from the units present (numbers in percent; ``null`` where missing)."""
+    units = load_units(out)
+    _, validation, test = parts(cut)
+    budget_file = out / "budget.json"
+    budget = json.loads(budget_file.read_text()) if budget_file.exists() else choose_budget(units, settings, cut)
+    planned = ["zeroshot", *curve_keys(settings), *comparison_keys(settings)]
+    zero = units.get("zeroshot")
+    if zero is not None:
+        _check(zero["test"], test, "zeroshot")
+    baseline = most_frequent_hits(test)
+    launched = sorted({unit["t"] for unit in units.values() if "t" in unit})
+    by_metric = {
+        metric: {
+            "zero_shot_avg": average(hits_of(zero["test"], metric)) if zero else None,
+            "most_frequent_avg": average(baseline),
+            **_comparison(units, settings, test, metric),
+        }
+        for metric in METRICS
+    }
+    return {
+        "format": "cloze",
+        "metric": "acc: log-likelihood per character of the continuation (by_metric holds per token and summed)",
+        **by_metric["acc"],
+        "by_metric": by_metric,
+        "seeds": list(settings.seeds),
+        "seeds_present": {
+            str(r): {method: [s for s in settings.seeds if f"r{r}-seed{s}-{method}" in units] for method in METHODS}
+            for r in settings.ranks
+        },
+        "test_questions_per_task": {task: len(split.test) for task, split in cut.items()},
+        "validation_questions_per_task": {task: len(split.validation) for task, split in cut.items()},
+        "train_questions_per_task": {task: len(split.train) for task, split in cut.items()},
+        "steps": budget["steps"],
+        "t": launched[0] if len(launched) == 1 else (launched or None),
+        "budget": budget,
+        "units_present": [key for key in planned if key in units],
+        "units_missing": [key for key in planned if key not in units],
+    }
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _interval(value: dict[str, float] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value['mean']:+.2f} [{value['ci95_low']:+.2f}, {value['ci95_high']:+.2f}]"
+
+
+def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettings) -> list[str]:
+    """``tables.md``'s lines: coverage, the test table, the curve, the paired comparison and the times."""
+    columns = [*TASKS, "average"]
+    header = "| " + " | ".join(["method", *(TASK_TITLES[c] for c in columns)]) + " |"
+    rule = "|---" * (len(columns) + 1) + "|"
+    lines = [
+        "# The commonsense miniature in the cloze format (issue 22)",
+        "",
+        f"{len(result['units_present'])} of {len(result['units_present']) + len(result['units_missing'])} units "
+        "present" + (f"; missing: {', '.join(result['units_missing'])}." if result["units_missing"] else "."),
+        "",
+        "Questions per task (train / validation / test): "
+        + "; ".join(
+            f"{TASK_TITLES[task]} {result['train_questions_per_task'][task]} / "
+            f"{result['validation_questions_per_task'][task]} / {result['test_questions_per_task'][task]}"
+            for task in TASKS
+        )
+        + ".",
+        "",
+    ]
+    for metric in METRICS:
+        lines += [f"## Test accuracy ({metric}), %", "", header, rule]
+        zero = units.get("zeroshot")
+        if zero:
+            accuracy = zero["test"]["accuracy"]
+            lines.append("| zero-shot | " + " | ".join(f"{100 * accuracy[c][metric]:.2f}" for c in columns) + " |")
+        for r in settings.ranks:
+            for method in METHODS:
+                runs = [
+                    units[k]["test"]["accuracy"] for s in settings.seeds if (k := f"r{r}-seed{s}-{method}") in units
+                ]
+                if runs:
+                    cells = [f"{statistics.mean(100 * run[c][metric] for run in runs):.2f}" for c in columns]
+                    lines.append(f"| {METHOD_TITLES[method]} r={r} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+        values = result["by_metric"][metric]
+        lines += [
+            "",
+            f"Most frequent answer position (average): {_cell(values['most_frequent_avg'])}.",
+            "",
+        ]
+        for r in settings.ranks:
+            lines.append(
+                f"- r={r}: LoRA-Dash − LoRA {_interval(values['dash_minus_lora'][str(r)])}; "
+                f"dash-only − LoRA {_interval(values['dash_only_minus_lora'][str(r)])} "
+                "(points, mean [95 % paired bootstrap interval over questions and seeds])."
+            )
+        lines.append("")
+    budget = result["budget"]
+    lines += [
+        "## The learning curve on the validation slice (acc, %)",
+        "",
+        f"Zero-shot {_cell(budget['zero_shot_validation_avg'])}, most frequent answer position "
+        f"{_cell(budget['most_frequent_validation_avg'])}. Rule: {budget['rule']}.",
+        "",
+        "| steps | LoRA acc | LoRA acc per token | LoRA − zero-shot [95 %] | LoRA − most frequent [95 %] | clears |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {row['steps']} | {row['validation_avg']:.2f} | {row['validation_avg_per_token']:.2f} | "
+            f"{_interval(row['minus_zero_shot'])} | {_interval(row['minus_most_frequent'])} | "
+            f"{'yes' if row['clears'] else 'no'} |"
+            for row in budget["curve"]
+        ),
+        "",
+        f"Budget: {budget['steps'] if budget['steps'] is not None else 'none yet'} ({budget['reason']}).",
+        "",
+        "## Times (seconds; the load average is the machine's 1-minute load when the unit finished)",
+        "",
+        "| unit | wall | steps trained | train | s / step | scoring | torch threads | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, unit in units.items():
+        trained = len(unit.get("losses", [])) - unit.get("first_step", 1) + 1 if "losses" in unit else 0
+        scoring = sum(unit[part]["seconds"] for part in ("test", "validation") if part in unit)
+        per_step = f"{unit['train_seconds'] / trained:.2f}" if trained > 0 else "–"
+        lines.append(
+            f"| {key} | {unit['wall_seconds']:.0f} | {trained} | {unit.get('train_seconds', 0):.0f} | {per_step} | "
+            f"{scoring:.0f} | {unit['threads']} | {unit.get('load_average', float('nan')):.2f} |"
+        )
+    return lines
+
+
+def write_cloze_report(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> Path:
+    """``out/summary.json`` and ``out/tables.md`` from the units present; returns the tables' path."""
+    result = summary(out, settings, cut)
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = out / "tables.md"
+    path.write_text("\n".join(tables(result, load_units(out), settings)) + "\n")
+    return path

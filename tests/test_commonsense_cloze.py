@@ -1,0 +1,278 @@
+"""The cloze study (issue 22): the format, its scoring, the fixed splits, the paired statistic, the
+budget's rule, resumable training, dash-only, and a miniature of the whole study on a tiny model."""
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import lora_dash
+from lora_dash.commonsense import cloze, cloze_report, data, model, train
+from lora_dash.commonsense.__main__ import main
+from lora_dash.commonsense.train import Encoded
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class CharTokenizer:
+    """One token per character (ids 3–63): enough to run the study without a real tokenizer."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        return type("Encoding", (), {"input_ids": [3 + ord(c) % 61 for c in text]})()
+
+
+@pytest.fixture
+def tiny_study(tiny_llama, monkeypatch):
+    """The study's model loader returns a copy of the tiny LLaMA and the character tokenizer."""
+    monkeypatch.setattr(cloze, "load_smollm2", lambda cache: (CharTokenizer(), copy.deepcopy(tiny_llama).train()))
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_cloze_prompts_list_no_choices_and_winogrande_fills_the_blank():
+    for task in data.TASKS:
+        question = data.read_task(task, cloze=True)[0][0]
+        assert all(c.startswith(" ") for c in question.continuations)
+        assert len(question.prompts) == len(question.continuations) >= 2
+        assert not any("Choices:" in prompt for prompt in question.prompts)
+    wino = data.read_task("winogrande", cloze=True)[0][0]
+    listed = data.read_task("winogrande")[0][0]
+    assert wino.gold == listed.gold and len(set(wino.continuations)) == 1
+    assert [prompt.endswith(option) for prompt, option in zip(wino.prompts, listed.choices, strict=True)] == [True] * 2
+    arc = data.read_task("arc_e", cloze=True)[0][0]
+    assert arc.prompts[0].startswith("Question: ") and arc.prompts[0].endswith("\nAnswer:")
+    assert data.gold_request(arc) == (arc.prompts[arc.gold], arc.continuations[arc.gold])
+
+
+def test_cloze_and_listed_formats_hold_the_same_questions_and_answers():
+    for task in ("siqa", "obqa"):
+        listed, listed_dropped = data.read_task(task)[0], data.read_task(task)[1:]
+        cloze_questions, cloze_dropped = data.read_task(task, cloze=True)[0], data.read_task(task, cloze=True)[1:]
+        assert cloze_dropped == listed_dropped and len(cloze_questions) == len(listed)
+        for a, b in zip(listed, cloze_questions, strict=True):
+            assert b.gold == a.gold and b.continuations == tuple(" " + c for c in a.choices)
+
+
+def test_the_cloze_split_is_fixed_disjoint_and_sized_by_the_rule():
+    first, again = data.split_cloze_task("arc_c", 250, 100), data.split_cloze_task("arc_c", 250, 100)
+    assert first == again
+    assert (len(first.test), len(first.validation), len(first.train)) == (149, 50, 100)  # 299 questions
+    keys = [{q.requests for q in part} for part in (first.train, first.validation, first.test)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    big = data.split_cloze_task("piqa", 250, 100)
+    assert (len(big.test), len(big.validation)) == (250, 100)
+    assert big.test == data.split_cloze_task("piqa", 250, 7).test  # the test cut does not depend on validation's
+
+
+# -------------------------------------------------------------------------------------------- scoring
+def _alone(llama, prompt: str, continuation: str) -> tuple[float, int]:
+    sequence = train.encode(CharTokenizer(), prompt, continuation, 64)
+    ids = torch.tensor([[*sequence.prompt, *sequence.target]])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(llama(input_ids=ids).logits[0], dim=-1)
+    start = len(sequence.prompt)
+    return sum(log_probs[start + j - 1, token].item() for j, token in enumerate(sequence.target)), len(sequence.target)
+
+
+def test_cloze_scoring_per_character_per_token_and_summed_matches_one_sequence_per_choice(tiny_llama):
+    questions = [
+        data.ClozeQuestion("winogrande", ("Tom beat Al so Tom", "Tom beat Al so Al"), (" won.", " won."), 0),
+        data.ClozeQuestion("arc_e", ("Question: sun?\nAnswer:",) * 3, (" a star", " a big moon", " x"), 0),
+        data.ClozeQuestion("arc_e", ("Question: ice?\nAnswer:",) * 2, (" cold water", " hot"), 1),
+    ]
+    hits = train.question_hits(tiny_llama, CharTokenizer(), questions, max_tokens=64, token_budget=50)
+    for number, question in enumerate(questions):
+        scored = [_alone(tiny_llama, *pair) for pair in question.requests]
+        raw = torch.tensor([s for s, _ in scored])
+        chars = torch.tensor([len(c) for c in question.continuations], dtype=torch.float64)
+        tokens = torch.tensor([n for _, n in scored], dtype=torch.float64)
+        expected = {"acc": raw / chars, "acc_per_token": raw / tokens, "acc_raw": raw}
+        for metric in train.METRICS:
+            assert hits[metric][number] == (int(expected[metric].argmax()) == question.gold), (number, metric)
+    result = train.accuracy(questions, hits)
+    assert result["arc_e"]["n"] == 2 and set(result["average"]) == set(train.METRICS)
+
+
+def test_training_on_the_cloze_format_puts_the_loss_on_the_gold_continuation():
+    question = data.ClozeQuestion("winogrande", ("A so A", "A so B"), (" won.", " won."), 1)
+    prompt, continuation = data.gold_request(question)
+    encoded = train.encode(CharTokenizer(), prompt, continuation, 64)
+    batch = train.collate([encoded], pad_id=0)
+    assert encoded == Encoded(tuple(3 + ord(c) % 61 for c in "A so B"), tuple(3 + ord(c) % 61 for c in " won."))
+    assert (batch["labels"][0] != train.IGNORE).sum() == len(" won.")
+
+
+# --------------------------------------------------------------------------------------- statistics
+def test_the_paired_bootstrap_is_exact_when_runs_agree_and_centres_on_the_paired_difference():
+    rng = np.random.default_rng(1)
+    a = {task: rng.integers(0, 2, 200).astype(float) for task in ("piqa", "obqa")}
+    assert cloze_report.paired_bootstrap([a], [a], 500) == {"mean": 0.0, "ci95_low": 0.0, "ci95_high": 0.0}
+    better = {task: np.maximum(values, rng.integers(0, 2, 200)) for task, values in a.items()}
+    result = cloze_report.paired_bootstrap([better], [a], 2000)
+    gain = cloze_report.average(better) - cloze_report.average(a)
+    assert result["mean"] == pytest.approx(gain) and 0 < result["ci95_low"] < gain < result["ci95_high"]
+    assert cloze_report.paired_bootstrap([better], [a], 2000) == result  # seeded
+    with pytest.raises(ValueError, match="as many pairs"):
+        cloze_report.paired_bootstrap([a, a], [a], 10)
+
+
+def test_the_paired_bootstrap_also_resamples_seeds():
+    one = {"piqa": np.ones(100)}
+    zero = {"piqa": np.zeros(100)}
+    # Two seeds, one +100 points ahead and one level: the questions alone carry no noise, the seeds do.
+    result = cloze_report.paired_bootstrap([one, zero], [zero, zero], 2000)
+    assert result["mean"] == 50.0 and result["ci95_low"] == 0.0 and result["ci95_high"] == 100.0
+
+
+def test_the_most_frequent_position_baseline_answers_each_task_s_commonest_gold():
+    questions = [
+        data.ClozeQuestion(task, ("p",) * 2, (" a", " b"), gold)
+        for task, gold in [("boolq", 1), ("boolq", 1), ("boolq", 0), ("piqa", 0), ("piqa", 1)]
+    ]
+    hits = cloze_report.most_frequent_hits(questions)
+    assert hits["boolq"].tolist() == [1, 1, 0] and hits["piqa"].tolist() == [1, 0]  # a tie goes to position 0
+
+
+def _curve_units(validation, accuracies: dict[int, float], settings) -> dict:
+    """Units whose validation hits get ``accuracy`` of each task's questions right (the first ones)."""
+
+    def scores(value):
+        hits = {}
+        for task in dict.fromkeys(q.task for q in validation):
+            n = sum(q.task == task for q in validation)
+            right = round(value * n)
+            hits[task] = dict.fromkeys(train.METRICS, "1" * right + "0" * (n - right))
+        return {"hits": hits, "fingerprint": cloze.fingerprint(validation)}
+
+    units = {"zeroshot": {"validation": scores(0.3)}}
+    for steps, value in accuracies.items():
+        units[f"curve-r{settings.curve_rank}-seed{settings.curve_seed}-step{steps}"] = {"validation": scores(value)}
+    return units
+
+
+def test_the_budget_is_the_smallest_step_count_that_clears_both_baselines():
+    settings = cloze.ClozeSettings(max_test=20, max_validation=40, curve_steps=(100, 200, 400), resamples=500)
+    cut = cloze.splits(settings)
+    _, validation, _ = cloze.parts(cut)
+    choice = cloze_report.choose_budget(
+        _curve_units(validation, {100: 0.3, 200: 0.9, 400: 0.95}, settings), settings, cut
+    )
+    assert choice["steps"] == 200 and [row["clears"] for row in choice["curve"]] == [False, True, True]
+    late = _curve_units(validation, {200: 0.9, 400: 0.95}, settings)  # step 100 has not run
+    assert cloze_report.choose_budget(late, settings, cut)["steps"] is None
+    assert cloze_report.choose_budget(late, settings, cut, forced=400)["steps"] == 400
+    stale = _curve_units(validation[1:], {100: 0.9}, settings)
+    with pytest.raises(ValueError, match="scored on other questions"):
+        cloze_report.choose_budget(stale, settings, cut)
+
+
+# ---------------------------------------------------------------------------------------- training
+def test_a_lora_run_resumed_from_its_saved_state_equals_one_run_straight(tiny_study, tmp_path):
+    settings = cloze.QUICK
+    questions, _, _ = cloze.parts(cloze.splits(settings))
+    straight = cloze.trained_lora(settings, 2, 0, 4, tmp_path / "a", questions)
+    cloze.trained_lora(settings, 2, 0, 2, tmp_path / "b", questions)
+    assert cloze.state_path(tmp_path / "b", 2, 0, 2).exists()
+    resumed = cloze.trained_lora(settings, 2, 0, 4, tmp_path / "b", questions)
+    assert resumed["first_step"] == 3 and resumed["losses"] == straight["losses"]  # bit for bit
+    for name, value in straight["state"]["parameters"].items():
+        assert torch.equal(resumed["state"]["parameters"][name], value), name
+    assert cloze.trained_lora(settings, 2, 0, 4, tmp_path / "b", questions)["first_step"] == 5  # nothing to train
+
+
+def test_dash_only_trains_delta_alone_and_leaves_a_b_and_their_adam_state_untouched(tiny_study, tmp_path):
+    settings = cloze.QUICK
+    questions, _, _ = cloze.parts(cloze.splits(settings))
+    state = cloze.trained_lora(settings, 2, 0, 2, tmp_path, questions)["state"]
+    _, dash_only, optimizer, scheduler = cloze._fork(settings, 2, 0, tmp_path, state, dash_only=True)
+    layers = lora_dash.dash_layers(dash_only)
+    before = {name: (layer.lora_A.clone(), layer.lora_B.clone()) for name, layer in layers.items()}
+    adam = {name: copy.deepcopy(optimizer.state[layer.lora_A]) for name, layer in layers.items()}
+    train.train_steps(dash_only, CharTokenizer(), optimizer, scheduler, questions, 4, 2, 0, 96, first_step=3)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A, before[name][0]) and torch.equal(layer.lora_B, before[name][1])
+        assert torch.equal(optimizer.state[layer.lora_A]["exp_avg"], adam[name]["exp_avg"])
+        assert layer.dash_delta.abs().sum() > 0
+    assert sum(p.numel() for p in dash_only.parameters() if p.requires_grad) == settings.s * len(layers)
+
+
+# --------------------------------------------------------------------------------- the whole study
+def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(cache), "--threads", "1"]
+    main([*argv, "--budget", "4", "--t", "2", "--max-units", "3"])
+    assert sorted(p.stem for p in (out / "units").iterdir()) == [
+        "curve-r2-seed0-step2",
+        "curve-r2-seed0-step4",
+        "zeroshot",
+    ]
+    main([*argv, "--budget", "4", "--t", "2"])
+    units = cloze_report.load_units(out)
+    lora, dash, dash_only = (units[f"r2-seed0-{m}"] for m in cloze.METHODS)
+    assert dash["losses"][:2] == lora["losses"][:2] == dash_only["losses"][:2]  # forked after step 2
+    assert dash["losses"] != lora["losses"] and dash_only["losses"] != dash["losses"]
+    assert units["curve-r2-seed0-step4"]["first_step"] == 3  # resumed from the step-2 state
+    assert lora["first_step"] == 5 and lora["losses"] == units["curve-r2-seed0-step4"]["losses"]  # the curve's run
+    summary = json.loads((out / "summary.json").read_text())
+    for field in ("zero_shot_avg", "most_frequent_avg", "seeds", "test_questions_per_task", "steps"):
+        assert summary[field] is not None, field
+    for field in ("lora_avg", "dash_avg", "dash_only_avg"):
+        assert set(summary[field]) == {"2"} and 0 <= summary[field]["2"] <= 100
+    for field in ("dash_minus_lora", "dash_only_minus_lora"):
+        assert set(summary[field]["2"]) == {"mean", "ci95_low", "ci95_high"}
+    assert summary["steps"] == 4 and summary["t"] == 2 and summary["units_missing"] == []
+    assert summary["budget"]["reason"].startswith("forced")
+    assert dash_only["trainable_parameters"] == 2 * 10 and dash["trainable_parameters"] > lora["trainable_parameters"]
+    stamp = {path.name: path.stat().st_mtime_ns for path in (out / "units").iterdir()}
+    (out / "summary.json").unlink()
+    main([*argv, "--report-only"])
+    assert {path.name: path.stat().st_mtime_ns for path in (out / "units").iterdir()} == stamp
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert "| LoRA-Dash r=2 (1 seeds) |" in (out / "tables.md").read_text()
+
+
+def test_without_a_budget_the_summary_marks_the_comparison_missing(tiny_study, tmp_path):
+    out = tmp_path / "out"
+    main(["--cloze", "--quick", "--out", str(out), "--cache", str(tmp_path), "--threads", "1", "--until", "zeroshot"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lora_avg"] == {"2": None} and summary["dash_minus_lora"] == {"2": None}
+    assert summary["steps"] is None and "r2-seed0-dash_only" in summary["units_missing"]
+    assert re.search(r"\| zero-shot \| [\d.]+ \|", (out / "tables.md").read_text())
+
+
+def test_the_study_adapts_the_same_matrices_as_the_listed_study():
+    assert cloze.TARGETS == model.TARGETS
+
+
+def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study, tmp_path):
+    """The pairing the comparison relies on: LoRA-Dash forked from the saved LoRA state after step t is
+    the run a model launched at t by its controller makes, bit for bit."""
+    settings = cloze.QUICK
+    questions, _, _ = cloze.parts(cloze.splits(settings))
+    state = cloze.trained_lora(settings, 2, 0, 2, tmp_path, questions)["state"]
+    tokenizer, forked, optimizer, scheduler = cloze._fork(settings, 2, 0, tmp_path, state, dash_only=False)
+    after = train.train_steps(forked, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96, first_step=3)
+    tokenizer, straight, optimizer, scheduler = cloze._build(settings, 2, 0, tmp_path)
+    lora_dash.LaunchController(straight, launch_step=2).attach(optimizer)
+    assert state["losses"] + after == train.train_steps(
+        straight, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96
+    )
