@@ -2,9 +2,14 @@
 
 Si et al., "Unleashing the Power of Task-Specific Directions in Parameter Efficient Fine-tuning",
 ICLR 2025 (arXiv 2409.01035).
+
+The method lives in ``directions`` (the math), ``layer``, ``inject`` and ``schedule`` (the launch). The
+integrations around it plug into their seams on import: ``quantized`` (reading a quantized base),
+``distributed`` (a launch shared among ranks), ``analysis`` (the launch's evidence log) and ``guards``
+(warnings for a launch wired wrong). See docs/METHOD.md, "How the code is laid out".
 """
 
-from lora_dash import analysis, directions
+from lora_dash import analysis, directions, distributed, guards, quantized
 from lora_dash.checkpoint import (
     load_adapter,
     load_training_checkpoint,
@@ -36,7 +41,9 @@ __all__ = [
     "count_trainable_parameters",
     "dash_layers",
     "directions",
+    "distributed",
     "export_lora",
+    "guards",
     "inject",
     "launch",
     "load_adapter",
@@ -44,6 +51,7 @@ __all__ = [
     "load_training_checkpoint",
     "merge_and_unload",
     "plain_lora_factors",
+    "quantized",
     "save_adapter",
     "save_peft_adapter",
     "save_training_checkpoint",

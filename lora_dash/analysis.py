@@ -4,7 +4,8 @@ Pure functions on tensors, built on :mod:`lora_dash.directions` (which holds the
 change-rate spectrum of a weight under an update, the paper's two overlap measures between a predicted
 and a true set of TSDs, where selected directions sit in the singular-value order, and (beyond the paper)
 whether a layer's selection says more than an isotropic update would (:func:`null_evidence`, and
-:func:`model_null_evidence` for every layer of a model).
+:func:`model_null_evidence` for every layer of a model; :func:`launch_evidence`, the launch's log line,
+plugs into :data:`lora_dash.schedule.launch_report` when this module is imported).
 
 The overlap measures follow the paper's analysis (Si et al., ICLR 2025): with ``top_j(ρ)`` the indices of
 the ``j`` eligible directions with the largest change rates,
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lora_dash import directions
+from lora_dash import directions, schedule
 from lora_dash.checks import check_int, check_seed
 from lora_dash.inject import require_dash_layers
 from lora_dash.layer import full_tensor
@@ -495,3 +496,24 @@ def evidence_summary(report: dict[str, NullEvidence], alpha: float = 0.05) -> st
         f"alone); median p {median:.3g}; top-s share {100 * share:.1f} % vs {100 * null_share:.1f} % under the "
         "null (means over layers)"
     )
+
+
+def launch_evidence(model: nn.Module, seed: int = 0) -> list[str]:
+    """The lines a :class:`lora_dash.LaunchController` with ``log_evidence`` logs right after the launch.
+
+    One line each for ``"tsd"`` and ``"coordinate"``: :func:`evidence_summary` of :func:`model_null_evidence`
+    (``seed`` as given), i.e. whether the LoRA update the directions were chosen from says more than
+    isotropic noise. It costs two SVDs per layer and the null's draws. A report that cannot be computed
+    (e.g. ``launch_step=0``: ``ΔW = 0`` has no top-``s`` share) says why; the launch stands.
+    """
+    lines = []
+    for strategy in ("tsd", "coordinate"):
+        try:
+            summary = evidence_summary(model_null_evidence(model, strategy, seed=seed))
+        except ValueError as error:
+            summary = f"not computed: {error}"
+        lines.append(f"LoRA-Dash launch, null evidence ({strategy}): {summary}")
+    return lines
+
+
+schedule.launch_report = launch_evidence

@@ -3,7 +3,9 @@
 :func:`lora_dash.launch` under DDP or FSDP2 gives each adapted matrix to one rank
 (:func:`assign_owners`), gathers a sharded weight to that rank alone (:func:`gather_to`), agrees on the
 first error before anything is committed (:func:`raise_first_error`) and sends every selection to every
-rank (:func:`broadcast_from`). Pure ``torch.distributed``: nothing here knows about layers.
+rank (:func:`broadcast_from`). :func:`select_shared` puts these together for the layers and plugs into
+:data:`lora_dash.schedule.shared_selection` when this module is imported; the rest is pure
+``torch.distributed`` and knows nothing of layers.
 
 Every function but :func:`is_active`, :func:`svd_cost`, :func:`cost_order`, :func:`assign_owners` and
 :func:`rank_loads` is a collective: every rank of the default group must call it, in the same order, with
@@ -13,12 +15,14 @@ the same arguments where stated.
 import hashlib
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lora_dash.layer import is_sharded
+from lora_dash import schedule
+from lora_dash.layer import DashDirections, LoRADashLinear, is_quantized, is_sharded
 
 
 def is_active() -> bool:
@@ -147,3 +151,102 @@ def broadcast_from(tensors: list[Tensor], src: int) -> list[Tensor]:
     flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
     dist.broadcast(flat, src=src)
     return [piece.view_as(tensor) for piece, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _whole_on(layer: LoRADashLinear, owner: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(W, A, B)`` of ``layer``, whole, on rank ``owner``; ``None`` elsewhere. Every rank must call it: a
+    sharded tensor is gathered to ``owner`` (:func:`gather_to`)."""
+    gather = partial(gather_to, dst=owner)
+    A, B = gather(layer.lora_A), gather(layer.lora_B)
+    if is_quantized(layer.base) and dist.get_rank() != owner:
+        return None  # dequantized by its owner alone, as one process would
+    weight = layer.base_weight(gather)
+    return None if weight is None else (weight, A, B)
+
+
+def select_shared(
+    layers: dict[str, LoRADashLinear], strategy: str, generators: list[torch.Generator]
+) -> dict[str, DashDirections] | None:
+    """:func:`lora_dash.launch`'s selection shared among the ranks of the default group (a collective), or
+    ``None`` in one process. It fills :data:`lora_dash.schedule.shared_selection`.
+
+    Each layer's SVD and selection runs on one rank, chosen by :func:`assign_owners` (largest
+    ``n·m·min(n, m)`` first, to the least-loaded rank); under FSDP2 only that rank gathers the whole weight
+    (:func:`gather_to`). Each owner then broadcasts ``U_s``, ``V_s`` and the indices (``s·(n + m) + s``
+    numbers a layer), so every rank commits bit for bit what it would have selected alone. An error on any
+    rank is raised on every rank with the same message (that of the lowest-numbered failing layer, as one
+    process would raise it), before any layer launches.
+
+    Rounds: in round ``j`` every rank gathers (if sharded) and then decomposes its ``j``-th layer, largest
+    first, so each rank holds one whole weight and one full SVD at a time, and the ranks decompose in
+    parallel. A rank that failed skips its later layers but keeps joining the gathers. Then the ranks agree on
+    the first error, and each owner broadcasts its selections.
+    """
+    if not is_active():
+        return None
+    items = list(layers.values())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = items[0].dash_U.device  # where the adapter lives: a tensor the process group can send
+    layout = repr([(name, layer.out_features, layer.in_features, layer.s) for name, layer in layers.items()])
+    check_same_on_every_rank(
+        layout,
+        "their LoRA-Dash layers (names, shapes or s); where each rank holds its own layers (pipeline "
+        "stages), launch with distributed=False",
+        device,
+    )
+    errors: dict[int, Exception] = {}
+    for index, layer in enumerate(items):
+        try:
+            layer.check_launchable()
+        except RuntimeError as error:
+            errors[index] = error
+            break
+    raise_first_error(errors, len(items), device)
+
+    costs = [svd_cost(layer.out_features, layer.in_features) for layer in items]
+    owners = assign_owners(costs, world)
+    queues = [[index for index in cost_order(costs) if owners[index] == owner] for owner in range(world)]
+    found: dict[int, DashDirections] = {}
+    for round_index in range(max(map(len, queues))):
+        own = None
+        for owner, queue in enumerate(queues):
+            if round_index < len(queue):
+                index = queue[round_index]
+                try:
+                    whole = _whole_on(items[index], owner)
+                except Exception as error:  # a quantized weight that fails to dequantize on its owner
+                    errors[index], whole = error, None
+                if whole is not None:
+                    own = index, whole
+        if own is not None and own[0] < min(errors, default=len(items)):
+            index, whole = own
+            try:
+                found[index] = items[index].directions_from(*whole, strategy=strategy, generator=generators[index])
+            except Exception as error:  # raised on every rank below, once the ranks agree
+                errors[index] = error
+        own = whole = None  # the whole weight goes before the next round gathers another
+    raise_first_error(errors, len(items), device)
+
+    chosen: dict[int, DashDirections] = {}
+    for owner, queue in enumerate(queues):
+        if rank == owner:
+            mine = [found[index] for index in queue]
+        else:
+            mine = [
+                DashDirections(
+                    U_s=torch.empty_like(items[index].dash_U, dtype=torch.float32),
+                    V_s=torch.empty_like(items[index].dash_V, dtype=torch.float32),
+                    index=torch.empty_like(items[index].dash_index),
+                )
+                for index in queue
+            ]
+        vectors = broadcast_from([v.to(device) for d in mine for v in (d.U_s, d.V_s)], src=owner)
+        indices = broadcast_from([d.index.to(device) for d in mine], src=owner)
+        for position, index in enumerate(queue):
+            chosen[index] = DashDirections(
+                U_s=vectors[2 * position], V_s=vectors[2 * position + 1], index=indices[position]
+            )
+    return {name: chosen[index] for index, name in enumerate(layers)}
+
+
+schedule.shared_selection = select_shared

@@ -8,8 +8,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lora_dash import directions, quantized
+from lora_dash import directions
 from lora_dash.checks import check_int, check_number
+
+#: The seam for quantized bases: ``(base) -> W: (out, in)``, the floats its library dequantizes to, or a
+#: ``ValueError`` for a layer it cannot read. :mod:`lora_dash.quantized` fills it when imported (as
+#: ``import lora_dash`` does); the forward keeps running through the quantized layer itself.
+dequantizer: Callable[[nn.Module], Tensor] | None = None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -35,6 +40,24 @@ def is_sharded(tensor: Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
+def is_plain(tensor: Tensor) -> bool:
+    """True for a plain tensor or parameter, or FSDP2's shards of one; False for a tensor subclass of a
+    quantization library."""
+    return type(tensor) in (Tensor, nn.Parameter) or is_sharded(tensor)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True when ``module.weight`` is not a plain floating-point tensor: it holds codes, not ``W``."""
+    return not (is_plain(module.weight) and module.weight.is_floating_point())
+
+
+def dequantized_weight(module: nn.Module) -> Tensor:
+    """``W: (out, in)`` of a quantized ``module``, by :data:`dequantizer`; ``ValueError`` if it cannot be read."""
+    if dequantizer is None:
+        raise ValueError(f"{type(module).__name__} holds a quantized weight and no dequantizer is installed")
+    return dequantizer(module)
+
+
 def full_tensor(tensor: Tensor) -> Tensor:
     """``tensor`` whole: a ``DTensor`` is all-gathered (a collective: every rank must make the same calls in
     the same order); a plain tensor is returned as it is."""
@@ -44,13 +67,13 @@ def full_tensor(tensor: Tensor) -> Tensor:
 def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
     """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
 
-    A quantized base must be one :mod:`lora_dash.quantized` can dequantize; it is dequantized once here
-    to prove it, so an unsupported one is refused now rather than at launch.
+    A quantized base must be one the :data:`dequantizer` can read; it is dequantized once here to prove
+    it, so an unsupported one is refused now rather than at launch.
     """
     if not is_supported_linear(base):
         raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-    if quantized.is_quantized(base):
-        quantized.dequantized_weight(base)
+    if is_quantized(base):
+        dequantized_weight(base)
     # From the layer's declared features: a quantized weight may be packed into another shape.
     in_features, out_features = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
     check_int("r", r, 1)
@@ -90,8 +113,8 @@ class LoRADashLinear(nn.Module):
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
     buffers are float32 for a half-precision or quantized base (float64 for a float64 one).
 
-    A weight-only quantized base (torchao, bitsandbytes 8-bit and 4-bit; see :mod:`lora_dash.quantized`)
-    still computes ``W x`` in its own kernels; ``W`` for the SVD is the weight its library dequantizes to.
+    A weight-only quantized base still computes ``W x`` in its own kernels; ``W`` for the SVD is the
+    weight its library dequantizes to (:data:`dequantizer`).
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -169,8 +192,8 @@ class LoRADashLinear(nn.Module):
         are all-gathered (every rank must call this); :func:`lora_dash.distributed.gather_to` gathers them to
         one rank and gives the others ``None``, which is returned as it is.
         """
-        if quantized.is_quantized(self.base):
-            return quantized.dequantized_weight(self.base)
+        if is_quantized(self.base):
+            return dequantized_weight(self.base)
         weight = gather(self.base.weight)
         return weight.T if weight is not None and is_conv1d(self.base) else weight
 
@@ -298,9 +321,9 @@ class LoRADashLinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{self._where()} is already merged")
-        if quantized.is_quantized(self.base):
+        if is_quantized(self.base):
             raise RuntimeError(
-                f"{self._where()}: cannot merge into the quantized {quantized.describe(self.base)}; "
+                f"{self._where()}: cannot merge into the quantized {type(self.base).__name__}; "
                 "use lora_dash.merge_and_unload(model, dequantize=True) for a floating-point model"
             )
         self._add_to_base(self.delta_weight())

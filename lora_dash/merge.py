@@ -3,9 +3,8 @@
 import torch
 from torch import nn
 
-from lora_dash import quantized
 from lora_dash.inject import require_dash_layers
-from lora_dash.layer import LoRADashLinear, is_sharded
+from lora_dash.layer import LoRADashLinear, is_quantized, is_sharded
 
 
 def _dequantized_merge(layer: LoRADashLinear, dtype: torch.dtype | None) -> nn.Linear:
@@ -61,7 +60,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     sharded = [name for name, layer in layers.items() if is_sharded(layer.base.weight)]
     if sharded:
         raise RuntimeError(f"layers {sharded} are sharded by FSDP2; merge a gathered, unsharded copy of the model")
-    quantized_layers = [name for name, layer in layers.items() if quantized.is_quantized(layer.base)]
+    quantized_layers = [name for name, layer in layers.items() if is_quantized(layer.base)]
     if quantized_layers and not dequantize:
         raise RuntimeError(
             f"layers {quantized_layers} have quantized bases, which cannot hold W + ΔW; pass dequantize=True "
@@ -73,7 +72,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
         for name, layer in layers.items()
     }
     for layer in layers.values():
-        if not layer.merged and not quantized.is_quantized(layer.base):
+        if not layer.merged and not is_quantized(layer.base):
             layer.merge()
     if isinstance(model, LoRADashLinear):
         return replacements[id(model)]

@@ -16,7 +16,9 @@ packed weight of unknown kind, a bitsandbytes layer not yet quantized) is refuse
 naming it: a silently wrong SVD of raw codes is the failure this module exists to prevent.
 
 The libraries are never imported here. A weight of their types can only exist once they are imported,
-so looking them up in ``sys.modules`` costs nothing and keeps the core free of them.
+so looking them up in ``sys.modules`` costs nothing and keeps the core free of them. The core knows
+none of this: importing this module plugs :func:`dequantized_weight` into
+:data:`lora_dash.layer.dequantizer`.
 """
 
 import copy
@@ -24,6 +26,9 @@ import sys
 
 import torch
 from torch import Tensor, nn
+
+from lora_dash import layer
+from lora_dash.layer import is_plain
 
 
 def _library_class(module_name: str, class_name: str) -> type | None:
@@ -34,17 +39,6 @@ def _library_class(module_name: str, class_name: str) -> type | None:
 def _is_instance(value: object, module_name: str, class_name: str) -> bool:
     cls = _library_class(module_name, class_name)
     return cls is not None and isinstance(value, cls)
-
-
-def _is_plain(weight: Tensor) -> bool:
-    """A plain tensor or parameter, or FSDP2's ``DTensor`` (shards of a plain weight)."""
-    return type(weight) in (Tensor, nn.Parameter) or _is_instance(weight, "torch.distributed.tensor", "DTensor")
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True when ``module.weight`` is not a plain floating-point tensor: it holds codes, not ``W``."""
-    weight = module.weight
-    return not (_is_plain(weight) and weight.is_floating_point())
 
 
 def describe(module: nn.Module) -> str:
@@ -137,7 +131,7 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         dense = _bitsandbytes_4bit(module)
     elif _is_instance(weight, "torchao.utils", "TorchAOBaseTensor"):
         dense = _torchao(module)
-    elif _is_plain(weight):
+    elif is_plain(weight):
         raise _refuse(module, "an integer weight without scales of a known library; refusing to use raw codes")
     else:
         raise _refuse(module, "unknown tensor type; supported: torchao tensors, bitsandbytes Int8Params/Params4bit")
@@ -145,3 +139,6 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     if not dense.is_floating_point() or tuple(dense.shape) != expected:
         raise _refuse(module, f"it dequantizes to {tuple(dense.shape)} {dense.dtype}, expected {expected} floats")
     return dense
+
+
+layer.dequantizer = dequantized_weight

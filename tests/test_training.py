@@ -372,7 +372,7 @@ def test_attach_refuses_what_is_not_an_optimizer_and_wraps_none(not_an_optimizer
     controller = LaunchController(build_adapted(), launch_step=T)
     with pytest.raises(ValueError, match="LoRADashCallback"):
         controller.attach(not_an_optimizer)
-    assert controller._optimizers == [] and controller._hooks == []
+    assert controller.optimizers == [] and controller._hooks == []
 
 
 def scaled_step(model, optimizer, scaler, step, overflow, scaler_for_backward=None):
