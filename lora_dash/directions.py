@@ -160,12 +160,9 @@ def pick_directions(
     - ``"random"``: ``s`` distinct eligible indices drawn uniformly with ``generator``. The generator is
       required, not defaulted, so that every draw is reproducible and its seed is the caller's choice
       (a silent default would give every layer the same draw). Other strategies ignore it.
-    - ``"coordinate"`` (beyond the paper): the ``s`` largest ``|c_i|``, the directions the update moved
-      most in absolute terms, larger first, ties to the lower index. It needs ``coords``. This is the
-      change rate normalised by its spread under an isotropic update: when ``ΔW`` has i.i.d.
-      ``N(0, τ²)`` entries every ``c_i ~ N(0, τ²)``, so ``ρ_i`` has scale ``τ / σ_i`` and
-      ``ρ_i / (τ / σ_i) = |c_i| / τ`` ranks like ``|c_i|`` (with ``eps = 0``); the ``1/σ`` weighting that
-      makes ``"tsd"`` favour the smallest ``σ`` for any update is divided out.
+    - ``"coordinate"`` (beyond the paper): the ``s`` largest ``|c_i|`` (needs ``coords``), ties to the
+      lower index: the change rate with the ``1/σ`` weighting of an isotropic update divided out
+      (METHOD.md §4.3).
 
     Only ``"tsd"`` reads ``rates`` and only ``"coordinate"`` reads ``coords``; all use the same
     eligibility rule.

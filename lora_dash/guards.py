@@ -6,6 +6,7 @@
   than ``t`` times while it has not launched. It cannot see steps of an optimizer built from other
   parameter objects (e.g. the shards of a model sharded after the controller was built), nor tell apart
   steps that a fused optimizer skipped on a grad-scaler overflow.
+- A step past ``t`` with a layer not launched (injected after the launch, say): it trains as plain LoRA.
 - At the launch, an attached optimizer that holds no δ of some layer: the dash will not train.
 - One step after the launch, a δ still exactly zero although its gradient is not: no optimizer stepped
   it (what an explicit ``controller.step()`` cannot see at the launch).
@@ -30,9 +31,18 @@ _watches: "weakref.WeakKeyDictionary[LaunchController, UncountedStepsWatch]" = w
 
 
 def guard(event: str, controller: LaunchController) -> None:
-    """Warn about ``controller`` at ``event`` (``"built"``, ``"stepped"`` or ``"launched"``); changes nothing."""
+    """Warn about ``controller`` at ``event`` (see :data:`lora_dash.schedule.guard`); changes nothing."""
     if event == "built":
         _watches[controller] = UncountedStepsWatch(controller.model, controller.launch_step)
+        return
+    if event == "pending":
+        pending = [name for name, layer in dash_layers(controller.model).items() if not layer.launched]
+        warnings.warn(
+            f"LoRA-Dash: optimizer step {controller.steps} is past launch_step={controller.launch_step} but "
+            f"layers {pending} have not launched; they are training as plain LoRA",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return
     watch = _watches.pop(controller, None)
     if watch is not None:

@@ -1,6 +1,7 @@
 """Put LoRA-Dash layers into any `nn.Module` by name, and choose modules that train in full beside them."""
 
 import re
+import warnings
 from collections.abc import Collection
 from itertools import chain
 
@@ -36,12 +37,14 @@ def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if getattr(module, TRAINED_MARKER, False)}
 
 
-def match_modules(model: nn.Module, spec: str | Collection[str], what: str) -> dict[str, nn.Module]:
-    """The modules of ``model`` that ``spec`` selects, under every name they are registered as.
+def names_entry(name: str, entry: str) -> bool:
+    """Whether a dotted module name is selected by one entry of a target list: equal, or ending ``"." + entry``."""
+    return name == entry or name.endswith("." + entry)
 
-    A string is a regex that must ``re.fullmatch`` the dotted name (``r".*\\.(q|v)_proj"``); a list (or
-    tuple, set) of names selects, as PEFT's ``target_modules`` does, every module whose name equals an
-    entry or ends with ``"." + entry`` (``["query", "value"]``).
+
+def match_modules(model: nn.Module, spec: str | Collection[str], what: str) -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``spec`` (a regex or a list of names, as for :func:`inject`) selects,
+    under every name they are registered as. Entries of a list that select nothing are warned about.
 
     Raises:
         ValueError: ``spec`` is neither, is an invalid regex, or selects nothing (``what`` names it).
@@ -56,10 +59,9 @@ def match_modules(model: nn.Module, spec: str | Collection[str], what: str) -> d
             return pattern.fullmatch(name) is not None
 
     elif isinstance(spec, (list, tuple, set, frozenset)) and spec and all(isinstance(e, str) and e for e in spec):
-        entries = set(spec)
 
         def selects(name: str) -> bool:
-            return name in entries or any(name.endswith("." + entry) for entry in entries)
+            return any(names_entry(name, entry) for entry in spec)
 
     else:
         raise ValueError(f"{what} must be a regex string or a non-empty list of module names, got {spec!r}")
@@ -67,6 +69,10 @@ def match_modules(model: nn.Module, spec: str | Collection[str], what: str) -> d
     if not found:
         some = ", ".join(name for name, _ in list(model.named_modules())[1:9])
         raise ValueError(f"{what} {spec!r} matches no module; names look like: {some}")
+    if not isinstance(spec, str):  # a typo beside entries that match would otherwise pass silently
+        missed = [entry for entry in dict.fromkeys(spec) if not any(names_entry(name, entry) for name in found)]
+        if missed:
+            warnings.warn(f"{what}: {missed} match no module; the other entries do", UserWarning, stacklevel=3)
     return found
 
 
@@ -84,22 +90,17 @@ def inject(
     """Replace, in place, every linear layer that ``targets`` selects by its dotted name.
 
     ``targets`` is a regex that must ``re.fullmatch`` the name, as ``model.named_modules()`` gives it
-    (``r"encoder\\.layer\\.\\d+\\.attention\\.self\\.(query|value)"``, ``r".*\\.(q|v)_proj"``), or a list
-    of names, PEFT-style: a module is selected when its name equals an entry or ends with
-    ``"." + entry`` (``["query", "value"]``).
+    (``r".*\\.(q|v)_proj"``), or a list of names, PEFT-style: a module is selected when its name equals an
+    entry or ends with ``"." + entry`` (``["query", "value"]``); an entry that selects nothing is warned
+    about (a regex's alternatives are not checked one by one).
 
     ``modules_to_save`` (a regex or a list, matched the same way) selects modules that train in full,
-    e.g. a freshly initialised classification head. They are marked (see :func:`trained_modules`), not
-    wrapped, so module names and state-dict keys do not change, and everything that carries the adapter
-    carries them too: :func:`lora_dash.adapter_parameters`, :func:`lora_dash.adapter_state_dict`, adapter
-    files and :func:`lora_dash.save_peft_adapter`.
+    e.g. a new classification head. They are marked (:func:`trained_modules`), not wrapped, so names and
+    state-dict keys stay those of the plain model, and whatever carries the adapter carries them too.
 
-    Afterwards every parameter of ``model`` is frozen except the adapter parameters (``A``, ``B``, ``δ``)
-    of every LoRA-Dash layer and the parameters of every module that trains in full, from this call or
-    an earlier one. All inputs are validated before the model is touched: on any error the model is
-    exactly as it was.
-
-    The remaining arguments are those of :class:`LoRADashLinear`.
+    Afterwards every parameter of ``model`` is frozen but the adapters' (``A``, ``B``, ``δ``) and those of
+    the modules that train in full, from this call or an earlier one. All inputs are validated before the
+    model is touched: on any error it is exactly as it was. The other arguments are :class:`LoRADashLinear`'s.
 
     Returns:
         The new layers by dotted name; each wraps the replaced module as ``.base``.

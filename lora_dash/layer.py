@@ -11,11 +11,6 @@ from torch import Tensor, nn
 from lora_dash import directions
 from lora_dash.checks import check_int, check_number
 
-#: The seam for quantized bases: ``(base) -> W: (out, in)``, the floats its library dequantizes to, or a
-#: ``ValueError`` for a layer it cannot read. :mod:`lora_dash.quantized` fills it when imported (as
-#: ``import lora_dash`` does); the forward keeps running through the quantized layer itself.
-dequantizer: Callable[[nn.Module], Tensor] | None = None
-
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias`` with ``weight`` stored ``(in, out)``."""
@@ -51,11 +46,10 @@ def is_quantized(module: nn.Module) -> bool:
     return not (is_plain(module.weight) and module.weight.is_floating_point())
 
 
-def dequantized_weight(module: nn.Module) -> Tensor:
-    """``W: (out, in)`` of a quantized ``module``, by :data:`dequantizer`; ``ValueError`` if it cannot be read."""
-    if dequantizer is None:
-        raise ValueError(f"{type(module).__name__} holds a quantized weight and no dequantizer is installed")
-    return dequantizer(module)
+def dequantize(module: nn.Module) -> Tensor:
+    """The seam for quantized bases: ``W: (out, in)`` as the floats that ``module``'s codes stand for, or a
+    ``ValueError``. :mod:`lora_dash.quantized` replaces this refusal when imported (``import lora_dash`` does)."""
+    raise ValueError(f"{type(module).__name__} holds a quantized weight, and no reader for it is installed")
 
 
 def full_tensor(tensor: Tensor) -> Tensor:
@@ -67,13 +61,12 @@ def full_tensor(tensor: Tensor) -> Tensor:
 def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
     """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
 
-    A quantized base must be one the :data:`dequantizer` can read; it is dequantized once here to prove
-    it, so an unsupported one is refused now rather than at launch.
+    A quantized base is dequantized once here, so one that cannot be read is refused now, not at launch.
     """
     if not is_supported_linear(base):
         raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
     if is_quantized(base):
-        dequantized_weight(base)
+        dequantize(base)
     # From the layer's declared features: a quantized weight may be packed into another shape.
     in_features, out_features = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
     check_int("r", r, 1)
@@ -113,8 +106,8 @@ class LoRADashLinear(nn.Module):
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
     buffers are float32 for a half-precision or quantized base (float64 for a float64 one).
 
-    A weight-only quantized base still computes ``W x`` in its own kernels; ``W`` for the SVD is the
-    weight its library dequantizes to (:data:`dequantizer`).
+    A quantized base still computes ``W x`` in its own kernels; ``W`` for the SVD is what its library
+    dequantizes to (:func:`dequantize`).
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -185,15 +178,12 @@ class LoRADashLinear(nn.Module):
         return [self.lora_A, self.lora_B, self.dash_delta]
 
     def base_weight(self, gather: Callable[[Tensor], Tensor | None] = full_tensor) -> Tensor | None:
-        """The whole frozen weight in ``(out, in)`` layout.
-
-        ``Conv1D`` stores its transpose; a quantized base is dequantized (a new floating-point tensor, as its
-        library computes it). Otherwise ``gather`` makes the stored weight whole: by default FSDP2's shards
-        are all-gathered (every rank must call this); :func:`lora_dash.distributed.gather_to` gathers them to
-        one rank and gives the others ``None``, which is returned as it is.
+        """The whole frozen weight in ``(out, in)`` layout (``Conv1D`` stores its transpose; a quantized base
+        is dequantized). ``gather`` makes a sharded weight whole: by default FSDP2's shards are all-gathered
+        (every rank must call this); a ``gather`` that returns ``None`` (on ranks that get nothing) is passed on.
         """
         if is_quantized(self.base):
-            return dequantized_weight(self.base)
+            return dequantize(self.base)
         weight = gather(self.base.weight)
         return weight.T if weight is not None and is_conv1d(self.base) else weight
 
@@ -224,16 +214,12 @@ class LoRADashLinear(nn.Module):
 
         METHOD.md §3 step 2: SVD of the pretrained ``W`` (not ``W + ΔW``) in ``svd_dtype``;
         coordinates ``c = (α/r)·rowsum((Uᵀ B) ⊙ (Vᵀ Aᵀ))``; rates ``ρ = |c| / (σ + eps)`` on the
-        eligible directions; the top ``s`` by the stable rule.
-
-        ``strategy`` other than ``"tsd"`` picks baseline directions instead (the largest σ, the
-        smallest σ, or a uniform draw with ``generator``, required for ``"random"``); see
-        :func:`lora_dash.directions.pick_directions`. The dash is the same whatever picked them.
+        eligible directions; the top ``s`` by the stable rule. Another ``strategy`` picks baseline
+        directions instead (:func:`lora_dash.directions.pick_directions`; ``"random"`` needs ``generator``).
 
         Raises:
             RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
-            ValueError: an unknown strategy, ``"random"`` without a generator, ``A`` or ``B`` not
-                finite, or fewer than ``s`` eligible directions.
+            ValueError: as :meth:`directions_from`, or an unknown strategy.
         """
         directions.check_strategy(strategy)
         self.check_launchable()
@@ -258,10 +244,9 @@ class LoRADashLinear(nn.Module):
         strategy: str = "tsd",
         generator: torch.Generator | None = None,
     ) -> DashDirections:
-        """:meth:`find_directions` from this layer's whole tensors, already gathered: ``weight: (out, in)``
-        (:meth:`base_weight`), ``A: (r, in)``, ``B: (out, r)``. It checks neither the phase
-        (:meth:`check_launchable`) nor the strategy; :func:`lora_dash.launch` calls it on the one rank
-        that selects this layer's directions.
+        """:meth:`find_directions` from this layer's whole tensors, already gathered (e.g. on the one rank
+        that selects for this layer): ``weight: (out, in)``, ``A: (r, in)``, ``B: (out, r)``. It checks
+        neither the phase (:meth:`check_launchable`) nor the strategy.
 
         Raises:
             ValueError: ``A``, ``B`` or ``weight`` not finite, ``"random"`` without a generator, or fewer
@@ -288,15 +273,9 @@ class LoRADashLinear(nn.Module):
         ``chosen`` defaults to :meth:`find_directions`; passing it lets a caller select for every
         layer first and commit only when all selections succeeded.
         """
-        if chosen is None:
-            chosen = self.find_directions()
-        elif self.launched or self.merged:
-            raise RuntimeError(f"{self._where()} cannot launch: launched={self.launched}, merged={self.merged}")
-        elif (chosen.U_s.shape, chosen.V_s.shape, chosen.index.shape) != (
-            self.dash_U.shape,
-            self.dash_V.shape,
-            self.dash_index.shape,
-        ):
+        self.check_launchable()
+        chosen = self.find_directions() if chosen is None else chosen
+        if [d.shape for d in chosen] != [self.dash_U.shape, self.dash_V.shape, self.dash_index.shape]:
             raise ValueError(f"{self._where()}: directions of the wrong shape for s={self.s}")
         self.dash_U.copy_(chosen.U_s)
         self.dash_V.copy_(chosen.V_s)

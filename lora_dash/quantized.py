@@ -18,7 +18,7 @@ naming it: a silently wrong SVD of raw codes is the failure this module exists t
 The libraries are never imported here. A weight of their types can only exist once they are imported,
 so looking them up in ``sys.modules`` costs nothing and keeps the core free of them. The core knows
 none of this: importing this module plugs :func:`dequantized_weight` into
-:data:`lora_dash.layer.dequantizer`.
+:func:`lora_dash.layer.dequantize`.
 """
 
 import copy
@@ -141,4 +141,4 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     return dense
 
 
-layer.dequantizer = dequantized_weight
+layer.dequantize = dequantized_weight

@@ -1,4 +1,4 @@
-"""When to launch: after optimizer step ``t``, counted once for the whole model.
+"""The launch: select the directions of every layer at once, right after optimizer step ``t``.
 
 :func:`launch` selects the directions of every LoRA-Dash layer and commits all of them or none;
 :class:`LaunchController` counts optimizer steps and calls it right after step ``t``.
@@ -6,14 +6,11 @@
 Three seams let the integrations plug in without this module knowing them; each is filled when its
 module is imported (``import lora_dash`` imports all three):
 
-- :data:`shared_selection`: the selection shared among ``torch.distributed`` ranks
-  (:mod:`lora_dash.distributed`);
+- :data:`shared_selection`: the selection shared among ``torch.distributed`` ranks (:mod:`lora_dash.distributed`);
 - :data:`launch_report`: the lines ``log_evidence`` receives at the launch (:mod:`lora_dash.analysis`);
-- :data:`guard`: warnings for a launch wired wrong, such as a controller that nothing steps or a δ that
-  no optimizer trains (:mod:`lora_dash.guards`).
+- :data:`guard`: warnings for a launch wired wrong (:mod:`lora_dash.guards`).
 """
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,15 +22,13 @@ from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers, require_dash_layers
 from lora_dash.layer import DashDirections, LoRADashLinear
 
-#: ``(layers, strategy, generators) -> {name: DashDirections}``: a selection shared among processes, or
-#: ``None`` where there is nothing to share (one process), and then each layer selects its own.
-Selection = Callable[[dict[str, LoRADashLinear], str, list[torch.Generator]], dict[str, DashDirections] | None]
-shared_selection: Selection | None = None
+#: ``(layers, strategy, generators) -> {name: DashDirections}``, or ``None`` where there is nothing to share
+#: (one process): then each layer selects its own.
+shared_selection: Callable[[dict[str, LoRADashLinear], str, list], dict[str, DashDirections] | None] | None = None
 #: ``(model, seed) -> lines``: what a controller's ``log_evidence`` receives right after the launch.
 launch_report: Callable[[nn.Module, int], list[str]] | None = None
-#: ``(event, controller)``, called by a controller when it is ``"built"`` (not launched), has ``"stepped"`` and
-#: has ``"launched"``: it may warn, never change the run, and reads no tensor but at the launch and one step
-#: after it (so that the steps stay free of host–device synchronisation).
+#: ``(event, controller)`` at ``"built"`` (not launched), ``"stepped"``, ``"launched"`` and ``"pending"`` (a step
+#: past ``t``, not launched): may warn, never changes the run, and reads no tensor where the controller does not.
 guard: Callable[[str, "LaunchController"], None] | None = None
 
 #: How many ``.optimizer`` wrappers :meth:`LaunchController.attach` looks through (accelerate's wrapper of a
@@ -55,11 +50,8 @@ def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> 
 
 
 def layer_generators(seed: int, count: int) -> list[torch.Generator]:
-    """``count`` independent CPU generators, one per layer, all determined by ``seed``.
-
-    Layer ``i`` is seeded with the ``i``-th draw of a generator seeded with ``seed``, so nearby seeds
-    (or nearby layers) do not share streams, and every process computes the same generators.
-    """
+    """``count`` independent CPU generators, one per layer, all determined by ``seed`` (layer ``i`` is seeded
+    with the ``i``-th draw of a generator seeded with ``seed``, so nearby seeds share no streams)."""
     layer_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed))
     return [torch.Generator().manual_seed(int(layer_seed)) for layer_seed in layer_seeds]
 
@@ -68,22 +60,17 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: 
     """Launch every LoRA-Dash layer of ``model`` now: all of them, or (on any error) none.
 
     Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
-    and committed only once every layer has found its own.
-
-    Under ``torch.distributed`` with more than one rank (DDP, FSDP2), every rank must call this: the ranks
-    share the work (:func:`lora_dash.distributed.select_shared`: each layer's SVD runs on one rank, which
-    sends its selection to the others), every rank commits bit for bit what one process would select, and
-    an error on any rank is raised on every rank.
+    and committed only once every layer has found its own. Under ``torch.distributed`` every rank must
+    call this: the ranks share the SVDs (:data:`shared_selection`), every rank commits bit for bit what
+    one process would, and an error on any rank is raised on every rank.
 
     Args:
         model: a model with LoRA-Dash layers.
-        strategy: ``"tsd"`` (the method) or a baseline of
-            :data:`lora_dash.directions.STRATEGIES`; see :func:`lora_dash.directions.pick_directions`.
-        seed: for ``"random"``: the layer at position ``i`` of :func:`dash_layers` order draws with its
-            own generator from :func:`layer_generators`, so every rank and every rerun draws the same.
-        distributed: share the launch among the ranks when ``torch.distributed`` is initialised with more
-            than one (the default); ``False``: every rank decomposes every layer itself (the redundant
-            launch: no communication but FSDP2's all-gathers, and ``world`` times the work).
+        strategy: ``"tsd"`` (the method) or a baseline of :data:`lora_dash.directions.STRATEGIES`.
+        seed: for ``"random"``: layer ``i`` (in :func:`dash_layers` order) draws with generator ``i`` of
+            :func:`layer_generators`, so every rank and every rerun draws the same.
+        distributed: share the launch among more than one rank (the default); ``False``: every rank
+            decomposes every layer itself (``world`` times the work, no communication but FSDP2's gathers).
 
     Returns:
         The selected singular-value indices, ``(s,)`` each, by layer name.
@@ -122,15 +109,12 @@ class LaunchController:
         # or, in a custom loop: call controller.step() after each optimizer step.
         # with transformers.Trainer: lora_dash.hf.LoRADashCallback(launch_step=100)
 
-    The phase is kept as a Python value, read from the model's buffers at construction, when
-    :attr:`steps` is assigned (as :meth:`load_state_dict` does) and, until the launch, at each step from
-    ``t`` on; after the launch :meth:`step` reads no tensor (no host–device synchronisation), except once,
-    one step after the launch, to check that every layer launched and that δ trains. So an adapter
-    state loaded into the model behind the controller's back later than that is not noticed: resume
-    with :func:`lora_dash.load_training_checkpoint`, or load the controller's state too.
-
-    A controller that is never attached and never stepped cannot launch anything: :data:`guard` warns
-    when optimizers step the model past ``t`` with nothing counting (see :mod:`lora_dash.guards`).
+    The phase is a Python value, read from the model's buffers at construction, when :attr:`steps` is
+    assigned (as :meth:`load_state_dict` does), at steps ``t`` and ``t + 1``, and at each step past ``t``
+    while not launched; so the steps after the launch read no tensor (no host–device synchronisation). An
+    adapter state loaded behind the controller's back later than that is not noticed: resume with
+    :func:`lora_dash.load_training_checkpoint`, or load the controller's state too. A controller that
+    nothing steps cannot launch: :mod:`lora_dash.guards` warns when optimizers pass ``t`` unseen.
 
     Args:
         model: a model with LoRA-Dash layers (see :func:`inject`).
@@ -187,12 +171,11 @@ class LaunchController:
     def attach(self, optimizer: Any) -> "LaunchController":
         """Count every real step of ``optimizer`` (a post-step hook), and reset δ's state in it at launch.
 
-        ``optimizer`` is a ``torch.optim.Optimizer`` or a wrapper that exposes the real one as
-        ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, the optimizer of ``transformers.Trainer``),
-        unwrapped as many times as needed. A step that ``torch.amp.GradScaler`` skips on overflow is
-        not counted: the scaler does not call ``step()`` then, or (for an optimizer that skips inside its
-        own step, such as fused Adam) it sets ``found_inf``, which is read until the launch; after the
-        launch such a skipped step is counted, to keep the steps free of host–device synchronisation.
+        ``optimizer`` is a ``torch.optim.Optimizer`` or a wrapper exposing the real one as ``.optimizer``
+        (accelerate's, Trainer's), unwrapped as often as needed. A step that ``torch.amp.GradScaler`` skips
+        on overflow is not counted (for an optimizer that skips inside its own step, such as fused Adam, the
+        scaler's ``found_inf`` is read until the launch; after it, to stay free of host–device
+        synchronisation, such a step is counted).
 
         Raises:
             ValueError: ``optimizer`` is not an optimizer and wraps none (e.g. ``trainer.optimizer``
@@ -245,14 +228,8 @@ class LaunchController:
             return
         if self._steps == self.launch_step:
             self.launch()
-        else:
-            pending = [name for name, layer in dash_layers(self.model).items() if not layer.launched]
-            warnings.warn(
-                f"LoRA-Dash: optimizer step {self._steps} is past launch_step={self.launch_step} but "
-                f"layers {pending} have not launched; they are training as plain LoRA",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        elif guard is not None:
+            guard("pending", self)  # past t, and some layer has not launched
 
     def launch(self) -> dict[str, Tensor]:
         """Launch now (see :func:`launch`, with this controller's strategy, seed and ``distributed``) and give

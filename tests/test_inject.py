@@ -176,6 +176,29 @@ def test_list_whose_entries_are_no_dotted_suffix_matches_nothing_and_model_uncha
     )
 
 
+def test_a_list_entry_that_matches_nothing_is_warned_about_once_by_name_and_the_others_are_adapted():
+    model = Encoder()
+    with pytest.warns(UserWarning) as caught:
+        injected = inject(model, ["query", "haed", "blok.0"], r=2, s=2)
+    assert len(caught) == 1
+    assert str(caught[0].message) == "targets: ['haed', 'blok.0'] match no module; the other entries do"
+    assert caught[0].filename == __file__  # points at the caller's line, not into the library
+    assert set(injected) == set(dash_layers(model)) == {"layers.0.query", "layers.1.query"}
+
+
+def test_a_modules_to_save_entry_that_matches_nothing_is_warned_about_and_the_others_train():
+    model = Encoder()
+    with pytest.warns(UserWarning, match=re.escape("modules_to_save: ['haed']")):
+        inject(model, ["query"], r=2, s=2, modules_to_save=["head", "haed"])
+    assert set(trained_modules(model)) == {"head"}
+
+
+@pytest.mark.parametrize("targets", [["query", "head"], r"layers\.\d+\.query|nothing_by_this_name"])
+def test_targets_whose_every_entry_matches_or_a_regex_warn_nothing(targets, recwarn):
+    inject(Encoder(), targets, r=2, s=2)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
 @pytest.mark.parametrize("bad", ["act", "block", "conv", "norm"])
 def test_list_match_that_is_not_a_linear_is_rejected_and_model_unchanged(bad):
     model = Encoder()
