@@ -13,7 +13,7 @@
 # 50 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
 # `make reproduce ARGS=--quick` is its few-minute miniature.
 # `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 6.5 hours on 2 cores,
-# resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables.
+# resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables; ARGS="--cloze ..." for the cloze study (REPRODUCTION.md).
 # `make gpu-check` measures the CUDA path on one GPU in under 8 minutes (the CUDA tests, a bf16 step and its memory
 # against PEFT's LoRA at LLaMA-7B shapes, host syncs after the launch, the launch's SVDs and the 7B/70B projection)
 # into results/gpu_check.md; without CUDA it says so and exits 0; ARGS=--dry-run runs the same code on the CPU (CI).

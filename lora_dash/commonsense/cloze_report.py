@@ -192,11 +192,14 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         }
         for metric in METRICS
     }
+    zero_minus_baseline = paired_bootstrap([hits_of(zero["test"])], [baseline], settings.resamples) if zero else None
     return {
         "format": "cloze",
         "metric": "acc: log-likelihood per character of the continuation (by_metric holds per token and summed)",
         **by_metric["acc"],
         "by_metric": by_metric,
+        "most_frequent_per_task": {task: 100 * float(values.mean()) for task, values in baseline.items()},
+        "zero_shot_minus_most_frequent": zero_minus_baseline,
         "seeds": list(settings.seeds),
         "seeds_present": {
             str(r): {method: [s for s in settings.seeds if f"r{r}-seed{s}-{method}" in units] for method in METHODS}
@@ -244,7 +247,13 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         "",
     ]
     for metric in METRICS:
+        baseline = result["most_frequent_per_task"]
         lines += [f"## Test accuracy ({metric}), %", "", header, rule]
+        lines.append(
+            "| most frequent answer position | "
+            + " | ".join(f"{baseline[c]:.2f}" for c in TASKS)
+            + f" | {result['by_metric'][metric]['most_frequent_avg']:.2f} |"
+        )
         zero = units.get("zeroshot")
         if zero:
             accuracy = zero["test"]["accuracy"]
@@ -258,11 +267,7 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
                     cells = [f"{statistics.mean(100 * run[c][metric] for run in runs):.2f}" for c in columns]
                     lines.append(f"| {METHOD_TITLES[method]} r={r} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
         values = result["by_metric"][metric]
-        lines += [
-            "",
-            f"Most frequent answer position (average): {_cell(values['most_frequent_avg'])}.",
-            "",
-        ]
+        lines.append("")
         for r in settings.ranks:
             lines.append(
                 f"- r={r}: LoRA-Dash − LoRA {_interval(values['dash_minus_lora'][str(r)])}; "
@@ -270,6 +275,10 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
                 "(points, mean [95 % paired bootstrap interval over questions and seeds])."
             )
         lines.append("")
+    lines += [
+        f"Zero-shot − most frequent answer position (acc, test): {_interval(result['zero_shot_minus_most_frequent'])}.",
+        "",
+    ]
     budget = result["budget"]
     lines += [
         "## The learning curve on the validation slice (acc, %)",
