@@ -3,6 +3,8 @@ to load, atomic to write, and every bad file is a clear error that leaves the mo
 controller, RNG) as it was."""
 
 import builtins
+import copy
+import functools
 import json
 import os
 import pickle
@@ -33,6 +35,7 @@ from helpers import (
     R,
     S,
     assert_refused_and_unchanged,
+    assert_same,
     assert_unchanged,
     batch,
     build_adapted,
@@ -637,3 +640,49 @@ def test_saved_file_gets_the_permissions_open_would_give(tmp_path):
     save_adapter(build_adapted(), tmp_path / "adapter.safetensors")
     (tmp_path / "reference").touch()
     assert (tmp_path / "adapter.safetensors").stat().st_mode == (tmp_path / "reference").stat().st_mode
+
+
+# ---------------------------------------------------------------------- resuming onto another base
+def on_other_pretrained_weights(init_seed: int = 1, layer: str | None = None):
+    """``build_adapted``'s layers and adapters on other "pretrained" weights, as when a node restarts with another
+    checkpoint of the base: every weight (``layer=None``: the base of seed 5), or only ``layer``'s, moved by
+    Gaussian noise of 10 % of its entries' RMS (the pretrained-weight check tolerates 1 %)."""
+    model = build_base(seed=5 if layer is None else 0)
+    if layer is not None:
+        weight = getattr(model, layer).weight
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            weight.add_(0.1 * weight.pow(2).mean().sqrt() * noise)
+    torch.manual_seed(init_seed)
+    inject(model, ADAPTED, r=R, alpha=ALPHA, s=S)
+    return model
+
+
+def run_state(optimizer, controller) -> dict:
+    """What a refused resume must leave as it was besides the model: the optimizer's state dict, the controller's
+    state and phase, and the Python, NumPy and torch random streams, all by value."""
+    return {
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "controller": {**controller.state_dict(), "launched": controller.launched},
+        "rng": {
+            "python": random.getstate(),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "torch": torch.get_rng_state(),
+        },
+    }
+
+
+@pytest.mark.parametrize("layer", [None, "fc2"], ids=["every-weight", "one-weight"])
+@pytest.mark.parametrize("saved_at", [T - 1, T + 2], ids=["pre-launch", "launched"])
+def test_resuming_onto_other_pretrained_weights_is_refused_naming_the_layer_and_run_unchanged(
+    saved_at, layer, tmp_path
+):
+    model, optimizer, controller = trained(saved_at)
+    save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
+    build = functools.partial(on_other_pretrained_weights, layer=layer)
+    target, target_optimizer, target_controller = trained(T + 1, init_seed=3, build=build)  # launched, with δ's state
+    before_model, before_run = snapshot(target), run_state(target_optimizer, target_controller)
+    with pytest.raises(ValueError, match=f"run.pt: layer '{layer or 'fc1'}' was saved for another pretrained weight"):
+        load_training_checkpoint(target, target_optimizer, target_controller, tmp_path / "run.pt")
+    assert_unchanged(target, before_model)
+    assert_same(run_state(target_optimizer, target_controller), before_run, "run")

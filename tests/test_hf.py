@@ -2,11 +2,15 @@
 checkpoints before and after the launch, adapter-only checkpoints, a base loaded 4-bit quantized.
 (accelerate's optimizer wrapper on its own: tests/test_training.py.)"""
 
+import copy
+import dataclasses
 import importlib
 import os
+import random
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from test_quantized import S, bnb, expected_selection, library_dequantized
@@ -25,7 +29,7 @@ from transformers import (
 from lora_dash import adapter_state_dict, dash_layers, inject, load_adapter
 from lora_dash.hf import ADAPTER_FILE, PEFT_FLAG, LoRADashCallback, LoRADashTrainer
 
-from helpers import assert_same_adapter
+from helpers import assert_same, assert_same_adapter, assert_unchanged, snapshot
 
 T = 3  # launch step
 STEPS = 6  # optimizer steps per run; checkpoints every 2, so at 2 (before the launch) and 4 (after)
@@ -184,6 +188,54 @@ def test_resume_from_a_checkpoint_saved_without_the_callback_is_refused(tmp_path
     trainer.train()
     with pytest.raises(ValueError, match="saved without LoRADashCallback"):
         train(tmp_path / "resumed", resume=tmp_path / "plain" / "checkpoint-2")
+
+
+def build_model_on_other_weights() -> BertForSequenceClassification:
+    """``build_model()``'s architecture and adapters on other "pretrained" weights (another seed): a node that
+    restarts with another checkpoint of the base model."""
+    config = build_base().config
+    torch.manual_seed(7)
+    model = BertForSequenceClassification(config)
+    torch.manual_seed(1)
+    inject(model, TARGETS, r=4, alpha=8, s=2)
+    return model
+
+
+def trainer_state(trainer) -> dict:
+    """What a refused resume must leave as it was besides the model, by value: the optimizer's and the learning-rate
+    schedule's state dicts, the LoRA-Dash controller (the same object, its state and phase), the Trainer's state,
+    and the random streams."""
+    controller = callback_of(trainer).controller
+    return {
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "lr_scheduler": copy.deepcopy(trainer.lr_scheduler.state_dict()),
+        "controller": (id(controller), {**controller.state_dict(), "launched": controller.launched}),
+        "trainer_state": dataclasses.asdict(trainer.state),
+        "rng": (random.getstate(), torch.from_numpy(np.random.get_state()[1].astype(np.int64)), torch.get_rng_state()),
+    }
+
+
+@pytest.mark.parametrize("checkpoint", [2, 4], ids=["before-launch", "after-launch"])
+def test_resume_onto_other_pretrained_weights_is_refused_naming_the_layer_and_leaves_the_trainer_as_it_was(
+    checkpoint, run_of, tmp_path
+):
+    _, output_dir = run_of(LoRADashTrainer)
+    trainer = LoRADashTrainer(
+        model=build_model_on_other_weights(),
+        args=training_arguments(tmp_path, max_steps=T + 1, save_strategy="no"),
+        train_dataset=Tokens(),
+        callbacks=[LoRADashCallback(launch_step=T)],
+    )
+    trainer.train()  # a run of its own first, launched: its model, optimizer, controller and state must survive
+    before_model, before = snapshot(trainer.model), trainer_state(trainer)
+    with pytest.raises(
+        ValueError,
+        match=rf"{ADAPTER_FILE}: layer 'bert\.encoder\.layer\.0\.attention\.self\.query' "
+        "was saved for another pretrained weight",
+    ):
+        trainer.train(resume_from_checkpoint=str(output_dir / f"checkpoint-{checkpoint}"))
+    assert_unchanged(trainer.model, before_model)
+    assert_same(trainer_state(trainer), before, "trainer")
 
 
 @pytest.mark.parametrize(
