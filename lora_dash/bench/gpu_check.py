@@ -407,10 +407,10 @@ def step_section(settings: Settings, deadline: float) -> tuple[str, bool]:
         else "Not measured: the CPU has no allocator counters (the CPU benchmark measures RSS in child processes)."
     )
     lines = [
-        f"One adapted layer's training step on the device: forward on `x: (tokens, in)` ({dtype_name(settings.dtype)}, "
-        "requires "
-        "grad as if earlier layers made it), `y.backward(g)`, AdamW on the adapters; PEFT's adapters in float32 as "
-        "`get_peft_model` casts them, ours in float32 by design. Each sample ends with `torch.cuda.synchronize`. "
+        "One adapted layer's training step on the device: forward on `x: (tokens, in)` "
+        f"({dtype_name(settings.dtype)}, requiring grad as if earlier layers made it), `y.backward(g)`, AdamW on the "
+        "adapters; PEFT's adapters in float32 as `get_peft_model` casts them, ours in float32 by design. On CUDA "
+        "each step ends with `torch.cuda.synchronize`, so a sample holds whole steps. "
         f"Contenders in interleaved rounds; *{PEFT_AGAIN}* is a second PEFT layer timed in the same rounds, whose "
         "ratio to the first gives the A/A band of every time ratio. *Ours dash* is launched on the device.",
         "",
