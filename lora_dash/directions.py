@@ -4,9 +4,8 @@ Notation (see METHOD.md): a frozen weight ``W`` of shape ``(n, m) = (out, in)`` 
 ``W = U diag(σ) Vᵀ`` with ``k = min(n, m)``. Its *core directions* are the rank-one matrices
 ``u_i v_iᵀ``. The coordinate of any matrix ``M`` on direction ``i`` is ``p_i(M) = u_iᵀ M v_i``, and the
 change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``s`` eligible directions
-with the largest change rates are the task-specific directions (TSDs). ``pick_directions`` also
-offers baseline choices (the largest σ, the smallest σ, a uniform draw) for ablations, and, beyond
-the paper, the largest ``|c_i|``.
+with the largest change rates are the task-specific directions (TSDs); ``pick_directions`` also
+offers baselines for ablations.
 
 Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
 """

@@ -221,7 +221,7 @@ def select_shared(
         if own is not None and own[0] < min(errors, default=len(items)):
             index, whole = own
             try:
-                found[index] = items[index].directions_from(*whole, strategy=strategy, generator=generators[index])
+                found[index] = items[index].find_directions(strategy=strategy, generator=generators[index], whole=whole)
             except Exception as error:  # raised on every rank below, once the ranks agree
                 errors[index] = error
         own = whole = None  # the whole weight goes before the next round gathers another

@@ -27,8 +27,9 @@ except ImportError as error:  # one line that names the fix, not a traceback fro
     raise ImportError(f'lora_dash.hf needs the hf extra: pip install "lora-dash[hf]" (missing: {error.name})') from None
 
 from lora_dash.checkpoint import load_adapter, save_adapter
+from lora_dash.checks import check_int
 from lora_dash.inject import dash_layers
-from lora_dash.schedule import LaunchController, check_launch_options, check_launch_step
+from lora_dash.schedule import LaunchController, check_launch_options
 
 #: The file that :class:`LoRADashTrainer` writes into each checkpoint and ``save_model`` folder. Not
 #: PEFT's ``adapter_model.safetensors``: Trainer would take that for a PEFT adapter.
@@ -69,7 +70,7 @@ class LoRADashCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, launch_step: int = 100, strategy: str = "tsd", seed: int = 0) -> None:
-        check_launch_step(launch_step)
+        check_int("launch_step", launch_step, 0)
         check_launch_options(strategy, seed)
         self.launch_step, self.strategy, self.seed = launch_step, strategy, seed
         self.controller: LaunchController | None = None

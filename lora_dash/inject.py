@@ -20,11 +20,7 @@ def dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
 
 
 def require_dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
-    """:func:`dash_layers`, for the functions that need at least one.
-
-    Raises:
-        ValueError: ``model`` has no LoRA-Dash layer.
-    """
+    """:func:`dash_layers`, or a ``ValueError`` if ``model`` has none."""
     layers = dash_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA-Dash layers; call inject() first")
@@ -32,8 +28,7 @@ def require_dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
 
 
 def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module that trains in full (``inject(..., modules_to_save=...)``), by dotted name, in
-    registration order."""
+    """Every module that trains in full (``inject(..., modules_to_save=...)``), by dotted name, in order."""
     return {name: module for name, module in model.named_modules() if getattr(module, TRAINED_MARKER, False)}
 
 

@@ -23,11 +23,6 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
-def is_supported_linear(module: nn.Module) -> bool:
-    """True for the layers LoRA-Dash can wrap: ``nn.Linear`` and GPT-2 style ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def is_sharded(tensor: Tensor) -> bool:
     """True for a ``DTensor``, the form FSDP2 gives parameters outside forward (each rank holds a shard)."""
     # A DTensor exists only once torch.distributed.tensor is imported; looking it up costs no import.
@@ -35,15 +30,11 @@ def is_sharded(tensor: Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
-def is_plain(tensor: Tensor) -> bool:
-    """True for a plain tensor or parameter, or FSDP2's shards of one; False for a tensor subclass of a
-    quantization library."""
-    return type(tensor) in (Tensor, nn.Parameter) or is_sharded(tensor)
-
-
 def is_quantized(module: nn.Module) -> bool:
-    """True when ``module.weight`` is not a plain floating-point tensor: it holds codes, not ``W``."""
-    return not (is_plain(module.weight) and module.weight.is_floating_point())
+    """True when ``module.weight`` holds codes, not ``W``: it is not a plain floating-point tensor (or FSDP2's
+    shards of one) but integers or a quantization library's tensor subclass."""
+    weight = module.weight
+    return not ((type(weight) in (Tensor, nn.Parameter) or is_sharded(weight)) and weight.is_floating_point())
 
 
 def dequantize(module: nn.Module) -> Tensor:
@@ -63,7 +54,7 @@ def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float)
 
     A quantized base is dequantized once here, so one that cannot be read is refused now, not at launch.
     """
-    if not is_supported_linear(base):
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
     if is_quantized(base):
         dequantize(base)
@@ -79,10 +70,7 @@ def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float)
 
 
 class DashDirections(NamedTuple):
-    """The task-specific directions chosen for one layer at launch.
-
-    Shapes: ``U_s: (out, s)``, ``V_s: (in, s)``, ``index: (s,)`` (positions in σ's descending order).
-    """
+    """One layer's chosen directions: ``U_s: (out, s)``, ``V_s: (in, s)``, ``index: (s,)`` (positions in σ)."""
 
     U_s: Tensor
     V_s: Tensor
@@ -104,10 +92,8 @@ class LoRADashLinear(nn.Module):
     no phase logic: before launch the dash columns are zero and contribute exactly nothing.
 
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
-    buffers are float32 for a half-precision or quantized base (float64 for a float64 one).
-
-    A quantized base still computes ``W x`` in its own kernels; ``W`` for the SVD is what its library
-    dequantizes to (:func:`dequantize`).
+    buffers are float32 for a half-precision or quantized base (float64 for a float64 one). A quantized
+    base computes ``W x`` in its own kernels; ``W`` for the SVD is what it dequantizes to (:func:`dequantize`).
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -209,6 +195,7 @@ class LoRADashLinear(nn.Module):
         svd_dtype: torch.dtype = torch.float32,
         strategy: str = "tsd",
         generator: torch.Generator | None = None,
+        whole: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> DashDirections:
         """Select the task-specific directions from the current LoRA update; changes nothing.
 
@@ -217,41 +204,20 @@ class LoRADashLinear(nn.Module):
         eligible directions; the top ``s`` by the stable rule. Another ``strategy`` picks baseline
         directions instead (:func:`lora_dash.directions.pick_directions`; ``"random"`` needs ``generator``).
 
+        ``whole``: ``(W: (out, in), A: (r, in), B: (out, r))`` already made whole (by the one rank that selects
+        for this layer, say); by default this layer's own, FSDP2's shards all-gathered on every rank.
+
         Raises:
             RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
-            ValueError: as :meth:`directions_from`, or an unknown strategy.
+            ValueError: an unknown strategy, ``"random"`` without a generator, ``A``, ``B`` or ``W`` not
+                finite, or fewer than ``s`` eligible directions (the message names the layer).
         """
         directions.check_strategy(strategy)
         self.check_launchable()
-        # Under FSDP2 every rank gathers the whole W, A and B, so every rank selects what one process would.
-        A, B, weight = full_tensor(self.lora_A), full_tensor(self.lora_B), self.base_weight()
-        return self.directions_from(weight, A, B, svd_dtype, strategy, generator)
-
-    def check_launchable(self) -> None:
-        """Raise ``RuntimeError`` if the layer is already launched or is merged (``W`` would include ``ΔW``)."""
-        if self.launched:
-            raise RuntimeError(f"{self._where()} is already launched; launch happens once")
-        if self.merged:
-            raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
-
-    @torch.no_grad()
-    def directions_from(
-        self,
-        weight: Tensor,
-        A: Tensor,
-        B: Tensor,
-        svd_dtype: torch.dtype = torch.float32,
-        strategy: str = "tsd",
-        generator: torch.Generator | None = None,
-    ) -> DashDirections:
-        """:meth:`find_directions` from this layer's whole tensors, already gathered (e.g. on the one rank
-        that selects for this layer): ``weight: (out, in)``, ``A: (r, in)``, ``B: (out, r)``. It checks
-        neither the phase (:meth:`check_launchable`) nor the strategy.
-
-        Raises:
-            ValueError: ``A``, ``B`` or ``weight`` not finite, ``"random"`` without a generator, or fewer
-                than ``s`` eligible directions (the message names the layer).
-        """
+        if whole is None:  # every rank gathers the same, so every rank selects what one process would
+            A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
+            whole = self.base_weight(), A, B
+        weight, A, B = whole
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
         if not torch.isfinite(weight).all():
@@ -265,6 +231,13 @@ class LoRADashLinear(nn.Module):
         except ValueError as error:
             raise ValueError(f"{self._where()}: {error}") from error
         return DashDirections(U_s=U[:, index], V_s=V[:, index], index=index)
+
+    def check_launchable(self) -> None:
+        """Raise ``RuntimeError`` if the layer is already launched or is merged (``W`` would include ``ΔW``)."""
+        if self.launched:
+            raise RuntimeError(f"{self._where()} is already launched; launch happens once")
+        if self.merged:
+            raise RuntimeError(f"{self._where()} is merged; unmerge() before launching")
 
     @torch.no_grad()
     def launch(self, chosen: DashDirections | None = None) -> None:
@@ -294,9 +267,8 @@ class LoRADashLinear(nn.Module):
     def merge(self) -> None:
         """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW`` alone.
 
-        Raises:
-            RuntimeError: already merged, or the base is quantized (its integer codes cannot hold
-                ``W + ΔW``; :func:`lora_dash.merge_and_unload` with ``dequantize=True`` builds a float layer).
+        Raises ``RuntimeError`` if already merged, or for a quantized base (its codes cannot hold ``W + ΔW``:
+        :func:`lora_dash.merge_and_unload` with ``dequantize=True`` builds a float layer).
         """
         if self.merged:
             raise RuntimeError(f"{self._where()} is already merged")

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash import layer
-from lora_dash.layer import is_plain
 
 
 def _library_class(module_name: str, class_name: str) -> type | None:
@@ -131,7 +130,7 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         dense = _bitsandbytes_4bit(module)
     elif _is_instance(weight, "torchao.utils", "TorchAOBaseTensor"):
         dense = _torchao(module)
-    elif is_plain(weight):
+    elif type(weight) in (Tensor, nn.Parameter):
         raise _refuse(module, "an integer weight without scales of a known library; refusing to use raw codes")
     else:
         raise _refuse(module, "unknown tensor type; supported: torchao tensors, bitsandbytes Int8Params/Params4bit")

@@ -1,14 +1,9 @@
-"""The launch: select the directions of every layer at once, right after optimizer step ``t``.
-
-:func:`launch` selects the directions of every LoRA-Dash layer and commits all of them or none;
+"""The launch: :func:`launch` selects the directions of every LoRA-Dash layer and commits all or none;
 :class:`LaunchController` counts optimizer steps and calls it right after step ``t``.
 
-Three seams let the integrations plug in without this module knowing them; each is filled when its
-module is imported (``import lora_dash`` imports all three):
-
-- :data:`shared_selection`: the selection shared among ``torch.distributed`` ranks (:mod:`lora_dash.distributed`);
-- :data:`launch_report`: the lines ``log_evidence`` receives at the launch (:mod:`lora_dash.analysis`);
-- :data:`guard`: warnings for a launch wired wrong (:mod:`lora_dash.guards`).
+Three seams let integrations plug in unknown to this module, each filled when its module is imported
+(``import lora_dash`` imports them): :data:`shared_selection` (:mod:`lora_dash.distributed`),
+:data:`launch_report` (:mod:`lora_dash.analysis`) and :data:`guard` (:mod:`lora_dash.guards`).
 """
 
 from collections.abc import Callable
@@ -22,23 +17,14 @@ from lora_dash.directions import check_strategy
 from lora_dash.inject import dash_layers, require_dash_layers
 from lora_dash.layer import DashDirections, LoRADashLinear
 
-#: ``(layers, strategy, generators) -> {name: DashDirections}``, or ``None`` where there is nothing to share
-#: (one process): then each layer selects its own.
+#: ``(layers, strategy, generators) -> {name: DashDirections}``: a selection shared among ``torch.distributed``
+#: ranks, or ``None`` where there is nothing to share (one process); then each layer selects its own.
 shared_selection: Callable[[dict[str, LoRADashLinear], str, list], dict[str, DashDirections] | None] | None = None
 #: ``(model, seed) -> lines``: what a controller's ``log_evidence`` receives right after the launch.
 launch_report: Callable[[nn.Module, int], list[str]] | None = None
 #: ``(event, controller)`` at ``"built"`` (not launched), ``"stepped"``, ``"launched"`` and ``"pending"`` (a step
 #: past ``t``, not launched): may warn, never changes the run, and reads no tensor where the controller does not.
 guard: Callable[[str, "LaunchController"], None] | None = None
-
-#: How many ``.optimizer`` wrappers :meth:`LaunchController.attach` looks through (accelerate's wrapper of a
-#: DeepSpeed wrapper of a torch optimizer is three); a bound, so that a self-referencing object cannot loop.
-MAX_OPTIMIZER_WRAPPERS = 8
-
-
-def check_launch_step(launch_step: int) -> None:
-    """Validate a launch step ``t``: an int ``>= 0``."""
-    check_int("launch_step", launch_step, 0)
 
 
 def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> None:
@@ -136,7 +122,7 @@ class LaunchController:
         distributed: bool = True,
         log_evidence: Callable[[str], Any] | None = None,
     ) -> None:
-        check_launch_step(launch_step)
+        check_int("launch_step", launch_step, 0)
         check_launch_options(strategy, seed, distributed)
         if log_evidence is not None and not callable(log_evidence):
             raise ValueError(f"log_evidence must be callable or None, got {type(log_evidence).__name__}")
@@ -182,7 +168,7 @@ class LaunchController:
                 before ``train()`` builds it: use :class:`lora_dash.hf.LoRADashCallback`).
         """
         inner = optimizer
-        for _ in range(MAX_OPTIMIZER_WRAPPERS):
+        for _ in range(8):  # accelerate's wrapper of DeepSpeed's is three deep; a bound against a cycle
             if getattr(inner, "optimizer", None) is None:
                 break
             inner = inner.optimizer
