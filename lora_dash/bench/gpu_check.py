@@ -497,11 +497,12 @@ def step_counters(optimizer: torch.optim.Optimizer) -> frozenset[int]:
 
 
 def where_raised(error: BaseException) -> str:
-    """The innermost frame of ``error``'s traceback in ``lora_dash``, or else the innermost one."""
+    """Where ``error`` was raised: the innermost frame of its traceback and, if another, the innermost one in
+    ``lora_dash`` outside this file (what of ours led there)."""
     frames = traceback.extract_tb(error.__traceback__)
-    ours = [frame for frame in frames if "lora_dash" in frame.filename and not frame.filename.endswith(__file__)]
-    frame = (ours or frames)[-1]
-    return f"{frame.filename}:{frame.lineno} ({frame.name}): `{(frame.line or '').strip()}`"
+    ours = [frame for frame in frames if "lora_dash" in frame.filename and frame.filename != __file__]
+    places = [frames[-1]] + ([ours[-1]] if ours and ours[-1] is not frames[-1] else [])
+    return ", from ".join(f"{f.filename}:{f.lineno} ({f.name}): `{(f.line or '').strip()}`" for f in places)
 
 
 def sync_section(settings: Settings, deadline: float) -> tuple[str, bool]:
