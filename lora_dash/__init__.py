@@ -6,7 +6,7 @@ ICLR 2025 (arXiv 2409.01035).
 The method lives in ``directions`` (the math), ``layer``, ``inject`` and ``schedule`` (the launch). The
 integrations around it plug into their seams on import: ``quantized`` (reading a quantized base),
 ``distributed`` (a launch shared among ranks), ``analysis`` (the launch's evidence log) and ``guards``
-(warnings for a launch wired wrong). See docs/METHOD.md, "How the code is laid out".
+(warnings for a launch wired wrong). See docs/METHOD.md §13, "How the code is laid out".
 """
 
 from lora_dash import analysis, directions, distributed, guards, quantized
