@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.cloze:
         from lora_dash.commonsense import cloze
         from lora_dash.commonsense.cloze_report import write_cloze_report
+        from lora_dash.commonsense.cloze_run import run_cloze
 
         settings = cloze.QUICK if args.quick else cloze.FULL
         try:
             if not args.report_only:
-                cloze.run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t)
+                run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t)
             path = write_cloze_report(args.out, settings, cloze.splits(settings))
         except DataError as error:
             raise SystemExit(f"lora_dash.commonsense: {error}") from None

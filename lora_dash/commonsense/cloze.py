@@ -30,7 +30,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -326,79 +326,3 @@ def curve_keys(settings: ClozeSettings) -> list[str]:
 def comparison_keys(settings: ClozeSettings) -> list[str]:
     """Seed by seed within each rank, the three methods of a seed together, so a partial study is paired."""
     return [f"r{r}-seed{seed}-{method}" for r in settings.ranks for seed in settings.seeds for method in METHODS]
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` so that the file exists only once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload) + "\n")
-    os.replace(temporary, path)
-
-
-def run_cloze(
-    out: Path,
-    settings: ClozeSettings,
-    cache: Path,
-    until: str = "compare",
-    max_units: int | None = None,
-    budget: int | None = None,
-    t: int | None = None,
-) -> None:
-    """Run the units not yet in ``out/units``: zero-shot, the curve, then (``until="compare"``, with a
-    budget chosen from the curve or given, and ``t`` given) the comparison. At most ``max_units`` units.
-
-    The budget's choice is written to ``out/budget.json`` before any comparison unit runs.
-    """
-    units = out / "units"
-    cut = splits(settings)
-    done = 0
-
-    def run(key: str, make: Callable[[], dict[str, Any]]) -> bool:
-        nonlocal done
-        if (units / f"{key}.json").exists():
-            return True
-        if max_units is not None and done >= max_units:
-            return False
-        log(f"cloze unit {key}: start")
-        start = time.perf_counter()
-        payload = make()
-        payload.update(
-            key=key,
-            settings=asdict(settings),
-            wall_seconds=time.perf_counter() - start,
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            load_average=os.getloadavg()[0],
-        )
-        write_json(units / f"{key}.json", payload)
-        log(f"cloze unit {key}: done in {payload['wall_seconds']:.0f}s")
-        done += 1
-        return True
-
-    if not run("zeroshot", lambda: zero_shot_unit(settings, cache, cut)) or until == "zeroshot":
-        return
-    for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
-        if not run(key, lambda steps=steps: curve_unit(settings, steps, cache, cut)):
-            return
-    if until == "curve":
-        return
-    from lora_dash.commonsense.cloze_report import choose_budget, load_units  # it imports this module
-
-    choice = choose_budget(load_units(out), settings, cut, forced=budget)
-    write_json(out / "budget.json", choice)
-    if choice["steps"] is None:
-        log(f"no budget chosen: {choice['reason']}")
-        return
-    if t is None:
-        log("a budget is chosen; the comparison needs the launch step: pass --t")
-        return
-    for key in comparison_keys(settings):
-        r, seed, method = re.fullmatch(r"r(\d+)-seed(\d+)-(\w+)", key).groups()
-        if not run(
-            key,
-            lambda r=int(r), seed=int(seed), method=method: comparison_unit(
-                settings, method, r, seed, choice["steps"], t, cache, cut
-            ),
-        ):
-            return

@@ -1,0 +1,106 @@
+"""The cloze study's plan: which units run, in which order, and the gate before the comparison.
+
+Zero-shot first, then the LoRA curve, then (only once ``budget.json`` records a budget, chosen from the
+curve by :func:`~lora_dash.commonsense.cloze_report.choose_budget` or forced, and a launch step is given)
+LoRA, LoRA-Dash and dash-only, seed by seed. Each unit is one JSON file under ``<out>/units/``, written
+once complete; a rerun skips those present, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dash.commonsense.cloze import (
+    ClozeSettings,
+    comparison_keys,
+    comparison_unit,
+    curve_keys,
+    curve_unit,
+    splits,
+    zero_shot_unit,
+)
+from lora_dash.commonsense.cloze_report import choose_budget, load_units
+from lora_dash.reproduce.study import log
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` so that the file exists only once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload) + "\n")
+    os.replace(temporary, path)
+
+
+def run_cloze(
+    out: Path,
+    settings: ClozeSettings,
+    cache: Path,
+    until: str = "compare",
+    max_units: int | None = None,
+    budget: int | None = None,
+    t: int | None = None,
+) -> None:
+    """Run the units not yet in ``out/units``: zero-shot, the curve, then (``until="compare"``, with a
+    budget chosen from the curve or given, and ``t`` given) the comparison. At most ``max_units`` units.
+
+    The budget's choice is written to ``out/budget.json`` before any comparison unit runs.
+    """
+    units = out / "units"
+    cut = splits(settings)
+    done = 0
+
+    def run(key: str, make: Callable[[], dict[str, Any]]) -> bool:
+        nonlocal done
+        if (units / f"{key}.json").exists():
+            return True
+        if max_units is not None and done >= max_units:
+            return False
+        log(f"cloze unit {key}: start")
+        start = time.perf_counter()
+        payload = make()
+        payload.update(
+            key=key,
+            settings=asdict(settings),
+            wall_seconds=time.perf_counter() - start,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            load_average=os.getloadavg()[0],
+        )
+        write_json(units / f"{key}.json", payload)
+        log(f"cloze unit {key}: done in {payload['wall_seconds']:.0f}s")
+        done += 1
+        return True
+
+    if not run("zeroshot", lambda: zero_shot_unit(settings, cache, cut)) or until == "zeroshot":
+        return
+    for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
+        if not run(key, lambda steps=steps: curve_unit(settings, steps, cache, cut)):
+            return
+    if until == "curve":
+        return
+    choice = choose_budget(load_units(out), settings, cut, forced=budget)
+    write_json(out / "budget.json", choice)
+    if choice["steps"] is None:
+        log(f"no budget chosen: {choice['reason']}")
+        return
+    if t is None:
+        log("a budget is chosen; the comparison needs the launch step: pass --t")
+        return
+    for key in comparison_keys(settings):
+        r, seed, method = re.fullmatch(r"r(\d+)-seed(\d+)-(\w+)", key).groups()
+        if not run(
+            key,
+            lambda r=int(r), seed=int(seed), method=method: comparison_unit(
+                settings, method, r, seed, choice["steps"], t, cache, cut
+            ),
+        ):
+            return
