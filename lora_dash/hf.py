@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 try:
+    from accelerate.utils import parse_flag_from_env
     from transformers import Trainer, TrainerCallback
     from transformers.trainer import TRAINING_ARGS_NAME
     from transformers.trainer_callback import ExportableState
@@ -37,6 +38,22 @@ ADAPTER_FILE = "lora_dash_adapter.safetensors"
 #: PEFT's private flag, read by ``Trainer.__init__`` (``validate_quantization_for_training``) as "adapters are
 #: attached"; :class:`LoRADashTrainer` sets it on a quantized model for the constructor only.
 PEFT_FLAG = "_hf_peft_config_loaded"
+#: Why :class:`LoRADashTrainer` refuses FSDP, and what to use instead.
+FSDP_REFUSAL = (
+    "LoRADashTrainer does not support FSDP: it is untested, since Trainer cannot run FSDP on CPU (accelerate "
+    "enables its FSDP plugin only on GPUs and other accelerators, and on CPU silently wraps the model in DDP "
+    "instead), and Trainer's FSDP checkpoints write the whole model. Use LoRADashTrainer without fsdp (one "
+    "process, or DDP under torchrun), or shard with FSDP2 in your own loop: torch.distributed.fsdp.fully_shard "
+    "on every LoRA-Dash layer and on the model, and a lora_dash.LaunchController attached to your optimizer "
+    "(docs/API.md, Distributed training)"
+)
+#: Why :class:`LoRADashTrainer` refuses DeepSpeed, and what to use instead.
+DEEPSPEED_REFUSAL = (
+    "LoRADashTrainer does not support DeepSpeed: it is untested, since DeepSpeed is not installed where "
+    "lora_dash is tested, and DeepSpeed checkpoints the whole model through its own engine. Use "
+    "LoRADashTrainer without deepspeed (one process, or DDP under torchrun), or shard with FSDP2 in your own "
+    "loop: torch.distributed.fsdp.fully_shard and a lora_dash.LaunchController (docs/API.md, Distributed training)"
+)
 _ABSENT = object()  # the model had no flag of its own (only the class default), as opposed to one set to False
 
 
@@ -136,7 +153,12 @@ class LoRADashTrainer(Trainer):
     state, so a resume is exact. Combine with another Trainer subclass by listing this one first,
     ``class MyTrainer(LoRADashTrainer, OtherTrainer)``.
 
-    Single process or DDP; FSDP and DeepSpeed save through their own paths and are refused.
+    **Processes.** One process, or DDP under ``torchrun`` (or ``accelerate launch``): every rank counts
+    the same optimizer steps and launches after the same global step, the launch's SVDs are shared
+    among the ranks (:mod:`lora_dash.distributed`), and only the process that saves writes the files.
+    FSDP and DeepSpeed are refused before ``Trainer.__init__`` runs (:data:`FSDP_REFUSAL`,
+    :data:`DEEPSPEED_REFUSAL`): neither can run here to be tested, and both checkpoint through paths
+    that write the whole model.
 
     **Quantized bases.** ``Trainer.__init__`` refuses a model loaded with a ``quantization_config``
     (bitsandbytes 4-bit or 8-bit, torchao) unless PEFT adapters are attached: it knows adapters only by
@@ -157,7 +179,8 @@ class LoRADashTrainer(Trainer):
 
     Raises:
         ValueError: ``model`` has no LoRA-Dash layers (call :func:`lora_dash.inject` first); FSDP or
-            DeepSpeed is enabled.
+            DeepSpeed is asked for (``args.fsdp``, ``args.deepspeed``, accelerate's ``ACCELERATE_USE_FSDP``
+            or ``ACCELERATE_USE_DEEPSPEED``) or enabled by accelerate.
         RuntimeError: at a training step, a bitsandbytes layer repacked for the CPU inference kernel.
     """
 
@@ -168,6 +191,11 @@ class LoRADashTrainer(Trainer):
                 f"LoRADashTrainer needs a model with LoRA-Dash layers; {type(model).__name__} has "
                 "none: call lora_dash.inject(model, ...) first"
             )
+        arguments = kwargs.get("args", args[0] if args else None)
+        _refuse_sharded_engines(
+            fsdp=bool(getattr(arguments, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP"),
+            deepspeed=bool(getattr(arguments, "deepspeed", None)) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
+        )
         if not getattr(model, "is_quantized", False):
             super().__init__(model, *args, **kwargs)
         else:
@@ -180,8 +208,7 @@ class LoRADashTrainer(Trainer):
                     delattr(model, PEFT_FLAG)
                 else:
                     setattr(model, PEFT_FLAG, previous)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError("LoRADashTrainer saves adapters from one process; FSDP and DeepSpeed are not supported")
+        _refuse_sharded_engines(fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
 
     def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Trainer.training_step``, refused on a model whose gradients a repacked 4-bit layer would stop."""
@@ -219,6 +246,13 @@ class LoRADashTrainer(Trainer):
             super()._load_best_model()
             return
         load_adapter(self.model, path)
+
+
+def _refuse_sharded_engines(fsdp: bool, deepspeed: bool) -> None:
+    if fsdp:
+        raise ValueError(FSDP_REFUSAL)
+    if deepspeed:
+        raise ValueError(DEEPSPEED_REFUSAL)
 
 
 def _packed_for_cpu_inference(module: nn.Module) -> bool:

@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 from test_quantized import S, bnb, expected_selection, library_dequantized
-from torch.utils.data import Dataset
+from tiny_bert import ACCUMULATION, STEPS, TARGETS, T, Tokens, build_base, build_model, training_arguments
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 
 from lora_dash import adapter_state_dict, dash_layers, inject, load_adapter
@@ -31,67 +29,7 @@ from lora_dash.hf import ADAPTER_FILE, PEFT_FLAG, LoRADashCallback, LoRADashTrai
 
 from helpers import assert_same, assert_same_adapter, assert_unchanged, snapshot
 
-T = 3  # launch step
-STEPS = 6  # optimizer steps per run; checkpoints every 2, so at 2 (before the launch) and 4 (after)
-ACCUMULATION = 4
-TARGETS = r".*\.(query|value)"
-
 pytestmark = pytest.mark.slow  # every test trains through 🤗 Trainer: make test-fast leaves this file out
-
-
-def build_base() -> BertForSequenceClassification:
-    """A two-layer BERT classifier from a config: the same "pretrained" weights (and head) for every call."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
-
-
-def build_model(init_seed: int = 1) -> BertForSequenceClassification:
-    model = build_base()
-    torch.manual_seed(init_seed)
-    inject(model, TARGETS, r=4, alpha=8, s=2)
-    return model
-
-
-class Tokens(Dataset):
-    """Random token ids and labels, fixed by a seed."""
-
-    def __init__(self, size: int = STEPS * ACCUMULATION * 2) -> None:
-        generator = torch.Generator().manual_seed(5)
-        self.ids = torch.randint(0, 64, (size, 8), generator=generator)
-        self.labels = torch.randint(0, 3, (size,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.ids[index], "labels": self.labels[index]}
-
-
-def training_arguments(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=ACCUMULATION,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=2,
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return TrainingArguments(str(output_dir), **{**settings, **overrides})
 
 
 def train(output_dir, trainer_class=Trainer, resume=None, callback=None, **overrides):
@@ -296,20 +234,6 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     reference = build_model(init_seed=2)
     load_adapter(reference, tmp_path / "checkpoint-4" / ADAPTER_FILE)
     assert_same_adapter(reference, model)
-
-
-@pytest.mark.parametrize("engine", ["is_fsdp_enabled", "is_deepspeed_enabled"])
-def test_lora_dash_trainer_refuses_fsdp_and_deepspeed(engine, tmp_path, monkeypatch):
-    # Both need a process group to enable; what matters is the check on what Trainer decided.
-    initialize = Trainer.__init__
-
-    def initialize_with_engine(self, *args, **kwargs):
-        initialize(self, *args, **kwargs)
-        setattr(self, engine, True)
-
-    monkeypatch.setattr(Trainer, "__init__", initialize_with_engine)
-    with pytest.raises(ValueError, match="FSDP and DeepSpeed"):
-        LoRADashTrainer(model=build_model(), args=training_arguments(tmp_path), train_dataset=Tokens())
 
 
 # ------------------------------------------------------------------------------- missing extra
