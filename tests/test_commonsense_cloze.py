@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_dash
-from lora_dash.commonsense import cloze, cloze_report, data, model, train
+from lora_dash.commonsense import cloze, cloze_report, cloze_run, data, model, train
 from lora_dash.commonsense.__main__ import main
 from lora_dash.commonsense.train import Encoded
 
@@ -276,3 +276,26 @@ def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study
     assert state["losses"] + after == train.train_steps(
         straight, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96
     )
+
+
+def test_once_the_curve_chooses_a_budget_the_comparison_runs_before_the_rest_of_the_curve(
+    tiny_study, tmp_path, monkeypatch
+):
+    def rule(units, settings, cut, forced=None):  # chooses 2 steps as soon as that curve unit is in
+        steps = 2 if "curve-r2-seed0-step2" in units else None
+        return {"rule": "test", "curve": [], "steps": steps, "reason": "test"} | dict.fromkeys(
+            ("zero_shot_validation_avg", "most_frequent_validation_avg")
+        )
+
+    monkeypatch.setattr(cloze_run, "choose_budget", rule)
+    monkeypatch.setattr(cloze_report, "choose_budget", rule)
+    out = tmp_path / "out"
+    argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(tmp_path), "--threads", "1", "--t", "1"]
+    main([*argv, "--max-units", "5"])
+    assert sorted(path.stem for path in (out / "units").iterdir()) == sorted(
+        ["zeroshot", "curve-r2-seed0-step2", "r2-seed0-lora", "r2-seed0-dash", "r2-seed0-dash_only"]
+    )
+    assert json.loads((out / "budget.json").read_text())["steps"] == 2
+    assert json.loads((out / "budget.json").read_text())["t"] == 1
+    main(argv)  # then the rest of the curve
+    assert (out / "units" / "curve-r2-seed0-step4.json").exists()

@@ -209,7 +209,7 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         "validation_questions_per_task": {task: len(split.validation) for task, split in cut.items()},
         "train_questions_per_task": {task: len(split.train) for task, split in cut.items()},
         "steps": budget["steps"],
-        "t": launched[0] if len(launched) == 1 else (launched or None),
+        "t": launched[0] if len(launched) == 1 else (launched or budget.get("t")),
         "budget": budget,
         "units_present": [key for key in planned if key in units],
         "units_missing": [key for key in planned if key not in units],

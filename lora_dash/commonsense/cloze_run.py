@@ -49,10 +49,12 @@ def run_cloze(
     budget: int | None = None,
     t: int | None = None,
 ) -> None:
-    """Run the units not yet in ``out/units``: zero-shot, the curve, then (``until="compare"``, with a
-    budget chosen from the curve or given, and ``t`` given) the comparison. At most ``max_units`` units.
+    """Run the units not yet in ``out/units``, at most ``max_units`` of them, in this order: zero-shot; the
+    curve, step count by step count; with ``until="compare"``, as soon as the curve's units present choose a
+    budget (or ``budget`` forces one) and ``t`` is given, the comparison at that budget; then the rest of
+    the curve. ``until="curve"`` runs the whole curve and no comparison.
 
-    The budget's choice is written to ``out/budget.json`` before any comparison unit runs.
+    The choice is written to ``out/budget.json`` (with ``t``) before any comparison unit runs.
     """
     units = out / "units"
     cut = splits(settings)
@@ -82,18 +84,22 @@ def run_cloze(
 
     if not run("zeroshot", lambda: zero_shot_unit(settings, cache, cut)) or until == "zeroshot":
         return
-    for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
+    curve = list(zip(settings.curve_steps, curve_keys(settings), strict=True))
+    choice = None
+    for steps, key in curve:
+        if until == "compare" and t is not None:  # the curve so far may already choose a budget
+            choice = choose_budget(load_units(out), settings, cut)
+            if choice["steps"] is not None:
+                break
         if not run(key, lambda steps=steps: curve_unit(settings, steps, cache, cut)):
             return
     if until == "curve":
         return
-    choice = choose_budget(load_units(out), settings, cut, forced=budget)
-    write_json(out / "budget.json", choice)
-    if choice["steps"] is None:
-        log(f"no budget chosen: {choice['reason']}")
-        return
-    if t is None:
-        log("a budget is chosen; the comparison needs the launch step: pass --t")
+    if choice is None or choice["steps"] is None or budget is not None:
+        choice = choose_budget(load_units(out), settings, cut, forced=budget)
+    write_json(out / "budget.json", choice | {"t": t})
+    if choice["steps"] is None or t is None:
+        log(f"no budget chosen: {choice['reason']}" if choice["steps"] is None else "pass --t to compare")
         return
     for key in comparison_keys(settings):
         r, seed, method = re.fullmatch(r"r(\d+)-seed(\d+)-(\w+)", key).groups()
@@ -103,4 +109,7 @@ def run_cloze(
                 settings, method, r, seed, choice["steps"], t, cache, cut
             ),
         ):
+            return
+    for steps, key in curve:
+        if not run(key, lambda steps=steps: curve_unit(settings, steps, cache, cut)):
             return
