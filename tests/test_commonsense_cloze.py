@@ -177,6 +177,9 @@ def test_the_budget_is_the_smallest_step_count_that_clears_both_baselines():
         _curve_units(validation, {100: 0.3, 200: 0.9, 400: 0.95}, settings), settings, cut
     )
     assert choice["steps"] == 200 and [row["clears"] for row in choice["curve"]] == [False, True, True]
+    assert choice["reason"] == "chosen by the rule"
+    partial = _curve_units(validation, {100: 0.3, 200: 0.9}, settings)  # 400 not yet run: 200 stands
+    assert cloze_report.choose_budget(partial, settings, cut)["reason"] == "chosen by the rule"
     late = _curve_units(validation, {200: 0.9, 400: 0.95}, settings)  # step 100 has not run
     assert cloze_report.choose_budget(late, settings, cut)["steps"] is None
     assert cloze_report.choose_budget(late, settings, cut, forced=400)["steps"] == 400

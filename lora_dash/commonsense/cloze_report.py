@@ -115,7 +115,7 @@ def choose_budget(
         zero = hits_of(units["zeroshot"]["validation"])
         for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
             if key not in units:
-                reason = f"curve unit {key} missing"
+                reason = reason if chosen is not None else f"curve unit {key} missing"
                 break
             _check(units[key]["validation"], validation, key)
             lora = hits_of(units[key]["validation"])
