@@ -302,3 +302,13 @@ def test_once_the_curve_chooses_a_budget_the_comparison_runs_before_the_rest_of_
     assert json.loads((out / "budget.json").read_text())["t"] == 1
     main(argv)  # then the rest of the curve
     assert (out / "units" / "curve-r2-seed0-step4.json").exists()
+
+
+def test_a_run_that_answers_one_position_on_a_task_is_flagged_there():
+    questions = [
+        data.ClozeQuestion(task, ("p",) * n, tuple(f" {c}" for c in "abcd"[:n]), gold)
+        for task, n, gold in [("boolq", 2, 0), ("boolq", 2, 1), ("boolq", 2, 1), ("obqa", 4, 2), ("obqa", 4, 0)]
+    ]
+    always_no = {"boolq": np.array([0.0, 1.0, 1.0]), "obqa": np.array([1.0, 1.0])}
+    assert cloze_report.constant_answers(always_no, questions) == {"boolq": 1}
+    assert cloze_report.constant_answers({"obqa": np.array([0.0, 1.0])}, questions) == {"obqa": 0}

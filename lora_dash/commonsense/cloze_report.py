@@ -57,6 +57,56 @@ def most_frequent_hits(questions: list[ClozeQuestion]) -> Hits:
     return hits
 
 
+def constant_answers(hits: Hits, questions: list[ClozeQuestion]) -> dict[str, int]:
+    """Per task, the answer position ``p`` for which the run's hits are exactly those of always answering ``p``,
+    for the tasks where there is one: the run may have learned the answer's position rather than the task
+    (likely on a yes/no task, which has only two such patterns; a coincidence is unlikely elsewhere)."""
+    found = {}
+    for task, values in hits.items():
+        golds = np.array([q.gold for q in questions if q.task == task])
+        for position in range(max(len(q.continuations) for q in questions if q.task == task)):
+            if np.array_equal(values, (golds == position).astype(np.float64)):
+                found[task] = position
+                break
+    return found
+
+
+def curve_diagnostics(units: dict[str, dict], settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> list[dict]:
+    """Per curve unit present: the tasks it answers like a constant (:func:`constant_answers`), and its paired
+    differences from zero-shot and from the most frequent position without those tasks. Not part of the
+    budget's rule (fixed before the curve ran): a check of what the rule's margin is made of."""
+    _, validation, _ = parts(cut)
+    if "zeroshot" not in units:
+        return []
+    zero, baseline = hits_of(units["zeroshot"]["validation"]), most_frequent_hits(validation)
+    rows = []
+    for steps, key in zip(settings.curve_steps, curve_keys(settings), strict=True):
+        if key not in units:
+            continue
+        lora = hits_of(units[key]["validation"])
+        constant = constant_answers(lora, validation)
+        kept = [task for task in lora if task not in constant]
+
+        def without(hits: Hits, kept: list[str] = kept) -> Hits:
+            return {task: hits[task] for task in kept}
+
+        rows.append(
+            {
+                "steps": steps,
+                "constant_answers": constant,
+                "minus_zero_shot_without_them": paired_bootstrap([without(lora)], [without(zero)], settings.resamples)
+                if kept
+                else None,
+                "minus_most_frequent_without_them": paired_bootstrap(
+                    [without(lora)], [without(baseline)], settings.resamples
+                )
+                if kept
+                else None,
+            }
+        )
+    return rows
+
+
 def average(hits: Hits) -> float:
     """Unweighted mean over tasks of the accuracy, in percent."""
     return 100 * float(np.mean([values.mean() for values in hits.values()]))
@@ -71,6 +121,8 @@ def paired_bootstrap(first: list[Hits], second: list[Hits], resamples: int, seed
     """
     if not first or len(first) != len(second):
         raise ValueError(f"need as many pairs on each side, at least one; got {len(first)} and {len(second)}")
+    if not first[0]:
+        raise ValueError("need at least one task")
     rng = np.random.default_rng(seed)
     pairs = len(first)
     pair_counts = rng.multinomial(pairs, [1 / pairs] * pairs, size=resamples)  # (resamples, pairs)
@@ -211,6 +263,7 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         "steps": budget["steps"],
         "t": launched[0] if len(launched) == 1 else (launched or budget.get("t")),
         "budget": budget,
+        "curve_diagnostics": curve_diagnostics(units, settings, cut),
         "units_present": [key for key in planned if key in units],
         "units_missing": [key for key in planned if key not in units],
     }
@@ -296,6 +349,20 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         ),
         "",
         f"Budget: {budget['steps'] if budget['steps'] is not None else 'none yet'} ({budget['reason']}).",
+        "",
+        "A check of what that margin is made of (not part of the rule): the tasks on which LoRA's validation "
+        "hits are exactly those of always answering one position (task: position), and LoRA's paired "
+        "differences without those tasks.",
+        "",
+        "| steps | answered like a constant | − zero-shot without them [95 %] | − most frequent without them [95 %] |",
+        "|---|---|---|---|",
+        *(
+            f"| {row['steps']} | "
+            + (", ".join(f"{TASK_TITLES[task]}: {p}" for task, p in row["constant_answers"].items()) or "none")
+            + f" | {_interval(row['minus_zero_shot_without_them'])} | "
+            + f"{_interval(row['minus_most_frequent_without_them'])} |"
+            for row in result["curve_diagnostics"]
+        ),
         "",
         "## Times (seconds; the load average is the machine's 1-minute load when the unit finished)",
         "",
