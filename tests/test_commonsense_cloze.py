@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import test_commonsense
 import torch
 
 import lora_dash
@@ -14,31 +15,8 @@ from lora_dash.commonsense import cloze, cloze_report, cloze_run, data, model, t
 from lora_dash.commonsense.__main__ import main
 from lora_dash.commonsense.train import Encoded
 
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-class CharTokenizer:
-    """One token per character (ids 3–63): enough to run the study without a real tokenizer."""
-
-    pad_token_id = 0
-
-    def __call__(self, text: str, add_special_tokens: bool = False):
-        return type("Encoding", (), {"input_ids": [3 + ord(c) % 61 for c in text]})()
+CharTokenizer = test_commonsense.CharTokenizer
+tiny_llama = test_commonsense.tiny_llama  # the fixture: a 2-layer LLaMA built from a config
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ import torch
 import lora_dash
 from lora_dash.commonsense.data import TASKS, ClozeQuestion, ClozeSplit, split_cloze_task
 from lora_dash.commonsense.model import TARGETS, load_smollm2
-from lora_dash.commonsense.train import METRICS, accuracy, question_hits, train_steps
+from lora_dash.commonsense.train import METRICS, accuracy, question_hits, restore_run, train_steps
 from lora_dash.reproduce.runner import snapshot
 from lora_dash.reproduce.study import log
 
@@ -143,20 +143,6 @@ def _build(settings: ClozeSettings, r: int, seed: int, cache: Path):
     return tokenizer, model, optimizer, scheduler
 
 
-def _restore(model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Continue a run from ``state``: parameters, AdamW state, schedule position and RNG."""
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["parameters"].items():
-            parameters[name].copy_(value)
-    for name, value in state["optimizer"].items():
-        optimizer.state[parameters[name]] = value
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr  # load_state_dict restores the schedule's position, not the rates it set
-    torch.set_rng_state(state["rng"])
-
-
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
@@ -189,7 +175,8 @@ def trained_lora(
     state: dict[str, Any] = {}
     if saved:
         state = torch.load(saved[-1][1], weights_only=True)
-        _restore(model, optimizer, scheduler, state)
+        restore_run(model, optimizer, scheduler, state)
+        torch.set_rng_state(state["rng"])
         losses = list(state["losses"])
     first_step = len(losses) + 1
 
@@ -257,12 +244,11 @@ def _fork(settings: ClozeSettings, r: int, seed: int, cache: Path, state: dict[s
     are frozen (their gradients stay None, so AdamW leaves them and their state untouched)."""
     tokenizer, model, optimizer, scheduler = _build(settings, r, seed, cache)
     t = len(state["losses"])
-    rng = state["rng"]
-    _restore(model, optimizer, scheduler, state)
+    restore_run(model, optimizer, scheduler, state)
     controller = lora_dash.LaunchController(model, launch_step=t).attach(optimizer)
     controller.launch()
     controller.load_state_dict({"launch_step": t, "steps": t})
-    torch.set_rng_state(rng)
+    torch.set_rng_state(state["rng"])
     if dash_only:
         for layer in lora_dash.dash_layers(model).values():
             layer.lora_A.requires_grad_(False)

@@ -13,11 +13,8 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from lora_dash.commonsense.cloze import (
     ClozeSettings,
@@ -29,6 +26,7 @@ from lora_dash.commonsense.cloze import (
     zero_shot_unit,
 )
 from lora_dash.commonsense.cloze_report import choose_budget, load_units
+from lora_dash.commonsense.study import stamp
 from lora_dash.reproduce.study import log
 
 
@@ -68,15 +66,8 @@ def run_cloze(
             return False
         log(f"cloze unit {key}: start")
         start = time.perf_counter()
-        payload = make()
-        payload.update(
-            key=key,
-            settings=asdict(settings),
-            wall_seconds=time.perf_counter() - start,
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            load_average=os.getloadavg()[0],
-        )
+        payload = stamp(make(), key, settings, start)
+        payload["load_average"] = os.getloadavg()[0]
         write_json(units / f"{key}.json", payload)
         log(f"cloze unit {key}: done in {payload['wall_seconds']:.0f}s")
         done += 1

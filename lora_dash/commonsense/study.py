@@ -25,7 +25,7 @@ import lora_dash
 from lora_dash import directions
 from lora_dash.commonsense.data import Question, load_splits
 from lora_dash.commonsense.model import TARGETS, load_smollm2, quantization_noise_levels
-from lora_dash.commonsense.train import evaluate, linear_warmup_decay, train_steps
+from lora_dash.commonsense.train import evaluate, linear_warmup_decay, restore_run, train_steps
 from lora_dash.demo.report import tsd_layers
 from lora_dash.reproduce.runner import snapshot
 from lora_dash.reproduce.study import _write, log
@@ -196,15 +196,7 @@ def family_unit(settings: Settings, r: int, seed: int, cache: Path) -> dict[str,
 
     tokenizer, dash = _adapted(settings, r, seed, cache)
     optimizer, scheduler = _optimizer(dash, settings, settings.steps)
-    parameters = dict(dash.named_parameters())
-    with torch.no_grad():
-        for name, value in saved["parameters"].items():
-            parameters[name].copy_(value)
-    for name, value in saved["optimizer"].items():
-        optimizer.state[parameters[name]] = value
-    scheduler.load_state_dict(saved["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr  # load_state_dict restores the schedule's position, not the rates it set
+    restore_run(dash, optimizer, scheduler, saved)
     controller = lora_dash.LaunchController(dash, launch_step=settings.t).attach(optimizer)
     launch_start = time.perf_counter()
     controller.launch()
@@ -291,6 +283,19 @@ def pilot_choice(out: Path) -> float:
     return best["lr"]
 
 
+def stamp(payload: dict[str, Any], key: str, settings: Any, start: float) -> dict[str, Any]:
+    """``payload`` with what every unit file records: its key, the settings (a dataclass), its wall time
+    since ``start`` (``time.perf_counter()``), the torch threads and the torch version."""
+    payload.update(
+        key=key,
+        settings=asdict(settings),
+        wall_seconds=time.perf_counter() - start,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+    return payload
+
+
 def run_study(out: Path, settings: Settings, seeds: tuple[int, ...], cache: Path) -> None:
     """Run every unit of the plan not yet in ``out/units`` (in :func:`unit_keys` order)."""
     units = out / "units"
@@ -304,12 +309,5 @@ def run_study(out: Path, settings: Settings, seeds: tuple[int, ...], cache: Path
         else:
             r, seed = (int(part[len(prefix) :]) for part, prefix in zip(key.split("-"), ("r", "seed")))
             payload = family_unit(settings, r, seed, cache)
-        payload.update(
-            key=key,
-            settings=asdict(settings),
-            wall_seconds=time.perf_counter() - start,
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-        )
-        _write(units / f"{key}.json", payload)
+        _write(units / f"{key}.json", stamp(payload, key, settings, start))
         log(f"unit {key} done ({payload['wall_seconds']:.0f}s)")

@@ -336,3 +336,23 @@ def train_steps(
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
+
+
+def restore_run(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict,
+) -> None:
+    """Put a run's snapshot into a fresh ``model``, ``optimizer`` and ``scheduler``: trainable parameters and
+    AdamW state by name, and the schedule's position (``state["scheduler"]``). The RNG is left to the
+    caller, since a fork restores it only after the launch."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["parameters"].items():
+            parameters[name].copy_(value)
+    for name, value in state["optimizer"].items():
+        optimizer.state[parameters[name]] = value
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # load_state_dict restores the schedule's position, not the rates it set
