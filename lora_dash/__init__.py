@@ -4,12 +4,13 @@ Si et al., "Unleashing the Power of Task-Specific Directions in Parameter Effici
 ICLR 2025 (arXiv 2409.01035).
 
 The method lives in ``directions`` (the math), ``layer``, ``inject`` and ``schedule`` (the launch). The
-integrations around it plug into their seams on import: ``quantized`` (reading a quantized base),
+integrations around it plug into their seams on import: ``fused`` (a lean kernel of the adapter's
+product), ``quantized`` (reading a quantized base),
 ``distributed`` (a launch shared among ranks), ``analysis`` (the launch's evidence log) and ``guards``
 (warnings for a launch wired wrong). See docs/METHOD.md §13, "How the code is laid out".
 """
 
-from lora_dash import analysis, directions, distributed, guards, quantized
+from lora_dash import analysis, directions, distributed, fused, guards, quantized
 from lora_dash.checkpoint import (
     load_adapter,
     load_training_checkpoint,
@@ -43,6 +44,7 @@ __all__ = [
     "directions",
     "distributed",
     "export_lora",
+    "fused",
     "guards",
     "inject",
     "launch",

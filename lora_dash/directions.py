@@ -20,10 +20,7 @@ from lora_dash.checks import check_int, check_number
 
 
 class SVDBasis(NamedTuple):
-    """Thin SVD ``W = U diag(sigma) Vᵀ``.
-
-    Shapes: ``U`` is ``(n, k)``, ``sigma`` is ``(k,)`` in descending order, ``V`` is ``(m, k)``.
-    """
+    """Thin SVD ``W = U diag(sigma) Vᵀ``: ``U: (n, k)``, ``sigma: (k,)`` in descending order, ``V: (m, k)``."""
 
     U: Tensor
     sigma: Tensor

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_dash import directions
@@ -41,6 +42,13 @@ def dequantize(module: nn.Module) -> Tensor:
     """The seam for quantized bases: ``W: (out, in)`` as the floats that ``module``'s codes stand for, or a
     ``ValueError``. :mod:`lora_dash.quantized` replaces this refusal when imported (``import lora_dash`` does)."""
     raise ValueError(f"{type(module).__name__} holds a quantized weight, and no reader for it is installed")
+
+
+def adapter_product(x: Tensor, A: Tensor, B: Tensor, scaling: float, V_s: Tensor, delta: Tensor, U_s: Tensor) -> Tensor:
+    """The two branches beside the frozen layer: ``(α/r)·x Aᵀ Bᵀ + (x V_s ⊙ δ) U_sᵀ``, ``(..., in)`` → ``(..., out)``,
+    never forming an ``(out, in)`` matrix. The reference, and a seam: :mod:`lora_dash.fused` replaces it on
+    import with the same product in a kernel that keeps less for the backward."""
+    return F.linear(F.linear(x, A) * scaling, B) + F.linear(F.linear(x, V_s.T) * delta, U_s)
 
 
 def full_tensor(tensor: Tensor) -> Tensor:
@@ -87,9 +95,8 @@ class LoRADashLinear(nn.Module):
 
     ``A: (r, in)`` (Kaiming-uniform), ``B: (out, r)`` (zeros), ``δ: (s,)`` (zeros), and the buffers
     ``U_s: (out, s)``, ``V_s: (in, s)`` hold zeros until :meth:`launch` fills them with the singular
-    vectors of ``W`` whose change rate under ``(α/r)·B A`` is largest. The two branches are computed as
-    one rank-``(r + s)`` product, so the dash never forms an ``(out, in)`` matrix, and the forward has
-    no phase logic: before launch the dash columns are zero and contribute exactly nothing.
+    vectors of ``W`` whose change rate under ``(α/r)·B A`` is largest (:func:`adapter_product` computes
+    both branches). The forward has no phase logic: before launch the dash is zero and adds exactly nothing.
 
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
     buffers are float32 for a half-precision or quantized base (float64 for a float64 one). A quantized
@@ -182,11 +189,9 @@ class LoRADashLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        # LoRA and dash as one rank-(r+s) product: x̃ [(α/r)A ; V_sᵀ]ᵀ [B | U_s diag(δ)]ᵀ.
-        down = torch.cat([self.lora_A * self.scaling, self.dash_V.T])  # (r+s, in)
-        up = torch.cat([self.lora_B, self.dash_U * self.dash_delta], dim=1)  # (out, r+s)
-        x_adapter = self.dropout(x).to(down.dtype)
-        return y + ((x_adapter @ down.T) @ up.T).to(y.dtype)
+        x_adapter = self.dropout(x).to(self.lora_A.dtype)
+        A, B, V_s, delta, U_s = self.lora_A, self.lora_B, self.dash_V, self.dash_delta, self.dash_U
+        return y + adapter_product(x_adapter, A, B, self.scaling, V_s, delta, U_s).to(y.dtype)
 
     # ---------------------------------------------------------------------------------- launch
     @torch.no_grad()
@@ -289,14 +294,10 @@ class LoRADashLinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, update: Tensor) -> None:
-        weight = self.base.weight
-        if is_conv1d(self.base):
-            update = update.T
+        weight, update = self.base.weight, update.T if is_conv1d(self.base) else update
         weight.copy_(weight.float() + update.to(weight.device))
 
     def extra_repr(self) -> str:
         phase = "dash" if self.launched else "pre-launch"
-        return (
-            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, s={self.s}, "
-            f"scaling={self.scaling:.4g}, phase={phase}, merged={self.merged}"
-        )
+        shape = f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, s={self.s}"
+        return f"{shape}, scaling={self.scaling:.4g}, phase={phase}, merged={self.merged}"

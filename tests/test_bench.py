@@ -52,17 +52,15 @@ def counted_layers(out_features: int, in_features: int, tokens: int) -> dict[str
 
 
 @pytest.mark.parametrize("out_features, in_features, tokens", [(96, 64, 40), (48, 80, 17)])
-def test_the_dash_keeps_tokens_s_plus_the_joined_factors_more_than_peft_lora_to_the_byte(
-    out_features, in_features, tokens
-):
-    """Our forward is one rank-(r+s) product: it saves ``x̃ [(α/r)A ; V_sᵀ]ᵀ`` ``(tokens, r+s)`` and the two
-    concatenated factors ``(r+s, in)``, ``(out, r+s)``, where PEFT saves ``(tokens, r)`` and its own ``A``
-    and ``B`` (parameters, counted with the module). Both save the input ``x``."""
+def test_the_dash_keeps_tokens_r_numbers_fewer_than_peft_lora_to_the_byte(out_features, in_features, tokens):
+    """Our product keeps only its input ``x̃`` for the backward (:mod:`lora_dash.fused` recomputes
+    ``x̃ [Aᵀ | V_s]`` there), where PEFT keeps ``x̃`` and ``x̃ Aᵀ`` ``(tokens, r)``. δ adds its gradient and
+    AdamW state, ``s`` numbers each; its factors are the module's own (counted with it)."""
     counts = counted_layers(out_features, in_features, tokens)
     dash, peft = counts[c.DASH], counts[c.PEFT]
     r, s = c.R, c.S
-    assert dash["saved"] - peft["saved"] == FLOAT * (tokens * s + (r + s) * (in_features + out_features))
     assert peft["saved"] == FLOAT * tokens * (in_features + r)  # x and x Aᵀ
+    assert dash["saved"] == FLOAT * tokens * in_features  # x alone
     assert dash["gradients"] - peft["gradients"] == FLOAT * s  # δ's gradient
     assert dash["optimizer_state"] - peft["optimizer_state"] == FLOAT * (2 * s + 1)  # δ's two moments and step
     # δ, U_s, V_s in float32; the launch's indices (int64) and phase flag (one byte).
@@ -70,8 +68,8 @@ def test_the_dash_keeps_tokens_s_plus_the_joined_factors_more_than_peft_lora_to_
 
 
 def test_the_dash_phase_keeps_exactly_the_tensors_of_the_pre_launch_phase():
-    """The forward has no phase logic: before launch the s dash columns are zeros, computed and saved all
-    the same, and δ already has a gradient and an optimizer state. The launch adds no byte."""
+    """The forward has no phase logic: before launch the dash is zero, computed all the same, and δ already
+    has a gradient and an optimizer state. The launch adds no byte."""
     counts = counted_layers(96, 64, 40)
     assert counts[c.DASH] == counts[c.PRE]
 
@@ -246,7 +244,7 @@ def test_the_reported_tensor_bytes_are_the_exact_count(quick_run):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) == 7 and cells[0] == "layer 256×256, 512 tokens":
             saved[cells[1]] = int(cells[5].removesuffix(" B").replace(",", ""))
-    assert saved[c.DASH] - saved[c.PEFT] == FLOAT * (512 * c.S + (c.R + c.S) * (256 + 256))
+    assert saved[c.PEFT] - saved[c.DASH] == FLOAT * 512 * c.R  # PEFT keeps x Aᵀ, we recompute it
     assert saved[c.DASH] == saved[c.PRE]
     ratios = {row["ratio"]: row for line in section.splitlines() if (row := RATIO_ROW.match(line))}
     assert ratios[f"{c.DASH} / {c.PRE}"]["value"] == "1.000"

@@ -15,7 +15,18 @@ PACKAGE = Path(lora_dash.__file__).parent
 #: The method, in reading order; each may import the ones before it, and ``checks``.
 METHOD = ["checks", "directions", "layer", "inject", "schedule"]
 #: The integrations: they may import the method and each other, never a program.
-INTEGRATIONS = ["state", "quantized", "distributed", "merge", "analysis", "guards", "checkpoint", "export", "hf"]
+INTEGRATIONS = [
+    "state",
+    "fused",
+    "quantized",
+    "distributed",
+    "merge",
+    "analysis",
+    "guards",
+    "checkpoint",
+    "export",
+    "hf",
+]
 #: The programs built on the library.
 PROGRAMS = ["demo", "bench", "reproduce", "commonsense"]
 METHOD_LINES = 950
@@ -103,12 +114,13 @@ def test_the_method_reads_in_one_sitting():
 
 
 def test_importing_the_package_fills_every_seam_of_the_method():
-    from lora_dash import analysis, distributed, guards, layer, quantized, schedule
+    from lora_dash import analysis, distributed, fused, guards, layer, quantized, schedule
 
     assert layer.dequantize is quantized.dequantized_weight
     assert schedule.shared_selection is distributed.select_shared
     assert schedule.launch_report is analysis.launch_evidence
     assert schedule.guard is guards.guard
+    assert layer.adapter_product is fused.adapter_product
 
 
 def test_the_import_reader_sees_a_lazy_import_and_a_circle(tmp_path):

@@ -34,7 +34,9 @@ from lora_dash.bench.harness import (
 from lora_dash.bench.report import Measurement, Ratio, Target, ratio
 from lora_dash.demo.extras import require_extras
 
-DASH_VS_LORA = Target(1.05)  # a dash-phase step, or its peak memory, costs at most 5 % over plain LoRA
+DASH_VS_LORA = Target(1.02)  # a dash-phase step takes at most 2 % longer than PEFT's LoRA
+PRE_MEMORY_VS_LORA = Target(1.00)  # before the launch a step keeps no byte more than PEFT's LoRA
+DASH_MEMORY_VS_LORA = Target(1.01)  # after it, at most 1 % more
 DENSE_SPEEDUP = Target(2.0, at_most=False)  # at 1024 × 1024 and above
 MERGED_VS_LINEAR = Target(1.02)
 LAUNCH_VS_SVD = Target(1.1)
@@ -254,7 +256,11 @@ def memory_case(case: str, specs: dict[str, dict], children: int) -> list[Measur
 def memory_ratios(measurements: list[Measurement], case: str, dense: bool) -> list[Ratio]:
     """Ours dash against PEFT's LoRA and our pre-launch (and the dense dash against ours): judged on the exact
     tensor bytes, shown for the RSS growth."""
-    pairs = [(c.DASH, c.PEFT, DASH_VS_LORA), (c.DASH, c.PRE, DASH_VS_LORA)]
+    pairs = [
+        (c.PRE, c.PEFT, PRE_MEMORY_VS_LORA),
+        (c.DASH, c.PEFT, DASH_MEMORY_VS_LORA),
+        (c.DASH, c.PRE, DASH_MEMORY_VS_LORA),
+    ]
     pairs += [(c.DENSE, c.DASH, None)] if dense else []
     return [ratio(measurements, report.TENSOR_MEMORY, case, top, bottom, target) for top, bottom, target in pairs] + [
         ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom, _ in pairs
