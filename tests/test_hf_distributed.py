@@ -6,8 +6,6 @@ The ranks (``workers/trainer_runs.py``) run once per session; each test checks o
 """
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from lora_dash import adapter_state_dict, dash_layers, load_adapter, merge_and_u
 from lora_dash.distributed import assign_owners, svd_cost
 from lora_dash.hf import ADAPTER_FILE, DEEPSPEED_REFUSAL, FSDP_REFUSAL, LoRADashTrainer
 
-from helpers import assert_refused_and_unchanged, assert_same, run_gloo_workers
+from helpers import assert_refused_and_unchanged, assert_same, logits_without_lora_dash, run_gloo_workers
 from workers.trainer_runs import PROBE, build_model, make_trainer, train
 
 WORKER = Path(__file__).parent / "workers" / "trainer_runs.py"
@@ -175,14 +173,8 @@ def test_saved_adapter_merged_loads_without_lora_dash_with_the_trained_logits(ou
     merged = merge_and_unload(model)
     assert not dash_layers(merged)
     merged.save_pretrained(tmp_path / "merged")
-    code = (
-        "import sys, torch; sys.modules['lora_dash'] = None\n"
-        "from transformers import BertForSequenceClassification\n"
-        f"model = BertForSequenceClassification.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
-        f"torch.save(model(input_ids=torch.tensor({PROBE.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ranks[0]["run"]["logits"], rtol=1e-5, atol=1e-6)
+    served = logits_without_lora_dash(tmp_path / "merged", PROBE)
+    torch.testing.assert_close(served, ranks[0]["run"]["logits"], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ FSDP, DeepSpeed
