@@ -318,7 +318,11 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
                 ]
                 if runs:
                     cells = [f"{statistics.mean(100 * run[c][metric] for run in runs):.2f}" for c in columns]
-                    lines.append(f"| {METHOD_TITLES[method]} r={r} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+                    lines.append(
+                        f"| {METHOD_TITLES[method]} r={r} ({len(runs)} seed{'' if len(runs) == 1 else 's'}) | "
+                        + " | ".join(cells)
+                        + " |"
+                    )
         values = result["by_metric"][metric]
         lines.append("")
         for r in settings.ranks:
