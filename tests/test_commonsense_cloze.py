@@ -218,7 +218,7 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
         assert summary[field] is not None, field
     for field in ("lora_avg", "dash_avg", "dash_only_avg"):
         assert set(summary[field]) == {"2"} and 0 <= summary[field]["2"] <= 100
-    for field in ("dash_minus_lora", "dash_only_minus_lora"):
+    for field in ("dash_minus_lora", "dash_only_minus_lora", "lora_minus_zero_shot"):
         assert set(summary[field]["2"]) == {"mean", "ci95_low", "ci95_high"}
     assert summary["steps"] == 4 and summary["t"] == 2 and summary["units_missing"] == []
     assert summary["budget"]["reason"].startswith("forced")

@@ -199,10 +199,11 @@ def choose_budget(
     }
 
 
-def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str) -> dict[str, Any]:
-    """Per rank: mean test average per method over its seeds, and the paired intervals against LoRA."""
+def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str, zero: Hits | None) -> dict[str, Any]:
+    """Per rank: mean test average per method over its seeds, the paired intervals against LoRA, and
+    LoRA's against the zero-shot row (``zero``, its hits; the same for every seed)."""
     fields: dict[str, Any] = {f"{method}_avg": {} for method in ("lora", "dash", "dash_only")}
-    fields |= {"dash_minus_lora": {}, "dash_only_minus_lora": {}}
+    fields |= {"dash_minus_lora": {}, "dash_only_minus_lora": {}, "lora_minus_zero_shot": {}}
     for r in settings.ranks:
         runs: dict[str, dict[int, Hits]] = {}
         for method in METHODS:
@@ -221,6 +222,10 @@ def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str) -
                 if seeds
                 else None
             )
+        lora = list(runs["lora"].values())
+        fields["lora_minus_zero_shot"][str(r)] = (
+            paired_bootstrap(lora, [zero] * len(lora), settings.resamples) if lora and zero else None
+        )
     return fields
 
 
@@ -240,7 +245,7 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         metric: {
             "zero_shot_avg": average(hits_of(zero["test"], metric)) if zero else None,
             "most_frequent_avg": average(baseline),
-            **_comparison(units, settings, test, metric),
+            **_comparison(units, settings, test, metric, hits_of(zero["test"], metric) if zero else None),
         }
         for metric in METRICS
     }
@@ -327,7 +332,8 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         lines.append("")
         for r in settings.ranks:
             lines.append(
-                f"- r={r}: LoRA-Dash − LoRA {_interval(values['dash_minus_lora'][str(r)])}; "
+                f"- r={r}: LoRA − zero-shot {_interval(values['lora_minus_zero_shot'][str(r)])}; "
+                f"LoRA-Dash − LoRA {_interval(values['dash_minus_lora'][str(r)])}; "
                 f"dash-only − LoRA {_interval(values['dash_only_minus_lora'][str(r)])} "
                 "(points, mean [95 % paired bootstrap interval over questions and seeds])."
             )
