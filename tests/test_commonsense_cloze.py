@@ -229,6 +229,8 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
     assert {path.name: path.stat().st_mtime_ns for path in (out / "units").iterdir()} == stamp
     assert json.loads((out / "summary.json").read_text()) == summary
     assert "| LoRA-Dash r=2 (1 seed) |" in (out / "tables.md").read_text()
+    after = sum(dash["losses"][2:]) / 2
+    assert f"- LoRA-Dash r=2 (1 seed): {after:.4f}" in (out / "tables.md").read_text()
 
 
 def test_without_a_budget_the_summary_marks_the_comparison_missing(tiny_study, tmp_path):

@@ -342,6 +342,17 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         f"Zero-shot − most frequent answer position (acc, test): {_interval(result['zero_shot_minus_most_frequent'])}.",
         "",
     ]
+    lines += ["## Mean training loss after the launch (steps t + 1 to the end; mean over seeds)", ""]
+    for r in settings.ranks:
+        for method in METHODS:
+            runs = [u for s in settings.seeds if (u := units.get(f"r{r}-seed{s}-{method}"))]
+            if runs:
+                after = [statistics.mean(run["losses"][run["t"] :]) for run in runs]
+                lines.append(
+                    f"- {METHOD_TITLES[method]} r={r} ({len(runs)} seed{'' if len(runs) == 1 else 's'}): "
+                    f"{statistics.mean(after):.4f}"
+                )
+    lines.append("")
     budget = result["budget"]
     lines += [
         "## The learning curve on the validation slice (acc, %)",
