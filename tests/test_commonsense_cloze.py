@@ -2,6 +2,7 @@
 budget's rule, resumable training, dash-only, and a miniature of the whole study on a tiny model."""
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -17,6 +18,13 @@ from lora_dash.commonsense.train import Encoded
 
 CharTokenizer = test_commonsense.CharTokenizer
 tiny_llama = test_commonsense.tiny_llama  # the fixture: a 2-layer LLaMA built from a config
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def same_losses(device: str, first: list[float], second: list[float]) -> bool:
+    """Bit for bit on the CPU; on a GPU, where some kernels sum in varying order, to float rounding."""
+    return first == second if device == "cpu" else np.allclose(first, second, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
@@ -167,21 +175,27 @@ def test_the_budget_is_the_smallest_step_count_that_clears_both_baselines():
 
 
 # ---------------------------------------------------------------------------------------- training
-def test_a_lora_run_resumed_from_its_saved_state_equals_one_run_straight(tiny_study, tmp_path):
-    settings = cloze.QUICK
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_lora_run_resumed_from_its_saved_state_equals_one_run_straight(tiny_study, tmp_path, device):
+    settings = dataclasses.replace(cloze.QUICK, device=device)
     questions, _, _ = cloze.parts(cloze.splits(settings))
     straight = cloze.trained_lora(settings, 2, 0, 4, tmp_path / "a", questions)
     cloze.trained_lora(settings, 2, 0, 2, tmp_path / "b", questions)
     assert cloze.state_path(tmp_path / "b", 2, 0, 2).exists()
     resumed = cloze.trained_lora(settings, 2, 0, 4, tmp_path / "b", questions)
-    assert resumed["first_step"] == 3 and resumed["losses"] == straight["losses"]  # bit for bit
+    assert resumed["first_step"] == 3 and same_losses(device, resumed["losses"], straight["losses"])
     for name, value in straight["state"]["parameters"].items():
-        assert torch.equal(resumed["state"]["parameters"][name], value), name
+        assert value.device.type == device
+        if device == "cpu":
+            assert torch.equal(resumed["state"]["parameters"][name], value), name
+        else:
+            torch.testing.assert_close(resumed["state"]["parameters"][name], value, msg=name)
     assert cloze.trained_lora(settings, 2, 0, 4, tmp_path / "b", questions)["first_step"] == 5  # nothing to train
 
 
-def test_dash_only_trains_delta_alone_and_leaves_a_b_and_their_adam_state_untouched(tiny_study, tmp_path):
-    settings = cloze.QUICK
+@pytest.mark.parametrize("device", DEVICES)
+def test_dash_only_trains_delta_alone_and_leaves_a_b_and_their_adam_state_untouched(tiny_study, tmp_path, device):
+    settings = dataclasses.replace(cloze.QUICK, device=device)
     questions, _, _ = cloze.parts(cloze.splits(settings))
     state = cloze.trained_lora(settings, 2, 0, 2, tmp_path, questions)["state"]
     _, dash_only, optimizer, scheduler = cloze._fork(settings, 2, 0, tmp_path, state, dash_only=True)
@@ -233,6 +247,45 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
     assert f"- LoRA-Dash r=2 (1 seed): {after:.4f}" in (out / "tables.md").read_text()
 
 
+def test_processes_with_disjoint_only_patterns_share_one_study(tiny_study, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(cache), "--threads", "1"]
+    main([*argv, "--until", "curve", "--only", "zeroshot|curve-.*"])
+    assert sorted(p.name for p in (out / "units").iterdir()) == [
+        "curve-r2-seed0-step2.json",
+        "curve-r2-seed0-step4.json",
+        "zeroshot.json",
+    ]
+    main([*argv, "--budget", "4", "--t", "2", "--only", "r2-seed0-(lora|dash)"])  # not dash_only
+    assert {p.stem for p in (out / "units").iterdir()} >= {"r2-seed0-lora", "r2-seed0-dash"}
+    assert not (out / "units" / "r2-seed0-dash_only.json").exists()
+    main([*argv, "--budget", "4", "--t", "2"])
+    assert json.loads((out / "summary.json").read_text())["units_missing"] == []
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_a_bad_only_pattern_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--cloze", "--quick", "--out", str(tmp_path / "out"), "--only", "r4-(seed"])
+    assert "--only" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@CUDA
+def test_the_cloze_miniature_runs_on_cuda_and_starts_where_the_cpu_run_starts(tiny_study, tmp_path):
+    units = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(tmp_path / device / "cache")]
+        main([*argv, "--threads", "1", "--budget", "4", "--t", "2", "--device", device])
+        units[device] = cloze_report.load_units(out)
+    lora, dash = units["cuda"]["r2-seed0-lora"], units["cuda"]["r2-seed0-dash"]
+    assert lora["settings"]["device"] == "cuda" and units["cpu"]["r2-seed0-lora"]["settings"]["device"] == "cpu"
+    assert dash["losses"][:2] == lora["losses"][:2]  # forked after step 2
+    # A is drawn by each device's own generator, but B = 0 at step 1: both start from the same model.
+    assert np.isclose(lora["losses"][0], units["cpu"]["r2-seed0-lora"]["losses"][0], rtol=1e-5)
+    assert json.loads((tmp_path / "cuda" / "summary.json").read_text())["units_missing"] == []
+
+
 def test_without_a_budget_the_summary_marks_the_comparison_missing(tiny_study, tmp_path):
     out = tmp_path / "out"
     main(["--cloze", "--quick", "--out", str(out), "--cache", str(tmp_path), "--threads", "1", "--until", "zeroshot"])
@@ -246,19 +299,19 @@ def test_the_study_adapts_the_same_matrices_as_the_listed_study():
     assert cloze.TARGETS == model.TARGETS
 
 
-def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study, tmp_path, device):
     """The pairing the comparison relies on: LoRA-Dash forked from the saved LoRA state after step t is
-    the run a model launched at t by its controller makes, bit for bit."""
-    settings = cloze.QUICK
+    the run a model launched at t by its controller makes, bit for bit (on a GPU, to float rounding)."""
+    settings = dataclasses.replace(cloze.QUICK, device=device)
     questions, _, _ = cloze.parts(cloze.splits(settings))
     state = cloze.trained_lora(settings, 2, 0, 2, tmp_path, questions)["state"]
     tokenizer, forked, optimizer, scheduler = cloze._fork(settings, 2, 0, tmp_path, state, dash_only=False)
     after = train.train_steps(forked, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96, first_step=3)
     tokenizer, straight, optimizer, scheduler = cloze._build(settings, 2, 0, tmp_path)
     lora_dash.LaunchController(straight, launch_step=2).attach(optimizer)
-    assert state["losses"] + after == train.train_steps(
-        straight, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96
-    )
+    launched = train.train_steps(straight, tokenizer, optimizer, scheduler, questions, 4, 2, 0, 96)
+    assert same_losses(device, state["losses"] + after, launched)
 
 
 def test_once_the_curve_chooses_a_budget_the_comparison_runs_before_the_rest_of_the_curve(

@@ -5,6 +5,7 @@ so an interrupted study resumes. Then ``<out>/tables.md`` is written from whatev
 """
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -58,11 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cloze.add_argument("--max-units", type=int, help="run at most this many units, then report")
     cloze.add_argument("--budget", type=int, help="force the comparison's step count instead of the curve's choice")
     cloze.add_argument("--t", type=int, help="the comparison's launch step (optimizer steps)")
+    cloze.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="run only the units whose key matches in full (r4-seed1-dash, curve-r4-seed0-step400, ...): "
+        "processes with disjoint patterns can share one study",
+    )
+    cloze.add_argument("--device", default="cpu", help="where the model trains and scores (default cpu; cuda)")
     args = parser.parse_args(argv)
     if args.cloze:
         args.out = args.out or Path("results/commonsense-quick/cloze" if args.quick else "results/commonsense/cloze")
     args.out = args.out or Path("results/commonsense-quick" if args.quick else "results/commonsense")
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1, 2)))
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as error:
+            parser.error(f"--only {args.only!r} is not a regular expression: {error}")
     if args.report_only and not (args.out / "units").is_dir():
         parser.error(f"--report-only needs a finished or partial study in {args.out}/units, found none")
     return args
@@ -84,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         from lora_dash.commonsense.cloze_report import write_cloze_report
         from lora_dash.commonsense.cloze_run import run_cloze
 
-        settings = cloze.QUICK if args.quick else cloze.FULL
+        settings = replace(cloze.QUICK if args.quick else cloze.FULL, device=args.device)
         try:
             if not args.report_only:
-                run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t)
+                run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t, args.only)
             path = write_cloze_report(args.out, settings, cloze.splits(settings))
         except DataError as error:
             raise SystemExit(f"lora_dash.commonsense: {error}") from None

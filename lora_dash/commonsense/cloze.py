@@ -67,6 +67,7 @@ class ClozeSettings:
     eval_token_budget: int = 4096  # padded tokens a scoring batch
     margin: float = 2.0  # points, paired, by which LoRA must beat both baselines on validation
     resamples: int = 10_000  # of the paired bootstrap
+    device: str = "cpu"  # where the model trains and scores; devices agree only up to float rounding
 
 
 FULL = ClozeSettings()
@@ -137,15 +138,32 @@ def _build(settings: ClozeSettings, r: int, seed: int, cache: Path):
     """A fresh model with LoRA-Dash layers (A from ``seed``), its AdamW and its schedule."""
     torch.manual_seed(seed)
     tokenizer, model = load_smollm2(cache)
+    model.to(settings.device)  # before the injection, so that A is drawn where it lives
     lora_dash.inject(model, TARGETS, r=r, alpha=2.0 * r, s=settings.s, dropout=settings.dropout)
     optimizer = torch.optim.AdamW(lora_dash.adapter_param_groups(model, settings.lr), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(settings.warmup))
     return tokenizer, model, optimizer, scheduler
 
 
+def rng_states(device: str) -> dict[str, torch.Tensor]:
+    """The random state a continued run needs: the CPU's, and the GPU's when the model runs there
+    (dropout draws from the generator of its tensors' device)."""
+    states = {"rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(state: dict[str, Any], device: str) -> None:
+    """Restore what :func:`rng_states` recorded."""
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # runs in parallel may save the same state
     torch.save(state, temporary)
     os.replace(temporary, path)
 
@@ -174,9 +192,9 @@ def trained_lora(
     losses: list[float] = []
     state: dict[str, Any] = {}
     if saved:
-        state = torch.load(saved[-1][1], weights_only=True)
+        state = torch.load(saved[-1][1], weights_only=True, map_location="cpu")
         restore_run(model, optimizer, scheduler, state)
-        torch.set_rng_state(state["rng"])
+        set_rng_states(state, settings.device)
         losses = list(state["losses"])
     first_step = len(losses) + 1
 
@@ -185,6 +203,7 @@ def trained_lora(
         if step in keep or step == steps:
             state.clear()
             state.update(snapshot(model, optimizer), scheduler=scheduler.state_dict(), losses=list(losses))
+            state.update(rng_states(settings.device))
             _save_state(state_path(cache, r, seed, step), state)
         if step % 25 == 0:
             log(f"LoRA r={r} seed {seed} step {step}: loss {loss:.4f}")
@@ -218,6 +237,7 @@ def zero_shot_unit(settings: ClozeSettings, cache: Path, cut: dict[str, ClozeSpl
     """The untouched model on the test and the validation questions."""
     _, validation, test = parts(cut)
     tokenizer, model = load_smollm2(cache)
+    model.to(settings.device)
     return {
         "test": scored(model, tokenizer, test, settings),
         "validation": scored(model, tokenizer, validation, settings),
@@ -248,7 +268,7 @@ def _fork(settings: ClozeSettings, r: int, seed: int, cache: Path, state: dict[s
     controller = lora_dash.LaunchController(model, launch_step=t).attach(optimizer)
     controller.launch()
     controller.load_state_dict({"launch_step": t, "steps": t})
-    torch.set_rng_state(state["rng"])
+    set_rng_states(state, settings.device)
     if dash_only:
         for layer in lora_dash.dash_layers(model).values():
             layer.lora_A.requires_grad_(False)

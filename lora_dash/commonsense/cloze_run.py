@@ -3,7 +3,8 @@
 Zero-shot first, then the LoRA curve, then (only once ``budget.json`` records a budget, chosen from the
 curve by :func:`~lora_dash.commonsense.cloze_report.choose_budget` or forced, and a launch step is given)
 LoRA, LoRA-Dash and dash-only, seed by seed. Each unit is one JSON file under ``<out>/units/``, written
-once complete; a rerun skips those present, so an interrupted study resumes.
+once complete; a rerun skips those present, so an interrupted study resumes. Several processes may share
+one study (on one GPU, say), each running the units its ``only`` pattern names.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lora_dash.reproduce.study import log
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` so that the file exists only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing a study may write the same file
     temporary.write_text(json.dumps(payload) + "\n")
     os.replace(temporary, path)
 
@@ -46,11 +47,13 @@ def run_cloze(
     max_units: int | None = None,
     budget: int | None = None,
     t: int | None = None,
+    only: str | None = None,
 ) -> None:
     """Run the units not yet in ``out/units``, at most ``max_units`` of them, in this order: zero-shot; the
     curve, step count by step count; with ``until="compare"``, as soon as the curve's units present choose a
     budget (or ``budget`` forces one) and ``t`` is given, the comparison at that budget; then the rest of
-    the curve. ``until="curve"`` runs the whole curve and no comparison.
+    the curve. ``until="curve"`` runs the whole curve and no comparison. ``only``, a regular expression,
+    restricts the run to the unit keys it matches in full; the others are passed over as if present.
 
     The choice is written to ``out/budget.json`` (with ``t``) before any comparison unit runs.
     """
@@ -60,7 +63,7 @@ def run_cloze(
 
     def run(key: str, make: Callable[[], dict[str, Any]]) -> bool:
         nonlocal done
-        if (units / f"{key}.json").exists():
+        if (units / f"{key}.json").exists() or (only is not None and not re.fullmatch(only, key)):
             return True
         if max_units is not None and done >= max_units:
             return False

@@ -20,6 +20,9 @@ usually most of the tokens, read once instead of once per choice.
 
 Sequences are length-bucketed: sorted by length and cut into batches of at most ``token_budget``
 padded tokens, so padding costs little.
+
+Batches are built on the CPU and moved to the model's device (:func:`on_model_device`); scores come back
+to the CPU.
 """
 
 from __future__ import annotations
@@ -80,14 +83,21 @@ def collate(sequences: list[Encoded], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def on_model_device(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` with every tensor on the device of the model's first parameter."""
+    device = next(model.parameters()).device
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
 def _target_logits(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Logits at the positions that predict a target token only, ``(n, vocab)``, their labels ``(n,)`` and
     row numbers ``(n,)``. The LM head (49k outputs) runs on those positions alone: most tokens are prompt.
     """
+    batch = on_model_device(model, batch)
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     labels = batch["labels"][:, 1:]  # token j is predicted from position j − 1
     scored = labels != IGNORE
-    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[scored]
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[scored]
     return model.lm_head(hidden[:, :-1][scored]).float(), labels[scored], rows
 
 
@@ -98,7 +108,9 @@ def target_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> 
     """
     logits, labels, rows = _target_logits(model, batch)
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(batch["labels"].shape[0], dtype=log_probs.dtype).index_add_(0, rows, log_probs)
+    return torch.zeros(batch["labels"].shape[0], dtype=log_probs.dtype, device=rows.device).index_add_(
+        0, rows, log_probs
+    )
 
 
 def target_loss(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
@@ -182,6 +194,7 @@ def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, Tensor]:
 
 def packed_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
     """``(targets,)``: for each target of a :func:`collate_packed` batch, ``Σ_j log p(t_j | prompt, t_<j)``."""
+    batch = on_model_device(model, batch)
     mask = batch["attention_mask"].to(model.dtype)
     hidden = model.model(
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
@@ -189,7 +202,7 @@ def packed_log_likelihoods(model: PreTrainedModel, batch: dict[str, Tensor]) -> 
     logits = model.lm_head(hidden[batch["row"], batch["source"]]).float()
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, batch["label"].unsqueeze(-1)).squeeze(-1)
     count = int(batch["target"].max()) + 1
-    return torch.zeros(count, dtype=log_probs.dtype).index_add_(0, batch["target"], log_probs)
+    return torch.zeros(count, dtype=log_probs.dtype, device=log_probs.device).index_add_(0, batch["target"], log_probs)
 
 
 def length_buckets(lengths: list[int], token_budget: int) -> Iterator[list[int]]:
@@ -237,9 +250,9 @@ def question_hits(
     scores = torch.empty(first, dtype=torch.float64)
     for batch_packs in length_buckets([len(packed) for packed in packs], token_budget):
         batch = collate_packed([packs[i] for i in batch_packs], tokenizer.pad_token_id)
-        scores[[number for i in batch_packs for number in choice_numbers[i]]] = packed_log_likelihoods(
-            model, batch
-        ).double()
+        scores[[number for i in batch_packs for number in choice_numbers[i]]] = (
+            packed_log_likelihoods(model, batch).cpu().double()
+        )
     tokens = torch.tensor(token_counts, dtype=torch.float64)
     hits: dict[str, list[bool]] = {metric: [] for metric in METRICS}
     start = 0
@@ -352,7 +365,9 @@ def restore_run(
         for name, value in state["parameters"].items():
             parameters[name].copy_(value)
     for name, value in state["optimizer"].items():
-        optimizer.state[parameters[name]] = value
+        # The moments live with their parameter; AdamW keeps its step count on the CPU.
+        device = parameters[name].device
+        optimizer.state[parameters[name]] = {key: v if key == "step" else v.to(device) for key, v in value.items()}
     scheduler.load_state_dict(state["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr  # load_state_dict restores the schedule's position, not the rates it set
