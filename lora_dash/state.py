@@ -66,13 +66,15 @@ def adapter_param_groups(
 
 def count_trainable_parameters(model: nn.Module) -> int:
     """Degrees of freedom the adapters train: ``r·(in + out)`` per layer, plus ``s`` once launched, plus
-    every parameter of the modules that train in full.
+    every parameter of the modules that train in full. A factor frozen by hand (``requires_grad`` off,
+    as when δ alone trains after the launch) is not counted.
 
     ``δ`` exists from construction, but before launch ``U_s = V_s = 0`` and it cannot move the output,
     so it is counted from the launch on, as in the paper.
     """
     return sum(
-        layer.lora_A.numel() + layer.lora_B.numel() + (layer.s if layer.launched else 0)
+        sum(factor.numel() for factor in (layer.lora_A, layer.lora_B) if factor.requires_grad)
+        + (layer.s if layer.launched and layer.dash_delta.requires_grad else 0)
         for layer in dash_layers(model).values()
     ) + sum(p.numel() for p in _trained_parameters(model))
 

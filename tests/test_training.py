@@ -172,6 +172,10 @@ def test_trainable_parameter_count_is_lora_before_launch_plus_s_per_layer_after(
     assert count_trainable_parameters(model) == lora
     run(model, optimizer, controller, "hook", 1, start=T)
     assert count_trainable_parameters(model) == lora + S * len(layers)
+    for layer in layers:  # δ alone trains on (the dash-only variant)
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+    assert count_trainable_parameters(model) == S * len(layers)
 
 
 # ----------------------------------------------------------------------------- controller

@@ -316,10 +316,7 @@ def comparison_unit(
         "losses": losses,
         "first_step": first_step,
         "train_seconds": train_seconds,
-        # The library counts the adapter's parameters (A, B, and δ once launched); dash-only trains δ alone.
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if method == "dash_only"
-        else lora_dash.count_trainable_parameters(model),
+        "trainable_parameters": lora_dash.count_trainable_parameters(model),
         "test": scored(model, tokenizer, test, settings),
     }
 
