@@ -387,15 +387,16 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         "",
         "## Times (seconds; the load average is the machine's 1-minute load when the unit finished)",
         "",
-        "| unit | wall | steps trained | train | s / step | scoring | torch threads | load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| unit | device | wall | steps trained | train | s / step | scoring | torch threads | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, unit in units.items():
         trained = len(unit.get("losses", [])) - unit.get("first_step", 1) + 1 if "losses" in unit else 0
         scoring = sum(unit[part]["seconds"] for part in ("test", "validation") if part in unit)
         per_step = f"{unit['train_seconds'] / trained:.2f}" if trained > 0 else "–"
         lines.append(
-            f"| {key} | {unit['wall_seconds']:.0f} | {trained} | {unit.get('train_seconds', 0):.0f} | {per_step} | "
+            f"| {key} | {unit['settings'].get('device', 'cpu')} | "  # units from before --device ran on the CPU
+            f"{unit['wall_seconds']:.0f} | {trained} | {unit.get('train_seconds', 0):.0f} | {per_step} | "
             f"{scoring:.0f} | {unit['threads']} | {unit.get('load_average', float('nan')):.2f} |"
         )
     return lines
