@@ -232,8 +232,21 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
         assert summary[field] is not None, field
     for field in ("lora_avg", "dash_avg", "dash_only_avg"):
         assert set(summary[field]) == {"2"} and 0 <= summary[field]["2"] <= 100
-    for field in ("dash_minus_lora", "dash_only_minus_lora", "lora_minus_zero_shot"):
+    for field in (
+        "dash_minus_lora",
+        "dash_only_minus_lora",
+        "dash_only_minus_dash",
+        "lora_minus_zero_shot",
+        "lora_minus_most_frequent",
+    ):
         assert set(summary[field]["2"]) == {"mean", "ci95_low", "ci95_high"}
+    seed_0 = summary["per_seed_avg"]["2"]["0"]
+    assert seed_0 == {
+        "lora": summary["lora_avg"]["2"],
+        "dash": summary["dash_avg"]["2"],
+        "dash_only": summary["dash_only_avg"]["2"],
+    }
+    assert f"| 2 | 0 | {seed_0['lora']:.2f} | {seed_0['dash']:.2f} |" in (out / "tables.md").read_text()
     assert summary["steps"] == 4 and summary["t"] == 2 and summary["units_missing"] == []
     assert summary["budget"]["reason"].startswith("forced")
     assert dash_only["trainable_parameters"] == 2 * 10 and dash["trainable_parameters"] > lora["trainable_parameters"]

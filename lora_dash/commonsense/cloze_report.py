@@ -199,11 +199,15 @@ def choose_budget(
     }
 
 
-def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str, zero: Hits | None) -> dict[str, Any]:
-    """Per rank: mean test average per method over its seeds, the paired intervals against LoRA, and
-    LoRA's against the zero-shot row (``zero``, its hits; the same for every seed)."""
+def _comparison(
+    units: dict, settings: ClozeSettings, test: list, metric: str, zero: Hits | None, baseline: Hits
+) -> dict[str, Any]:
+    """Per rank: mean test average per method over its seeds, and each seed's; the paired intervals of
+    LoRA-Dash and dash-only against LoRA and of dash-only against LoRA-Dash; LoRA's against the zero-shot
+    row (``zero``, its hits; the same for every seed) and against the most frequent position (``baseline``)."""
     fields: dict[str, Any] = {f"{method}_avg": {} for method in ("lora", "dash", "dash_only")}
-    fields |= {"dash_minus_lora": {}, "dash_only_minus_lora": {}, "lora_minus_zero_shot": {}}
+    fields |= {"per_seed_avg": {}, "dash_minus_lora": {}, "dash_only_minus_lora": {}, "dash_only_minus_dash": {}}
+    fields |= {"lora_minus_zero_shot": {}, "lora_minus_most_frequent": {}}
     for r in settings.ranks:
         runs: dict[str, dict[int, Hits]] = {}
         for method in METHODS:
@@ -215,16 +219,27 @@ def _comparison(units: dict, settings: ClozeSettings, test: list, metric: str, z
                     runs[method][seed] = hits_of(units[key]["test"], metric)
             values = [average(hits) for hits in runs[method].values()]
             fields[f"{method}_avg"][str(r)] = statistics.mean(values) if values else None
-        for method in ("dash", "dash_only"):
-            seeds = sorted(set(runs[method]) & set(runs["lora"]))
-            fields[f"{method}_minus_lora"][str(r)] = (
-                paired_bootstrap([runs[method][s] for s in seeds], [runs["lora"][s] for s in seeds], settings.resamples)
+        fields["per_seed_avg"][str(r)] = {
+            str(seed): {method: average(runs[method][seed]) if seed in runs[method] else None for method in METHODS}
+            for seed in settings.seeds
+        }
+        for name, first, second in (
+            ("dash_minus_lora", "dash", "lora"),
+            ("dash_only_minus_lora", "dash_only", "lora"),
+            ("dash_only_minus_dash", "dash_only", "dash"),
+        ):
+            seeds = sorted(set(runs[first]) & set(runs[second]))
+            fields[name][str(r)] = (
+                paired_bootstrap([runs[first][s] for s in seeds], [runs[second][s] for s in seeds], settings.resamples)
                 if seeds
                 else None
             )
         lora = list(runs["lora"].values())
         fields["lora_minus_zero_shot"][str(r)] = (
             paired_bootstrap(lora, [zero] * len(lora), settings.resamples) if lora and zero else None
+        )
+        fields["lora_minus_most_frequent"][str(r)] = (
+            paired_bootstrap(lora, [baseline] * len(lora), settings.resamples) if lora else None
         )
     return fields
 
@@ -245,7 +260,7 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         metric: {
             "zero_shot_avg": average(hits_of(zero["test"], metric)) if zero else None,
             "most_frequent_avg": average(baseline),
-            **_comparison(units, settings, test, metric, hits_of(zero["test"], metric) if zero else None),
+            **_comparison(units, settings, test, metric, hits_of(zero["test"], metric) if zero else None, baseline),
         }
         for metric in METRICS
     }
@@ -282,6 +297,10 @@ def _interval(value: dict[str, float] | None) -> str:
     if value is None:
         return "–"
     return f"{value['mean']:+.2f} [{value['ci95_low']:+.2f}, {value['ci95_high']:+.2f}]"
+
+
+def _points(value: float | None, sign: str = "") -> str:
+    return "–" if value is None else f"{value:{sign}.2f}"
 
 
 def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettings) -> list[str]:
@@ -333,13 +352,34 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
         for r in settings.ranks:
             lines.append(
                 f"- r={r}: LoRA − zero-shot {_interval(values['lora_minus_zero_shot'][str(r)])}; "
+                f"LoRA − most frequent {_interval(values['lora_minus_most_frequent'][str(r)])}; "
                 f"LoRA-Dash − LoRA {_interval(values['dash_minus_lora'][str(r)])}; "
-                f"dash-only − LoRA {_interval(values['dash_only_minus_lora'][str(r)])} "
+                f"dash-only − LoRA {_interval(values['dash_only_minus_lora'][str(r)])}; "
+                f"dash-only − LoRA-Dash {_interval(values['dash_only_minus_dash'][str(r)])} "
                 "(points, mean [95 % paired bootstrap interval over questions and seeds])."
             )
         lines.append("")
     lines += [
         f"Zero-shot − most frequent answer position (acc, test): {_interval(result['zero_shot_minus_most_frequent'])}.",
+        "",
+        "## Each seed (test, acc average, %)",
+        "",
+        "| rank | seed | LoRA | LoRA-Dash | dash-only | LoRA-Dash − LoRA | dash-only − LoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r, seeds in result["per_seed_avg"].items():
+        for seed, avg in seeds.items():
+            if avg["lora"] is None:
+                continue
+            differences = [
+                avg[method] - avg["lora"] if avg[method] is not None else None for method in ("dash", "dash_only")
+            ]
+            lines.append(
+                f"| {r} | {seed} | {_points(avg['lora'])} | {_points(avg['dash'])} | {_points(avg['dash_only'])} | "
+                + " | ".join(_points(d, "+") for d in differences)
+                + " |"
+            )
+    lines += [
         "",
     ]
     lines += ["## Mean training loss after the launch (steps t + 1 to the end; mean over seeds)", ""]
