@@ -243,7 +243,7 @@ def test_the_block_scales_read_are_the_grid_of_the_dequantized_block():
 
 
 @pytest.mark.slow  # dequantizes the whole GGUF file (~15 s)
-def test_the_padding_token_is_the_file_s_even_where_transformers_skips_it(monkeypatch):
+def test_the_padding_token_is_the_file_s_even_where_transformers_skips_it_and_the_cache_keeps_it(monkeypatch, tmp_path):
     import transformers
 
     read = transformers.AutoTokenizer.from_pretrained
@@ -254,10 +254,14 @@ def test_the_padding_token_is_the_file_s_even_where_transformers_skips_it(monkey
         return tokenizer
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_padding)
-    tokenizer, _ = model.load_smollm2()
+    tokenizer, dequantized = model.load_smollm2(tmp_path)
     assert tokenizer.pad_token_id == model._gguf_padding_token_id(model.smollm2_dir() / model.GGUF_FILE) == 2
     monkeypatch.undo()
     assert read(model.smollm2_dir(), gguf_file=model.GGUF_FILE).pad_token_id == 2  # what the pinned version reads
+    cached_tokenizer, cached = model.load_smollm2(tmp_path)  # the copy written to the cache, moved in whole
+    assert cached_tokenizer.pad_token_id == 2 and not list(tmp_path.glob(".staging-*"))
+    weights = dict(cached.named_parameters())
+    assert all(torch.equal(weights[name], value) for name, value in dequantized.named_parameters())
 
 
 def test_the_noise_level_is_the_spectral_norm_of_a_matrix_with_that_entry_variance():

@@ -18,6 +18,7 @@ its singular vectors. We estimate ``v`` from the block scales stored in the file
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,10 +104,16 @@ def load_smollm2(cache: Path | None = None) -> tuple[PreTrainedTokenizerBase, Pr
     # Once dequantized, it is a plain float32 model: drop the GGUF marker so the config reloads as one.
     del model.config.quantization_config
     if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(cache)
-        model.config.save_pretrained(cache)
-        save_model(model, cache / "model.safetensors")  # handles the tied embedding/head weight
+        # Processes sharing a cache may write it at once: each writes its own copy, then moves the files
+        # in one by one (each move is atomic), the weights last, since their presence marks a whole copy.
+        staging = cache / f".staging-{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        save_model(model, staging / "model.safetensors")  # handles the tied embedding/head weight
+        for path in sorted(staging.iterdir(), key=lambda path: path.name == "model.safetensors"):
+            os.replace(path, cache / path.name)
+        staging.rmdir()
     return tokenizer, model.train()
 
 
