@@ -263,18 +263,22 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
 def test_processes_with_disjoint_only_patterns_share_one_study(tiny_study, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(cache), "--threads", "1"]
-    main([*argv, "--until", "curve", "--only", "zeroshot|curve-.*"])
-    assert sorted(p.name for p in (out / "units").iterdir()) == [
-        "curve-r2-seed0-step2.json",
-        "curve-r2-seed0-step4.json",
-        "zeroshot.json",
-    ]
+    main([*argv, "--until", "curve", "--only", "zeroshot|curve-r2-seed0-step2"])
+    assert sorted(p.name for p in (out / "units").iterdir()) == ["curve-r2-seed0-step2.json", "zeroshot.json"]
     main([*argv, "--budget", "4", "--t", "2", "--only", "r2-seed0-(lora|dash)"])  # not dash_only
     assert {p.stem for p in (out / "units").iterdir()} >= {"r2-seed0-lora", "r2-seed0-dash"}
     assert not (out / "units" / "r2-seed0-dash_only.json").exists()
-    main([*argv, "--budget", "4", "--t", "2"])
-    assert json.loads((out / "summary.json").read_text())["units_missing"] == []
-    assert not list(out.rglob("*.tmp"))
+    main([*argv, "--budget", "4", "--t", "2"])  # dash_only, then the rest of the curve
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["units_missing"] == [] and not list(out.rglob("*.tmp"))
+    # The decision keeps the curve it saw; the tables show the curve as it stands, the later point too.
+    assert [row["steps"] for row in summary["budget"]["curve"]] == [2]
+    assert [row["steps"] for row in summary["curve"]["curve"]] == [2, 4]
+    assert re.search(r"^\| 4 \| [\d.]+ \|", (out / "tables.md").read_text(), flags=re.M)
+    record = (out / "budget.json").read_text()
+    with pytest.raises(SystemExit, match=r"records the comparison at 4 steps with t = 2; --t 3 would be another"):
+        main([*argv, "--budget", "4", "--t", "3"])
+    assert (out / "budget.json").read_text() == record
 
 
 def test_a_bad_only_pattern_is_refused_before_anything_runs(tmp_path, capsys):

@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cloze:
         from lora_dash.commonsense import cloze
         from lora_dash.commonsense.cloze_report import write_cloze_report
-        from lora_dash.commonsense.cloze_run import run_cloze
+        from lora_dash.commonsense.cloze_run import BudgetConflict, run_cloze
 
         settings = replace(cloze.QUICK if args.quick else cloze.FULL, device=args.device)
         try:
             if not args.report_only:
                 run_cloze(args.out, settings, args.cache, args.until, args.max_units, args.budget, args.t, args.only)
             path = write_cloze_report(args.out, settings, cloze.splits(settings))
-        except DataError as error:
+        except (DataError, BudgetConflict) as error:
             raise SystemExit(f"lora_dash.commonsense: {error}") from None
         log(f"done in {time.perf_counter() - started:.0f}s; {path} written")
         return

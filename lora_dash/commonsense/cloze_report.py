@@ -249,7 +249,8 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
     units = load_units(out)
     _, validation, test = parts(cut)
     budget_file = out / "budget.json"
-    budget = json.loads(budget_file.read_text()) if budget_file.exists() else choose_budget(units, settings, cut)
+    recorded = budget_file.exists()
+    budget = json.loads(budget_file.read_text()) if recorded else choose_budget(units, settings, cut)
     planned = ["zeroshot", *curve_keys(settings), *comparison_keys(settings)]
     zero = units.get("zeroshot")
     if zero is not None:
@@ -282,7 +283,9 @@ def summary(out: Path, settings: ClozeSettings, cut: dict[str, ClozeSplit]) -> d
         "train_questions_per_task": {task: len(split.train) for task, split in cut.items()},
         "steps": budget["steps"],
         "t": launched[0] if len(launched) == 1 else (launched or budget.get("t")),
-        "budget": budget,
+        "budget": budget,  # the decision as recorded when the comparison started
+        "budget_recorded": recorded,
+        "curve": choose_budget(units, settings, cut),  # the curve as it stands now (later points included)
         "curve_diagnostics": curve_diagnostics(units, settings, cut),
         "units_present": [key for key in planned if key in units],
         "units_missing": [key for key in planned if key not in units],
@@ -393,12 +396,12 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
                     f"{statistics.mean(after):.4f}"
                 )
     lines.append("")
-    budget = result["budget"]
+    budget, curve = result["budget"], result["curve"]
     lines += [
         "## The learning curve on the validation slice (acc, %)",
         "",
-        f"Zero-shot {_cell(budget['zero_shot_validation_avg'])}, most frequent answer position "
-        f"{_cell(budget['most_frequent_validation_avg'])}. Rule: {budget['rule']}.",
+        f"Zero-shot {_cell(curve['zero_shot_validation_avg'])}, most frequent answer position "
+        f"{_cell(curve['most_frequent_validation_avg'])}. Rule: {budget['rule']}.",
         "",
         "| steps | LoRA acc | LoRA acc per token | LoRA − zero-shot [95 %] | LoRA − most frequent [95 %] | clears |",
         "|---|---|---|---|---|---|",
@@ -406,10 +409,12 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
             f"| {row['steps']} | {row['validation_avg']:.2f} | {row['validation_avg_per_token']:.2f} | "
             f"{_interval(row['minus_zero_shot'])} | {_interval(row['minus_most_frequent'])} | "
             f"{'yes' if row['clears'] else 'no'} |"
-            for row in budget["curve"]
+            for row in curve["curve"]
         ),
         "",
-        f"Budget: {budget['steps'] if budget['steps'] is not None else 'none yet'} ({budget['reason']}).",
+        f"Budget: {budget['steps'] if budget['steps'] is not None else 'none yet'} ({budget['reason']}"
+        + ("; budget.json, written before the first comparison unit" if (result["budget_recorded"]) else "")
+        + ").",
         "",
         "A check of what that margin is made of (not part of the rule): the tasks on which LoRA's validation "
         "hits are exactly those of always answering one position (task: position), and LoRA's paired "

@@ -39,6 +39,30 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+class BudgetConflict(ValueError):
+    """The arguments ask for another comparison than the one ``budget.json`` records."""
+
+
+def recorded_budget(out: Path, budget: int | None, t: int | None) -> dict[str, Any] | None:
+    """The comparison's budget and launch step as ``out/budget.json`` records them once both are set (the
+    decision, fixed before the first comparison unit ran), or None while there is none.
+
+    Raises:
+        BudgetConflict: ``budget`` or ``t`` differs from the record.
+    """
+    path = out / "budget.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("steps") is None or record.get("t") is None:
+        return None
+    for name, asked in (("budget", budget), ("t", t)):
+        if asked is not None and asked != record["steps" if name == "budget" else "t"]:
+            raise BudgetConflict(
+                f"{path} records the comparison at {record['steps']} steps with t = {record['t']}; "
+                f"--{name} {asked} would be another comparison: give it its own --out"
+            )
+    return record
+
+
 def run_cloze(
     out: Path,
     settings: ClozeSettings,
@@ -55,7 +79,8 @@ def run_cloze(
     the curve. ``until="curve"`` runs the whole curve and no comparison. ``only``, a regular expression,
     restricts the run to the unit keys it matches in full; the others are passed over as if present.
 
-    The choice is written to ``out/budget.json`` (with ``t``) before any comparison unit runs.
+    The choice is written to ``out/budget.json`` (with ``t``) before any comparison unit runs; once it
+    records both, it is the decision, and later runs keep it (:func:`recorded_budget`).
     """
     units = out / "units"
     cut = splits(settings)
@@ -79,8 +104,9 @@ def run_cloze(
     if not run("zeroshot", lambda: zero_shot_unit(settings, cache, cut)) or until == "zeroshot":
         return
     curve = list(zip(settings.curve_steps, curve_keys(settings), strict=True))
-    choice = None
-    for steps, key in curve:
+    record = recorded_budget(out, budget, t) if until == "compare" else None
+    choice = record
+    for steps, key in curve if record is None else ():
         if until == "compare" and t is not None:  # the curve so far may already choose a budget
             choice = choose_budget(load_units(out), settings, cut)
             if choice["steps"] is not None:
@@ -89,9 +115,10 @@ def run_cloze(
             return
     if until == "curve":
         return
-    if choice is None or choice["steps"] is None or budget is not None:
-        choice = choose_budget(load_units(out), settings, cut, forced=budget)
-    write_json(out / "budget.json", choice | {"t": t})
+    if record is None:
+        if choice is None or choice["steps"] is None or budget is not None:
+            choice = choose_budget(load_units(out), settings, cut, forced=budget)
+        write_json(out / "budget.json", choice | {"t": t})
     if choice["steps"] is None or t is None:
         log(f"no budget chosen: {choice['reason']}" if choice["steps"] is None else "pass --t to compare")
         return
