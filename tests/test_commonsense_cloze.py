@@ -350,7 +350,7 @@ def test_once_the_curve_chooses_a_budget_the_comparison_runs_before_the_rest_of_
     )
     assert json.loads((out / "budget.json").read_text())["steps"] == 2
     assert json.loads((out / "budget.json").read_text())["t"] == 1
-    main(argv)  # then the rest of the curve
+    main(argv[:-2])  # then the rest of the curve; without --t, since budget.json records it
     assert (out / "units" / "curve-r2-seed0-step4.json").exists()
 
 

@@ -54,11 +54,11 @@ def recorded_budget(out: Path, budget: int | None, t: int | None) -> dict[str, A
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("steps") is None or record.get("t") is None:
         return None
-    for name, asked in (("budget", budget), ("t", t)):
-        if asked is not None and asked != record["steps" if name == "budget" else "t"]:
+    for flag, asked, kept in (("--budget", budget, record["steps"]), ("--t", t, record["t"])):
+        if asked is not None and asked != kept:
             raise BudgetConflict(
                 f"{path} records the comparison at {record['steps']} steps with t = {record['t']}; "
-                f"--{name} {asked} would be another comparison: give it its own --out"
+                f"{flag} {asked} would be another comparison: give it its own --out"
             )
     return record
 
@@ -105,7 +105,7 @@ def run_cloze(
         return
     curve = list(zip(settings.curve_steps, curve_keys(settings), strict=True))
     record = recorded_budget(out, budget, t) if until == "compare" else None
-    choice = record
+    choice, t = (record, record["t"]) if record is not None else (None, t)
     for steps, key in curve if record is None else ():
         if until == "compare" and t is not None:  # the curve so far may already choose a budget
             choice = choose_budget(load_units(out), settings, cut)
