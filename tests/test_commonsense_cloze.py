@@ -129,6 +129,31 @@ def test_the_paired_bootstrap_also_resamples_seeds():
     assert result["mean"] == 50.0 and result["ci95_low"] == 0.0 and result["ci95_high"] == 100.0
 
 
+def test_the_paired_bootstrap_equals_a_resample_by_resample_loop_and_shares_its_draws():
+    rng = np.random.default_rng(2)
+    first = [{"piqa": rng.integers(0, 2, 30).astype(float), "arc_e": rng.integers(0, 2, 20).astype(float)}]
+    first.append({task: 1 - values for task, values in first[0].items()})
+    second = [{task: rng.integers(0, 2, len(values)).astype(float) for task, values in first[0].items()}] * 2
+    result = cloze_report.paired_bootstrap(first, second, 300, seed=5)
+    # The same draws, in the documented order, applied one resample at a time.
+    draw = np.random.default_rng(5)
+    pair_counts = draw.multinomial(2, [0.5, 0.5], size=300)
+    question_counts = [draw.multinomial(n, [1 / n] * n, size=300) for n in (30, 20)]
+    totals = []
+    for i in range(300):
+        per_task = []
+        for task, counts in zip(first[0], question_counts, strict=True):
+            gaps = [(counts[i] * (a[task] - b[task])).sum() / len(counts[i]) for a, b in zip(first, second)]
+            per_task.append(np.dot(pair_counts[i], gaps) / 2)
+        totals.append(100 * np.mean(per_task))
+    low, high = np.percentile(totals, [2.5, 97.5])
+    assert result["ci95_low"] == pytest.approx(low, abs=1e-9) and result["ci95_high"] == pytest.approx(high, abs=1e-9)
+    # A second comparison on questions of the same sizes reuses the plan: same draws, no new ones.
+    before = cloze_report.resampling_plan.cache_info().hits
+    assert cloze_report.paired_bootstrap(second, first, 300, seed=5)["ci95_low"] == pytest.approx(-high, abs=1e-9)
+    assert cloze_report.resampling_plan.cache_info().hits == before + 1
+
+
 def test_the_most_frequent_position_baseline_answers_each_task_s_commonest_gold():
     questions = [
         data.ClozeQuestion(task, ("p",) * 2, (" a", " b"), gold)

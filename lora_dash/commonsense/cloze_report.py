@@ -9,6 +9,7 @@ named and their numbers are ``null``, never filled in.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections import Counter
@@ -123,20 +124,37 @@ def paired_bootstrap(first: list[Hits], second: list[Hits], resamples: int, seed
         raise ValueError(f"need as many pairs on each side, at least one; got {len(first)} and {len(second)}")
     if not first[0]:
         raise ValueError("need at least one task")
-    rng = np.random.default_rng(seed)
     pairs = len(first)
-    pair_counts = rng.multinomial(pairs, [1 / pairs] * pairs, size=resamples)  # (resamples, pairs)
+    sizes = tuple(len(values) for values in first[0].values())
+    pair_counts, question_counts = resampling_plan(seed, resamples, pairs, sizes)
     totals = np.zeros(resamples)
-    for task in first[0]:
+    for task, counts in zip(first[0], question_counts, strict=True):
         differences = np.stack([a[task] - b[task] for a, b in zip(first, second, strict=True)])  # (pairs, n)
-        n = differences.shape[1]
-        question_counts = rng.multinomial(n, [1 / n] * n, size=resamples)  # (resamples, n)
-        per_pair = question_counts @ differences.T / n  # (resamples, pairs)
+        per_pair = counts @ differences.T / differences.shape[1]  # (resamples, pairs)
         totals += (pair_counts * per_pair).sum(axis=1) / pairs
     totals *= 100 / len(first[0])
     mean = statistics.mean(average(a) - average(b) for a, b in zip(first, second, strict=True))
     low, high = np.percentile(totals, [2.5, 97.5])
     return {"mean": mean, "ci95_low": float(low), "ci95_high": float(high)}
+
+
+@functools.lru_cache(maxsize=8)
+def resampling_plan(
+    seed: int, resamples: int, pairs: int, sizes: tuple[int, ...]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The draws of :func:`paired_bootstrap`: how often each pair, and each question of each task (of
+    ``sizes[i]`` questions), is drawn by each resample; shapes ``(resamples, pairs)`` and
+    ``(resamples, n_i)``. They depend only on the arguments, so comparisons on the same questions share
+    them (drawing is most of the bootstrap's time). Each count is kept in the smallest integer type that
+    holds it (one byte, in practice), since a test's plans hold tens of millions of counts.
+    """
+    rng = np.random.default_rng(seed)
+    pair_counts = rng.multinomial(pairs, [1 / pairs] * pairs, size=resamples)
+    question_counts = [rng.multinomial(n, [1 / n] * n, size=resamples) for n in sizes]
+    question_counts = [counts.astype(np.min_scalar_type(counts.max())) for counts in question_counts]
+    for counts in (pair_counts, *question_counts):
+        counts.flags.writeable = False  # shared between calls
+    return pair_counts, question_counts
 
 
 def _check(scores: dict[str, Any], questions: list[ClozeQuestion], key: str) -> None:
