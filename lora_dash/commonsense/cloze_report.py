@@ -141,7 +141,7 @@ def paired_bootstrap(first: list[Hits], second: list[Hits], resamples: int, seed
 @functools.lru_cache(maxsize=8)
 def resampling_plan(
     seed: int, resamples: int, pairs: int, sizes: tuple[int, ...]
-) -> tuple[np.ndarray, list[np.ndarray]]:
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """The draws of :func:`paired_bootstrap`: how often each pair, and each question of each task (of
     ``sizes[i]`` questions), is drawn by each resample; shapes ``(resamples, pairs)`` and
     ``(resamples, n_i)``. They depend only on the arguments, so comparisons on the same questions share
@@ -151,7 +151,7 @@ def resampling_plan(
     rng = np.random.default_rng(seed)
     pair_counts = rng.multinomial(pairs, [1 / pairs] * pairs, size=resamples)
     question_counts = [rng.multinomial(n, [1 / n] * n, size=resamples) for n in sizes]
-    question_counts = [counts.astype(np.min_scalar_type(counts.max())) for counts in question_counts]
+    question_counts = tuple(counts.astype(np.min_scalar_type(counts.max())) for counts in question_counts)
     for counts in (pair_counts, *question_counts):
         counts.flags.writeable = False  # shared between calls
     return pair_counts, question_counts
