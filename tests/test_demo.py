@@ -212,6 +212,17 @@ def test_quick_demo_shows_progress_bars_for_training_launch_and_evaluation(quick
 
 
 @pytest.mark.slow
+def test_quick_demo_opens_with_its_own_lines_only(quick_demo):
+    # transformers imports torchao, whose import logs kernel libraries it cannot load and torch's
+    # deprecations: the demo silences them (model.import_transformers_models_quietly).
+    done = quick_demo[0]
+    assert done.stdout.startswith("Rotten Tomatoes: ")
+    bars = ("LoRA train", "LoRA-Dash train", "launch: SVD of every W", "LoRA eval", "LoRA-Dash eval")
+    pieces = [piece.replace("\x1b[A", "").strip() for piece in re.split(r"[\r\n]", done.stderr)]
+    assert [piece for piece in pieces if piece and not piece.startswith(bars)] == []
+
+
+@pytest.mark.slow
 def test_quick_demo_prints_the_table_and_the_tsd_report(quick_demo):
     stdout = quick_demo[0].stdout
     assert "test acc" in stdout and "trainable params" in stdout and "steps/s" in stdout

@@ -39,12 +39,34 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def import_transformers_models_quietly() -> None:
+    """Import transformers' model code without the log lines its torchao import prints.
+
+    transformers imports torchao whenever it is installed (for quantizers the demo never uses). torchao
+    then logs a warning for each CUDA kernel library its wheel cannot load on this machine, and torch
+    logs a deprecation for each Enum torchao registers: noise a newcomer reads as errors. Only those two
+    loggers are raised to ERROR, and only while the import runs; a second call imports nothing.
+    """
+    import logging
+
+    noisy = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    try:
+        import transformers.modeling_utils  # noqa: F401  (imports torchao when it is installed)
+    finally:
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
+
+
 def load_minilm() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """A fresh ``(tokenizer, encoder)`` pair from :func:`minilm_dir`, in float32, offline.
 
     The encoder is built without BERT's pooler: we pool by the attention mask, and an unused layer
     would only add frozen parameters and names that targeting regexes must avoid.
     """
+    import_transformers_models_quietly()
     from transformers import AutoModel, AutoTokenizer  # the demo extra
     from transformers.utils import logging as transformers_logging
 
