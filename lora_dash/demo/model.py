@@ -42,10 +42,10 @@ def minilm_dir() -> Path:
 def import_transformers_models_quietly() -> None:
     """Import transformers' model code without the log lines its torchao import prints.
 
-    transformers imports torchao whenever it is installed (for quantizers the demo never uses). torchao
-    then logs a warning for each CUDA kernel library its wheel cannot load on this machine, and torch
-    logs a deprecation for each Enum torchao registers: noise a newcomer reads as errors. Only those two
-    loggers are raised to ERROR, and only while the import runs; a second call imports nothing.
+    transformers imports torchao whenever it is installed (for quantizers the demo never uses).
+    torchao then logs a warning for each CUDA kernel library its wheel cannot load here, and torch
+    logs a deprecation for each Enum torchao registers: noise a newcomer reads as errors. Only those
+    two loggers are raised to ERROR, and only while the import runs; a second call imports nothing.
     """
     import logging
 
