@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash import directions, schedule
+from lora_dash.bases import full_tensor
 from lora_dash.checks import check_int, check_seed
 from lora_dash.inject import require_dash_layers
-from lora_dash.layer import full_tensor
 from lora_dash.schedule import layer_generators
 
 
@@ -516,4 +516,4 @@ def launch_evidence(model: nn.Module, seed: int = 0) -> list[str]:
     return lines
 
 
-schedule.launch_report = launch_evidence
+schedule.set_launch_hook("evidence", launch_evidence)

@@ -7,7 +7,10 @@ change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``
 with the largest change rates are the task-specific directions (TSDs); ``pick_directions`` also
 offers baselines for ablations.
 
-Nothing here knows about modules, parameters or training: every function maps tensors to tensors.
+The whole selection is :func:`select_task_directions`; it reads top to bottom as the chain
+``svd_basis`` → ``coordinates_from_factors`` → ``score_coordinates`` (eligibility, change rates) →
+``pick_directions``. Nothing here knows about modules, parameters or training: every function maps
+tensors to tensors.
 """
 
 from typing import NamedTuple
@@ -190,6 +193,92 @@ def pick_directions(
         return candidates.flip(0)[:s]
     draw = torch.randperm(candidates.numel(), generator=generator, device=generator.device)[:s]
     return candidates[draw.to(candidates.device)]
+
+
+class DirectionScores(NamedTuple):
+    """Everything the selection reads, per core direction of ``W: (n, m)``, ``k = min(n, m)``:
+    the basis ``U: (n, k)``, ``sigma: (k,)``, ``V: (m, k)``, the update's ``coords: (k,)``, the mask
+    ``eligible: (k,)`` and the change rates ``rates: (k,)`` (0 on ineligible directions)."""
+
+    U: Tensor
+    sigma: Tensor
+    V: Tensor
+    coords: Tensor
+    eligible: Tensor
+    rates: Tensor
+
+
+class DashDirections(NamedTuple):
+    """One layer's chosen directions: ``U_s: (n, s)``, ``V_s: (m, s)`` and ``index: (s,)``, their
+    positions in ``σ`` (int64)."""
+
+    U_s: Tensor
+    V_s: Tensor
+    index: Tensor
+
+
+def score_coordinates(basis: SVDBasis, coords: Tensor, eps: float = 0.0) -> DirectionScores:
+    """Eligibility and change rates of an update whose coordinates on ``basis`` are ``coords``.
+
+    ``ρ_i = |c_i| / (σ_i + eps)`` on the eligible directions (:func:`eligible_directions`), 0 elsewhere.
+
+    Shapes: ``basis`` of a ``(n, m)`` weight, ``coords: (k,)`` → :class:`DirectionScores`.
+    """
+    U, sigma, V = basis
+    eligible = eligible_directions(sigma, (U.shape[0], V.shape[0]))
+    rates = change_rates(coords, sigma, eligible, eps)
+    return DirectionScores(U, sigma, V, coords, eligible, rates)
+
+
+def score_directions(
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    eps: float = 0.0,
+    svd_dtype: torch.dtype = torch.float32,
+) -> DirectionScores:
+    """How strongly the LoRA update ``ΔW = scaling · B A`` moves each core direction of ``W``.
+
+    The SVD of the pretrained ``W`` (:func:`svd_basis`, in ``svd_dtype``), the coordinates
+    ``c = diag(Uᵀ ΔW V)`` from the factors (:func:`coordinates_from_factors`), then
+    :func:`score_coordinates`.
+
+    Shapes: ``weight: (n, m)``, ``A: (r, m)``, ``B: (n, r)`` → :class:`DirectionScores`.
+    """
+    basis = svd_basis(weight, dtype=svd_dtype)
+    coords = coordinates_from_factors(B, A, scaling, basis.U, basis.V)
+    return score_coordinates(basis, coords, eps)
+
+
+def select_task_directions(
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    s: int,
+    eps: float = 0.0,
+    strategy: str = "tsd",
+    generator: torch.Generator | None = None,
+    svd_dtype: torch.dtype = torch.float32,
+) -> DashDirections:
+    """The ``s`` task-specific directions of ``W`` under ``ΔW = scaling · B A`` (METHOD.md §3.2).
+
+    ``W = U diag(σ) Vᵀ``; ``c_i = u_iᵀ ΔW v_i``; ``ρ_i = |c_i| / (σ_i + eps)``; the ``s`` eligible
+    directions with the largest ``ρ`` (ties to the lower index). Another ``strategy`` picks baseline
+    directions instead (:func:`pick_directions`; ``"random"`` needs ``generator``).
+
+    Shapes: ``weight: (n, m)``, ``A: (r, m)``, ``B: (n, r)`` → ``U_s: (n, s)``, ``V_s: (m, s)``,
+    ``index: (s,)``; ``U_s`` and ``V_s`` in ``svd_dtype``.
+
+    Raises:
+        ValueError: an unknown strategy, ``"random"`` without a generator, a weight that is not
+            2-D, or fewer than ``s`` eligible directions.
+    """
+    check_strategy(strategy)
+    scores = score_directions(weight, A, B, scaling, eps, svd_dtype)
+    index = pick_directions(scores.rates, scores.eligible, s, strategy, generator, scores.coords)
+    return DashDirections(U_s=scores.U[:, index], V_s=scores.V[:, index], index=index)
 
 
 def dash_update(U_s: Tensor, delta: Tensor, V_s: Tensor) -> Tensor:

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lora_dash import schedule
-from lora_dash.layer import DashDirections, LoRADashLinear, is_quantized, is_sharded
+from lora_dash.bases import is_quantized, is_sharded
+from lora_dash.directions import DashDirections
+from lora_dash.layer import LoRADashLinear
 
 
 def is_active() -> bool:
@@ -168,7 +170,7 @@ def select_shared(
     layers: dict[str, LoRADashLinear], strategy: str, generators: list[torch.Generator]
 ) -> dict[str, DashDirections] | None:
     """:func:`lora_dash.launch`'s selection shared among the ranks of the default group (a collective), or
-    ``None`` in one process. It fills :data:`lora_dash.schedule.shared_selection`.
+    ``None`` in one process. It is the launch hook ``"shared_selection"``.
 
     Each layer's SVD and selection runs on one rank, chosen by :func:`assign_owners` (largest
     ``n·m·min(n, m)`` first, to the least-loaded rank); under FSDP2 only that rank gathers the whole weight
@@ -249,4 +251,4 @@ def select_shared(
     return {name: chosen[index] for index, name in enumerate(layers)}
 
 
-schedule.shared_selection = select_shared
+schedule.set_launch_hook("shared_selection", select_shared)

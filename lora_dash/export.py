@@ -27,9 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lora_dash.bases import is_conv1d
 from lora_dash.checkpoint import safetensors_torch
 from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
-from lora_dash.layer import LoRADashLinear, is_conv1d
+from lora_dash.layer import LoRADashLinear
 from lora_dash.state import trained_module_state_dict
 
 #: PEFT's file names (``peft.utils.constants``): the weights and the config ``PeftModel.from_pretrained`` reads.

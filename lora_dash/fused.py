@@ -1,70 +1,159 @@
-"""The adapter product with a lean backward: what a training step keeps is the adapter's input alone.
+"""The layer's training kernel: the whole adapted linear layer as one ``autograd.Function``.
 
-:func:`lora_dash.layer.adapter_product` computes ``(α/r)·x Aᵀ Bᵀ + (x V_s ⊙ δ) U_sᵀ`` with autograd's
-own operations, which keep for the backward the input ``x̃`` and both inner products, ``x̃ Aᵀ``
-(``tokens·r`` numbers, as PEFT's LoRA keeps) and ``x̃ V_s`` (``tokens·s`` more, before the launch too,
-where the dash is zero). :class:`AdapterProduct` computes the same in one rank-``(r + s)`` product
-and keeps only ``x̃`` (shared with nothing else) and the factors, which the layer holds anyway; the
-backward recomputes ``[x̃ Aᵀ | x̃ V_s]`` in one product, a pass over ``x̃``, instead of storing it.
-So a training step keeps ``tokens·r`` numbers fewer than PEFT's LoRA, in both phases.
+With ``x̃ = dropout(x)`` (or ``x`` itself) and ``h = x̃ Aᵀ``, ``z = x̃ V_s``::
 
-Importing this module plugs :func:`adapter_product` into :func:`lora_dash.layer.adapter_product`.
+    y = x Wᵀ + b + (α/r)·h Bᵀ                      before the launch (what PEFT's LoRA computes)
+    y = x Wᵀ + b + (α/r)·h Bᵀ + z diag(δ) U_sᵀ     after it
+
+Autograd's own operations (:func:`lora_dash.layer.adapter_product`, the reference) dispatch the
+dash's products before the launch too, where they add zeros, and keep a float32 copy of ``x̃`` under a
+half-precision base. Written out by hand, a training step does what PEFT's LoRA does before the
+launch (three products forward, five backward) and only the dash's own few operations after it:
+
+- α/r and δ are folded into the products (``addmm``'s ``alpha``, ``U_s ⊙ δ``), not separate passes;
+- the backward issues the frozen product ``g W`` first, the layer's largest;
+- it keeps ``x̃`` in the base's dtype (half of PEFT's float32 copy on a bf16 base), ``h`` and, after
+  the launch, ``z``: ``tokens·(r + s)`` numbers beside ``x̃``.
+
+Before the launch δ still gets its (zero) gradient, so DDP sees every parameter used. Autocast is
+honoured as ``torch.amp.custom_fwd`` / ``custom_bwd`` would: the backward runs under the forward's
+autocast state. :func:`serves` says which bases this kernel can compute; the layer runs the
+reference product for the others.
 """
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from lora_dash import layer
+from lora_dash.bases import is_conv1d, is_quantized, is_sharded
 
 
-class AdapterProduct(torch.autograd.Function):
-    """``y = x [(α/r)A ; V_sᵀ]ᵀ [B | U_s diag(δ)]ᵀ`` with a hand-written backward.
+def serves(base: nn.Module) -> bool:
+    """Whether :func:`adapted_linear` computes ``base``'s forward exactly as ``base(x)`` would.
 
-    Shapes: ``x: (..., in)``, ``A: (r, in)``, ``B: (out, r)``, ``V_s: (in, s)``, ``δ: (s,)``,
-    ``U_s: (out, s)`` → ``(..., out)``. With ``g = ∂L/∂y`` flattened to ``(tokens, out)``, ``h = x Aᵀ``,
-    ``z = x V_s``, ``g_B = g B`` and ``g_U = g U_s``::
+    Yes for a plain ``nn.Linear`` or ``Conv1D`` with a frozen floating-point weight held whole.
+    No for quantized weights (their own kernels), FSDP2's shards, subclasses with their own forward,
+    and bases with forward hooks or a replaced ``forward`` (accelerate's offloading): calling
+    ``F.linear`` on their weight would skip what they do.
+    """
+    if not (type(base) is nn.Linear or is_conv1d(base)):
+        return False
+    if is_quantized(base) or is_sharded(base.weight) or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    return not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
 
-        ∂L/∂x = (α/r)·g_B A + (g_U ⊙ δ) V_sᵀ      ∂L/∂A = (α/r)·g_Bᵀ x      ∂L/∂B = (α/r)·gᵀ h
-        ∂L/∂δ = Σ_tokens z ⊙ g_U = Σ_out U_s ⊙ gᵀ z      (the second sum: over a small matrix, not the tokens)
 
-    ``V_s`` and ``U_s`` are buffers and get no gradient.
+def frozen_weight(base: nn.Module) -> Tensor:
+    """``W: (out, in)`` of a base :func:`serves`: the weight, or a transposed view of a Conv1D's."""
+    if is_conv1d(base):
+        return base.weight.T
+    return base.weight
+
+
+def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out + alpha · a b`` for ``out: (t, o)``, ``a: (t, k)``, ``b: (k, o)``, in one ``addmm``.
+
+    A base in lower precision than the adapter (a bf16 ``out``, float32 factors) gets the product
+    added in the adapter's precision, rounded once: what ``(out.float() + alpha · a b).to(bf16)`` gives.
+    Under autocast ``addmm`` casts its arguments itself.
+    """
+    if out.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(out.device.type):
+        return torch.addmm(out, a, b, alpha=alpha)
+    return out.add_(a @ b, alpha=alpha)
+
+
+class AdaptedLinear(torch.autograd.Function):
+    """The frozen product, the LoRA branch and (when ``dash``) the dash branch, with a hand-written
+    backward.
+
+    Shapes: ``x: (..., in)``; ``x_adapter``: ``dropout(x)`` of the same shape, or ``None`` when it is
+    ``x`` itself; ``weight: (out, in)``, ``bias: (out,)`` or ``None``, both frozen; ``A: (r, in)``,
+    ``B: (out, r)``, ``V_s: (in, s)``, ``delta: (s,)``, ``U_s: (out, s)`` → ``(..., out)`` in the base's
+    dtype. With ``g = ∂L/∂y`` as ``(tokens, out)``, ``g_B = (α/r)·g B`` and ``g_U = g U_s``::
+
+        ∂L/∂x = g W  [+ g_B A + (g_U ⊙ δ) V_sᵀ  when x̃ = x]
+        ∂L/∂A = g_Bᵀ x̃        ∂L/∂B = (α/r)·gᵀ h        ∂L/∂δ = Σ_tokens g_U ⊙ z  (0 before the launch)
+
+    ``weight``, ``bias``, ``V_s`` and ``U_s`` get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scaling: float, V_s: Tensor, delta: Tensor, U_s: Tensor):
-        ctx.save_for_backward(x, A, B, V_s, delta, U_s)
-        ctx.scaling = scaling
-        down = torch.cat([A * scaling, V_s.T])  # (r+s, in)
-        up = torch.cat([B, U_s * delta], dim=1)  # (out, r+s)
-        return (x @ down.T) @ up.T
+    def forward(ctx, x, x_adapter, weight, bias, A, B, scaling, V_s, delta, U_s, dash):
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.scaling, ctx.dash, ctx.separate_input = scaling, dash, x_adapter is not None
+        ctx.input_shape = x.shape
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        x_tilde = x if x_adapter is None else x_adapter.reshape(x.shape)
+        x_float = x_tilde.to(A.dtype)  # the adapter's precision; not kept for the backward
+
+        y = F.linear(x, weight, bias)  # (tokens, out), the base's dtype
+        h = x_float @ A.T  # (tokens, r)
+        y = add_product(y, h, B.T, alpha=scaling)
+        saved = [x_tilde, h, weight, A, B, delta]
+        if dash:
+            z = x_float @ V_s  # (tokens, s)
+            y = add_product(y, z, (U_s * delta).T)
+            saved += [z, V_s, U_s]
+        ctx.save_for_backward(*saved)
+        return y.view(*ctx.input_shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, A, B, V_s, delta, U_s = ctx.saved_tensors
-        scaling, r = ctx.scaling, A.shape[0]
-        grad = grad.to(x.dtype)
-        hz = x @ torch.cat([A, V_s.T]).T  # (..., r+s): [h | z], recomputed
-        g_BU = grad @ torch.cat([B, U_s], dim=1)  # (..., r+s): [g_B | g_U]
-        g_B, g_U = g_BU[..., :r], g_BU[..., r:]
-        grad_x = grad_A = grad_B = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.cat([g_B * scaling, g_U * delta], dim=-1) @ torch.cat([A, V_s.T])
-        if ctx.needs_input_grad[1]:
-            grad_A = scaling * g_B.flatten(0, -2).T @ x.flatten(0, -2)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
-            grad_BU = grad.flatten(0, -2).T @ hz.flatten(0, -2)  # (out, r+s): [gᵀ h | gᵀ z]
-            grad_B = scaling * grad_BU[:, :r] if ctx.needs_input_grad[2] else None
-            grad_delta = (U_s * grad_BU[:, r:]).sum(0) if ctx.needs_input_grad[5] else None  # Σ_tokens z ⊙ g U_s
-        return grad_x, grad_A, grad_B, None, None, grad_delta, None
+    def backward(ctx, grad):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, enabled=enabled, dtype=dtype):
+            return AdaptedLinear.gradients(ctx, grad)
+
+    @staticmethod
+    def gradients(ctx, grad: Tensor) -> tuple:
+        x_tilde, h, weight, A, B, delta, *dash_saved = ctx.saved_tensors
+        needs_x, needs_x_tilde, _, _, needs_A, needs_B, _, _, needs_delta, _, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        grad_x = g @ weight if needs_x else None  # the frozen product first: the layer's largest
+
+        g_float = g.to(A.dtype)
+        g_B = (g_float @ B).mul_(ctx.scaling)  # (tokens, r), α/r folded in once
+        grad_x_tilde = None
+        if needs_x and not ctx.separate_input:
+            grad_x = add_product(grad_x, g_B, A)
+        elif needs_x_tilde:
+            grad_x_tilde = g_B @ A
+        grad_A = g_B.T @ x_tilde.to(A.dtype) if needs_A else None
+        grad_B = (g_float.T @ h).mul_(ctx.scaling) if needs_B else None
+
+        grad_delta = None
+        if ctx.dash:
+            z, V_s, U_s = dash_saved
+            g_U = g_float @ U_s  # (tokens, s)
+            if needs_x and not ctx.separate_input:
+                grad_x = add_product(grad_x, g_U * delta, V_s.T)
+            elif needs_x_tilde:
+                grad_x_tilde = add_product(grad_x_tilde, g_U * delta, V_s.T)
+            grad_delta = (g_U * z).sum(0) if needs_delta else None
+        elif needs_delta:
+            grad_delta = torch.zeros_like(delta)  # a gradient all the same: DDP expects one
+
+        shape = ctx.input_shape
+        grad_x = None if grad_x is None else grad_x.view(shape)
+        grad_x_tilde = None if grad_x_tilde is None else grad_x_tilde.view(shape)
+        return grad_x, grad_x_tilde, None, None, grad_A, grad_B, None, None, grad_delta, None, None
 
 
-#: The reference this module replaces (autograd's own operations), kept to compare against.
-reference_product = layer.adapter_product
-
-
-def adapter_product(x: Tensor, A: Tensor, B: Tensor, scaling: float, V_s: Tensor, delta: Tensor, U_s: Tensor) -> Tensor:
-    """:func:`lora_dash.layer.adapter_product` through :class:`AdapterProduct`."""
-    return AdapterProduct.apply(x, A, B, scaling, V_s, delta, U_s)
-
-
-layer.adapter_product = adapter_product
+def adapted_linear(
+    x: Tensor,
+    x_adapter: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    V_s: Tensor,
+    delta: Tensor,
+    U_s: Tensor,
+    dash: bool,
+) -> Tensor:
+    """``x Wᵀ + b + scaling·x̃ Aᵀ Bᵀ`` (``+ x̃ V_s diag(δ) U_sᵀ`` when ``dash``) through
+    :class:`AdaptedLinear`; ``x_adapter`` is ``x̃`` when it differs from ``x`` (dropout), else ``None``."""
+    return AdaptedLinear.apply(x, x_adapter, weight, bias, A, B, scaling, V_s, delta, U_s, dash)

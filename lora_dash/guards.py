@@ -11,7 +11,7 @@
 - One step after the launch, a δ still exactly zero although its gradient is not: no optimizer stepped
   it (what an explicit ``controller.step()`` cannot see at the launch).
 
-:func:`guard` plugs into :data:`lora_dash.schedule.guard` when this module is imported.
+:func:`guard` is installed as the launch hook ``"guard"`` when this module is imported.
 """
 
 import warnings
@@ -31,14 +31,20 @@ _watches: "weakref.WeakKeyDictionary[LaunchController, UncountedStepsWatch]" = w
 
 
 def guard(event: str, controller: LaunchController) -> None:
-    """Warn about ``controller`` at ``event`` (see :data:`lora_dash.schedule.guard`); changes nothing."""
+    """Warn about ``controller`` at ``event`` (see :data:`lora_dash.schedule.launch_hooks`); changes
+    nothing."""
     if event == "built":
         _watches[controller] = UncountedStepsWatch(controller.model, controller.launch_step)
+        return
+    if event == "loaded":  # a resumed run: the optimizer has stepped as often as the controller says
+        watch = _watches.get(controller)
+        if watch is not None:
+            watch.seen = controller.steps
         return
     if event == "pending":
         pending = [name for name, layer in dash_layers(controller.model).items() if not layer.launched]
         warnings.warn(
-            f"LoRA-Dash: optimizer step {controller.steps} is past launch_step={controller.launch_step} but "
+            f"LoRA-Dash: optimizer steps are past launch_step={controller.launch_step} but "
             f"layers {pending} have not launched; they are training as plain LoRA",
             RuntimeWarning,
             stacklevel=3,
@@ -59,7 +65,10 @@ def _warn_if_delta_is_not_held(controller: LaunchController) -> None:
     if untrained:
         warnings.warn(
             f"LoRA-Dash: no attached optimizer holds δ of layers {untrained}; the dash will not "
-            "train. Build the optimizer from lora_dash.adapter_parameters(model).",
+            "train. Build the optimizer from lora_dash.adapter_parameters(model). With "
+            "transformers.Trainer: pass LoRADashCallback in callbacks= so that it is there when "
+            "train() builds the optimizer, and build a custom optimizer (optimizers=(...)) from "
+            "lora_dash.adapter_parameters(model).",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -72,6 +81,7 @@ def _warn_if_delta_did_not_move(controller: LaunchController) -> None:
         if layer.launched
         and layer.dash_delta.grad is not None
         and bool(layer.dash_delta.grad.any())
+        and bool(layer.dash_delta.grad.isfinite().all())  # not a step a grad scaler skipped
         and not bool(layer.dash_delta.any())
     ]
     if frozen:
@@ -102,7 +112,7 @@ class UncountedStepsWatch:
         layer = next(iter(dash_layers(model).values()))
         self._model, self._layer = weakref.ref(model), weakref.ref(layer)
         self._launch_step = launch_step
-        self._seen = 0
+        self.seen = 0
         UncountedStepsWatch.active.append(self)
         if UncountedStepsWatch.hook is None:
             UncountedStepsWatch.hook = register_optimizer_step_post_hook(UncountedStepsWatch._after_optimizer_step)
@@ -129,12 +139,12 @@ class UncountedStepsWatch:
             return True
         if not any(p is layer.lora_A for group in optimizer.param_groups for p in group["params"]):
             return False  # another model's optimizer
-        self._seen += 1
-        if self._seen <= self._launch_step:
+        self.seen += 1
+        if self.seen <= self._launch_step:
             return False
         if not all(module.launched for module in dash_layers(model).values()):  # another controller launched it?
             warnings.warn(
-                f"LoRA-Dash: optimizers have stepped the model's adapters {self._seen} times, past "
+                f"LoRA-Dash: optimizers have stepped the model's adapters {self.seen} times, past "
                 f"launch_step={self._launch_step}, but its LaunchController counted no step, so nothing "
                 "launched and the model trains as plain LoRA. Call controller.attach(optimizer) or "
                 "controller.step() after each optimizer step; with transformers.Trainer use "
@@ -145,4 +155,4 @@ class UncountedStepsWatch:
         return True
 
 
-schedule.guard = guard
+schedule.set_launch_hook("guard", guard)

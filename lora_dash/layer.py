@@ -1,88 +1,18 @@
 """`LoRADashLinear`: a frozen linear layer with a LoRA branch and a dash branch beside it."""
 
 import math
-import sys
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_dash import directions
+from lora_dash import directions, fused
+from lora_dash.bases import dequantize, full_tensor, is_conv1d, is_quantized
 from lora_dash.checks import check_int, check_number
+from lora_dash.directions import DashDirections
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias`` with ``weight`` stored ``(in, out)``."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and weight.shape[1] == getattr(module, "nf", None)
-    )
-
-
-def is_sharded(tensor: Tensor) -> bool:
-    """True for a ``DTensor``, the form FSDP2 gives parameters outside forward (each rank holds a shard)."""
-    # A DTensor exists only once torch.distributed.tensor is imported; looking it up costs no import.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True when ``module.weight`` holds codes, not ``W``: it is not a plain floating-point tensor (or FSDP2's
-    shards of one) but integers or a quantization library's tensor subclass."""
-    weight = module.weight
-    return not ((type(weight) in (Tensor, nn.Parameter) or is_sharded(weight)) and weight.is_floating_point())
-
-
-def dequantize(module: nn.Module) -> Tensor:
-    """The seam for quantized bases: ``W: (out, in)`` as the floats that ``module``'s codes stand for, or a
-    ``ValueError``. :mod:`lora_dash.quantized` replaces this refusal when imported (``import lora_dash`` does)."""
-    raise ValueError(f"{type(module).__name__} holds a quantized weight, and no reader for it is installed")
-
-
-def adapter_product(x: Tensor, A: Tensor, B: Tensor, scaling: float, V_s: Tensor, delta: Tensor, U_s: Tensor) -> Tensor:
-    """The two branches beside the frozen layer: ``(α/r)·x Aᵀ Bᵀ + (x V_s ⊙ δ) U_sᵀ``, ``(..., in)`` → ``(..., out)``,
-    never forming an ``(out, in)`` matrix. The reference, and a seam: :mod:`lora_dash.fused` replaces it on
-    import with the same product in a kernel that keeps less for the backward."""
-    return F.linear(F.linear(x, A) * scaling, B) + F.linear(F.linear(x, V_s.T) * delta, U_s)
-
-
-def full_tensor(tensor: Tensor) -> Tensor:
-    """``tensor`` whole: a ``DTensor`` is all-gathered (a collective: every rank must make the same calls in
-    the same order); a plain tensor is returned as it is."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
-
-
-def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
-    """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
-
-    A quantized base is dequantized once here, so one that cannot be read is refused now, not at launch.
-    """
-    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-        raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-    if is_quantized(base):
-        dequantize(base)
-    # From the layer's declared features: a quantized weight may be packed into another shape.
-    in_features, out_features = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
-    check_int("r", r, 1)
-    k = min(in_features, out_features)
-    check_int("s", s, 1, k, f"min(in, out)={k}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    check_number("eps", eps)
-    return in_features, out_features
-
-
-class DashDirections(NamedTuple):
-    """One layer's chosen directions: ``U_s: (out, s)``, ``V_s: (in, s)``, ``index: (s,)`` (positions in σ)."""
-
-    U_s: Tensor
-    V_s: Tensor
-    index: Tensor
+__all__ = ["DashDirections", "LoRADashLinear", "adapter_product", "check_arguments"]
 
 
 class LoRADashLinear(nn.Module):
@@ -95,12 +25,19 @@ class LoRADashLinear(nn.Module):
 
     ``A: (r, in)`` (Kaiming-uniform), ``B: (out, r)`` (zeros), ``δ: (s,)`` (zeros), and the buffers
     ``U_s: (out, s)``, ``V_s: (in, s)`` hold zeros until :meth:`launch` fills them with the singular
-    vectors of ``W`` whose change rate under ``(α/r)·B A`` is largest (:func:`adapter_product` computes
-    both branches). The forward has no phase logic: before launch the dash is zero and adds exactly nothing.
+    vectors of ``W`` whose change rate under ``(α/r)·B A`` is largest
+    (:func:`lora_dash.directions.select_task_directions`). Before the launch the dash term is not
+    computed at all; :attr:`launched` (a plain bool, no tensor read) says which phase runs.
 
     Input ``(..., in)`` → output ``(..., out)`` in the base layer's dtype. Adapter parameters and
-    buffers are float32 for a half-precision or quantized base (float64 for a float64 one). A quantized
-    base computes ``W x`` in its own kernels; ``W`` for the SVD is what it dequantizes to (:func:`dequantize`).
+    buffers are float32 for a half-precision or quantized base (float64 for a float64 one). A
+    quantized base computes ``W x`` in its own kernels; ``W`` for the SVD is what it dequantizes to
+    (:func:`lora_dash.bases.dequantize`).
+
+    Training runs the whole layer as one ``autograd.Function`` (:mod:`lora_dash.fused`: PEFT's
+    operation count before the launch). Bases it cannot serve (quantized, FSDP2-sharded, hooked;
+    :func:`lora_dash.fused.serves`) and ``fused = False`` run the reference, ``base(x)`` plus
+    :func:`adapter_product` in autograd's own operations.
 
     Args:
         base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept as ``self.base`` and frozen.
@@ -133,6 +70,8 @@ class LoRADashLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = ""  # dotted name in the model, set by `inject`, used in error messages
         self.merged = False
+        self.launched = False  # the phase; the dash_launched buffer carries it in state dicts
+        self.fused = True  # train with lora_dash.fused's kernel where it serves the base
 
         # Adapters train in at least float32: in fp16 Adam's eps underflows and a zero gradient
         # (A's at step 1, δ's before launch) would become 0/0 = NaN. Outputs keep the base dtype.
@@ -161,10 +100,12 @@ class LoRADashLinear(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------------- state
-    @property
-    def launched(self) -> bool:
-        """Whether the task-specific directions have been selected (the dash phase)."""
-        return bool(self.dash_launched)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """``load_state_dict`` also restores the phase: :attr:`launched` from ``dash_launched``."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = state_dict.get(prefix + "dash_launched")
+        if isinstance(flag, Tensor) and flag.numel() == 1 and not flag.is_meta:
+            self.launched = bool(flag)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of this adapter: ``A``, ``B`` and ``δ`` (never the base layer's)."""
@@ -186,12 +127,19 @@ class LoRADashLinear(nn.Module):
     # --------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in)`` → ``(..., out)``; see the class docstring for the equation."""
-        y = self.base(x)
         if self.merged:
-            return y
-        x_adapter = self.dropout(x).to(self.lora_A.dtype)
+            return self.base(x)
+        x_tilde = self.dropout(x)
         A, B, V_s, delta, U_s = self.lora_A, self.lora_B, self.dash_V, self.dash_delta, self.dash_U
-        return y + adapter_product(x_adapter, A, B, self.scaling, V_s, delta, U_s).to(y.dtype)
+        if self.fused and fused.serves(self.base):
+            x_adapter = None if x_tilde is x else x_tilde
+            weight, bias = fused.frozen_weight(self.base), self.base.bias
+            return fused.adapted_linear(
+                x, x_adapter, weight, bias, A, B, self.scaling, V_s, delta, U_s, self.launched
+            )
+        y = self.base(x)
+        branches = adapter_product(x_tilde.to(A.dtype), A, B, self.scaling, V_s, delta, U_s)
+        return y + branches.to(y.dtype)
 
     # ---------------------------------------------------------------------------------- launch
     @torch.no_grad()
@@ -204,13 +152,14 @@ class LoRADashLinear(nn.Module):
     ) -> DashDirections:
         """Select the task-specific directions from the current LoRA update; changes nothing.
 
-        METHOD.md §3 step 2: SVD of the pretrained ``W`` (not ``W + ΔW``) in ``svd_dtype``;
-        coordinates ``c = (α/r)·rowsum((Uᵀ B) ⊙ (Vᵀ Aᵀ))``; rates ``ρ = |c| / (σ + eps)`` on the
-        eligible directions; the top ``s`` by the stable rule. Another ``strategy`` picks baseline
-        directions instead (:func:`lora_dash.directions.pick_directions`; ``"random"`` needs ``generator``).
+        :func:`lora_dash.directions.select_task_directions` (METHOD.md §3.2) on the pretrained ``W``
+        (not ``W + ΔW``), this layer's ``A``, ``B``, ``α/r``, ``s`` and ``eps``, the SVD in
+        ``svd_dtype``. Another ``strategy`` picks baseline directions instead
+        (:func:`lora_dash.directions.pick_directions`; ``"random"`` needs ``generator``).
 
-        ``whole``: ``(W: (out, in), A: (r, in), B: (out, r))`` already made whole (by the one rank that selects
-        for this layer, say); by default this layer's own, FSDP2's shards all-gathered on every rank.
+        ``whole``: ``(W: (out, in), A: (r, in), B: (out, r))`` already made whole (by the one rank
+        that selects for this layer, say); by default this layer's own, FSDP2's shards all-gathered
+        on every rank.
 
         Raises:
             RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
@@ -224,18 +173,15 @@ class LoRADashLinear(nn.Module):
             whole = self.base_weight(), A, B
         weight, A, B = whole
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"{self._where()}: the LoRA update is not finite; refusing to select directions")
+            raise ValueError(f"{self._where()}: the LoRA update is not finite; not selecting")
         if not torch.isfinite(weight).all():
             raise ValueError(f"{self._where()}: the pretrained weight is not finite")
-        U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
-        coords = directions.coordinates_from_factors(B, A, self.scaling, U, V)
-        eligible = directions.eligible_directions(sigma, (self.out_features, self.in_features))
-        rates = directions.change_rates(coords, sigma, eligible, self.eps)
         try:
-            index = directions.pick_directions(rates, eligible, self.s, strategy, generator, coords)
+            return directions.select_task_directions(
+                weight, A, B, self.scaling, self.s, self.eps, strategy, generator, svd_dtype
+            )
         except ValueError as error:
             raise ValueError(f"{self._where()}: {error}") from error
-        return DashDirections(U_s=U[:, index], V_s=V[:, index], index=index)
 
     def check_launchable(self) -> None:
         """Raise ``RuntimeError`` if the layer is already launched or is merged (``W`` would include ``ΔW``)."""
@@ -252,14 +198,17 @@ class LoRADashLinear(nn.Module):
         layer first and commit only when all selections succeeded.
         """
         self.check_launchable()
-        chosen = self.find_directions() if chosen is None else chosen
-        if [d.shape for d in chosen] != [self.dash_U.shape, self.dash_V.shape, self.dash_index.shape]:
+        if chosen is None:
+            chosen = self.find_directions()
+        expected = [self.dash_U.shape, self.dash_V.shape, self.dash_index.shape]
+        if [tensor.shape for tensor in chosen] != expected:
             raise ValueError(f"{self._where()}: directions of the wrong shape for s={self.s}")
         self.dash_U.copy_(chosen.U_s)
         self.dash_V.copy_(chosen.V_s)
         self.dash_index.copy_(chosen.index)
         self.dash_delta.zero_()
         self.dash_launched.fill_(True)
+        self.launched = True
 
     # ----------------------------------------------------------------------------------- merge
     def delta_weight(self) -> Tensor:
@@ -301,3 +250,36 @@ class LoRADashLinear(nn.Module):
         phase = "dash" if self.launched else "pre-launch"
         shape = f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, s={self.s}"
         return f"{shape}, scaling={self.scaling:.4g}, phase={phase}, merged={self.merged}"
+
+
+def adapter_product(
+    x: Tensor, A: Tensor, B: Tensor, scaling: float, V_s: Tensor, delta: Tensor, U_s: Tensor
+) -> Tensor:
+    """The two branches beside the frozen layer with autograd's own operations, the reference:
+    ``(α/r)·x Aᵀ Bᵀ + (x V_s ⊙ δ) U_sᵀ``, ``(..., in)`` → ``(..., out)``, never forming an
+    ``(out, in)`` matrix. :mod:`lora_dash.fused` computes the same with fewer operations."""
+    return F.linear(F.linear(x, A) * scaling, B) + F.linear(F.linear(x, V_s.T) * delta, U_s)
+
+
+def check_arguments(base: nn.Module, r: int, s: int, dropout: float, eps: float) -> tuple[int, int]:
+    """Validate the arguments of :class:`LoRADashLinear`; return ``(in_features, out_features)``.
+
+    A quantized base is dequantized once here, so one that cannot be read is refused now, not at
+    launch.
+    """
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        raise ValueError(f"LoRADashLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+    if is_quantized(base):
+        dequantize(base)
+    # From the layer's declared features: a quantized weight may be packed into another shape.
+    if is_conv1d(base):
+        in_features, out_features = base.weight.shape
+    else:
+        in_features, out_features = base.in_features, base.out_features
+    check_int("r", r, 1)
+    k = min(in_features, out_features)
+    check_int("s", s, 1, k, f"min(in, out)={k}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_number("eps", eps)
+    return in_features, out_features

@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
+from lora_dash.bases import is_quantized, is_sharded
 from lora_dash.inject import require_dash_layers
-from lora_dash.layer import LoRADashLinear, is_quantized, is_sharded
+from lora_dash.layer import LoRADashLinear
 
 
 def _dequantized_merge(layer: LoRADashLinear, dtype: torch.dtype | None) -> nn.Linear:

@@ -17,8 +17,8 @@ naming it: a silently wrong SVD of raw codes is the failure this module exists t
 
 The libraries are never imported here. A weight of their types can only exist once they are imported,
 so looking them up in ``sys.modules`` costs nothing and keeps the core free of them. The core knows
-none of this: importing this module plugs :func:`dequantized_weight` into
-:func:`lora_dash.layer.dequantize`.
+none of this: importing this module installs :func:`dequantized_weight` as the reader of
+:func:`lora_dash.bases.dequantize`.
 """
 
 import copy
@@ -27,7 +27,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from lora_dash import layer
+from lora_dash import bases
 
 
 def _library_class(module_name: str, class_name: str) -> type | None:
@@ -140,4 +140,4 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     return dense
 
 
-layer.dequantize = dequantized_weight
+bases.set_weight_reader(dequantized_weight)

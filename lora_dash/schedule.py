@@ -1,11 +1,10 @@
-"""The launch: :func:`launch` selects the directions of every LoRA-Dash layer and commits all or none;
-:class:`LaunchController` counts optimizer steps and calls it right after step ``t``.
+"""The launch: :func:`launch` selects the directions of every LoRA-Dash layer and commits all or
+none; :class:`LaunchController` counts optimizer steps and calls it right after step ``t``.
 
-Three seams let integrations plug in unknown to this module, each filled when its module is imported
-(``import lora_dash`` imports them): :data:`shared_selection` (:mod:`lora_dash.distributed`),
-:data:`launch_report` (:mod:`lora_dash.analysis`) and :data:`guard` (:mod:`lora_dash.guards`).
+Integrations plug into the launch through :data:`launch_hooks` (see there for who fills each).
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,18 +12,49 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash.checks import check_int, check_seed
-from lora_dash.directions import check_strategy
+from lora_dash.directions import DashDirections, check_strategy
 from lora_dash.inject import dash_layers, require_dash_layers
-from lora_dash.layer import DashDirections, LoRADashLinear
+from lora_dash.layer import LoRADashLinear
 
-#: ``(layers, strategy, generators) -> {name: DashDirections}``: a selection shared among ``torch.distributed``
-#: ranks, or ``None`` where there is nothing to share (one process); then each layer selects its own.
-shared_selection: Callable[[dict[str, LoRADashLinear], str, list], dict[str, DashDirections] | None] | None = None
-#: ``(model, seed) -> lines``: what a controller's ``log_evidence`` receives right after the launch.
-launch_report: Callable[[nn.Module, int], list[str]] | None = None
-#: ``(event, controller)`` at ``"built"`` (not launched), ``"stepped"``, ``"launched"`` and ``"pending"`` (a step
-#: past ``t``, not launched): may warn, never changes the run, and reads no tensor where the controller does not.
-guard: Callable[[str, "LaunchController"], None] | None = None
+
+def select_each_alone(
+    layers: dict[str, LoRADashLinear], strategy: str, generators: list[torch.Generator]
+) -> dict[str, DashDirections] | None:
+    """The default ``"shared_selection"``: nothing to share (one process), so ``None``."""
+    return None
+
+
+def no_evidence(model: nn.Module, seed: int) -> list[str]:
+    """The default ``"evidence"``: there is no evidence to log without an analysis installed."""
+    raise RuntimeError("no launch evidence is installed (import lora_dash.analysis)")
+
+
+def no_guard(event: str, controller: "LaunchController") -> None:
+    """The default ``"guard"``: no warnings."""
+
+
+#: The launch's hooks, each with the default that runs while nothing else is installed
+#: (:func:`set_launch_hook`); ``import lora_dash`` installs all three:
+#:
+#: - ``"shared_selection"`` ``(layers, strategy, generators) -> {name: DashDirections} | None``: a
+#:   selection shared among ``torch.distributed`` ranks (:mod:`lora_dash.distributed`);
+#: - ``"evidence"`` ``(model, seed) -> lines``: what ``log_evidence`` receives after the launch
+#:   (:mod:`lora_dash.analysis`);
+#: - ``"guard"`` ``(event, controller)`` at ``"built"``, ``"loaded"``, ``"stepped"``,
+#:   ``"launched"`` and ``"pending"``: warnings for a launch wired wrong (:mod:`lora_dash.guards`);
+#:   it never changes the run.
+launch_hooks: dict[str, Callable[..., Any]] = {
+    "shared_selection": select_each_alone,
+    "evidence": no_evidence,
+    "guard": no_guard,
+}
+
+
+def set_launch_hook(name: str, hook: Callable[..., Any]) -> None:
+    """Install ``hook`` as the launch's hook ``name`` (one of :data:`launch_hooks`)."""
+    if name not in launch_hooks:
+        raise ValueError(f"unknown launch hook {name!r}; hooks are {sorted(launch_hooks)}")
+    launch_hooks[name] = hook
 
 
 def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> None:
@@ -47,7 +77,7 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: 
 
     Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
     and committed only once every layer has found its own. Under ``torch.distributed`` every rank must
-    call this: the ranks share the SVDs (:data:`shared_selection`), every rank commits bit for bit what
+    call this: the ranks share the SVDs (``launch_hooks["shared_selection"]``), every rank commits bit for bit what
     one process would, and an error on any rank is raised on every rank.
 
     Args:
@@ -70,7 +100,9 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: 
     check_launch_options(strategy, seed, distributed)
     layers = require_dash_layers(model)
     generators = layer_generators(seed, len(layers))
-    chosen = shared_selection(layers, strategy, generators) if distributed and shared_selection else None
+    chosen = None
+    if distributed:
+        chosen = launch_hooks["shared_selection"](layers, strategy, generators)
     if chosen is None:
         chosen = {
             name: layer.find_directions(strategy=strategy, generator=generator)
@@ -81,13 +113,35 @@ def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: 
     return {name: directions.index for name, directions in chosen.items()}
 
 
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside ``optimizer``: itself, or what its ``.optimizer`` attributes wrap
+    (accelerate's and Trainer's wrappers; accelerate's of DeepSpeed's is three deep).
+
+    Raises:
+        ValueError: ``optimizer`` is not an optimizer and wraps none (e.g. ``trainer.optimizer``
+            before ``train()`` builds it: use :class:`lora_dash.hf.LoRADashCallback`).
+    """
+    inner = optimizer
+    for _ in range(8):  # a bound against a cycle
+        if getattr(inner, "optimizer", None) is None:
+            break
+        inner = inner.optimizer
+    if not (callable(getattr(inner, "register_step_post_hook", None)) and hasattr(inner, "param_groups")):
+        raise ValueError(
+            f"attach() needs a torch optimizer or a wrapper exposing one as .optimizer, got "
+            f"{type(optimizer).__name__}; transformers.Trainer builds its optimizer in train(): use "
+            "lora_dash.hf.LoRADashCallback"
+        )
+    return inner
+
+
 class LaunchController:
     """Counts optimizer steps for a whole model and launches every layer right after step ``t``.
 
-    The count and phase are state (``state_dict``), so resuming a run launches at the same step.
-    Forward passes, evaluation, gradient-accumulation micro-batches and activation-checkpoint
-    recomputes do not count; only optimizer steps do, and with :meth:`attach` only real ones: a step
-    that a grad scaler skips on overflow is not a step.
+    The count is state (``state_dict``), so resuming a run launches at the same step. Forward
+    passes, evaluation, gradient-accumulation micro-batches and activation-checkpoint recomputes do
+    not count; only optimizer steps do, and with :meth:`attach` only real ones: a step that a grad
+    scaler skips on overflow is not a step.
 
     Usage::
 
@@ -95,22 +149,25 @@ class LaunchController:
         # or, in a custom loop: call controller.step() after each optimizer step.
         # with transformers.Trainer: lora_dash.hf.LoRADashCallback(launch_step=100)
 
-    The phase is a Python value, read from the model's buffers at construction, when :attr:`steps` is
-    assigned (as :meth:`load_state_dict` does), at steps ``t`` and ``t + 1``, and at each step past ``t``
-    while not launched; so the steps after the launch read no tensor (no host–device synchronisation). An
-    adapter state loaded behind the controller's back later than that is not noticed: resume with
-    :func:`lora_dash.load_training_checkpoint`, or load the controller's state too. A controller that
-    nothing steps cannot launch: :mod:`lora_dash.guards` warns when optimizers pass ``t`` unseen.
+    The phase is read from the layers (:attr:`LoRADashLinear.launched`, a Python bool: no tensor
+    read, no host–device synchronisation). A controller that nothing steps cannot launch:
+    :mod:`lora_dash.guards` warns when optimizers pass ``t`` unseen.
 
     Args:
         model: a model with LoRA-Dash layers (see :func:`inject`).
-        launch_step: ``t >= 0``; ``0`` launches at once (``ΔW = 0``, so the ``s`` largest σ are chosen).
-        strategy, seed, distributed: how :func:`launch` chooses the directions (default: the method's TSDs,
-            shared among the ranks under ``torch.distributed``). They are arguments, not saved state: pass
-            the same ones when resuming.
-        log_evidence: if given (e.g. ``print`` or ``logger.info``), right after the launch it receives the
-            lines of :data:`launch_report`: whether the LoRA update the directions were chosen from says more
-            than isotropic noise (:func:`lora_dash.analysis.launch_evidence`). None (default) computes nothing.
+        launch_step: ``t >= 0``; ``0`` launches at once (``ΔW = 0``, so the ``s`` largest σ are
+            chosen).
+        strategy, seed, distributed: how :func:`launch` chooses the directions (default: the
+            method's TSDs, shared among the ranks under ``torch.distributed``). They are arguments,
+            not saved state: pass the same ones when resuming.
+        log_evidence: if given (e.g. ``print`` or ``logger.info``), right after the launch it
+            receives the lines of the ``"evidence"`` hook: whether the LoRA update the directions
+            were chosen from says more than isotropic noise
+            (:func:`lora_dash.analysis.launch_evidence`). None (default) computes nothing.
+
+    Raises:
+        ValueError: a bad argument, no LoRA-Dash layer, or ``log_evidence`` with no evidence hook
+            installed.
     """
 
     def __init__(
@@ -126,58 +183,37 @@ class LaunchController:
         check_launch_options(strategy, seed, distributed)
         if log_evidence is not None and not callable(log_evidence):
             raise ValueError(f"log_evidence must be callable or None, got {type(log_evidence).__name__}")
+        if log_evidence is not None and launch_hooks["evidence"] is no_evidence:
+            raise ValueError("log_evidence needs the launch evidence: import lora_dash.analysis")
         require_dash_layers(model)
-        self.log_evidence = log_evidence
         self.model = model
         self.launch_step = launch_step
         self.strategy, self.seed, self.distributed = strategy, seed, distributed
+        self.log_evidence = log_evidence
+        self.steps = 0  #: optimizer steps counted so far
         self.optimizers: list[torch.optim.Optimizer] = []  # the attached ones, unwrapped
         self._hooks: list[Any] = []
-        self.steps = 0  # reads the phase
-        if launch_step == 0 and not self._launched:
-            self.launch()
-        elif not self._launched and guard is not None:
-            guard("built", self)
+        if self.launched:
+            return
+        if launch_step == 0:
+            self.launch_now()
+        else:
+            launch_hooks["guard"]("built", self)
 
     @property
     def launched(self) -> bool:
-        """Whether every LoRA-Dash layer of the model is in the dash phase (read from the model's buffers)."""
+        """Whether every LoRA-Dash layer of the model is in the dash phase."""
         return all(layer.launched for layer in dash_layers(self.model).values())
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps counted so far. Assigning it (a resume, a rollback) re-reads the phase from the model."""
-        return self._steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._steps = value
-        self._launched = self.launched
-
     def attach(self, optimizer: Any) -> "LaunchController":
-        """Count every real step of ``optimizer`` (a post-step hook), and reset δ's state in it at launch.
+        """Count every real step of ``optimizer`` (a post-step hook), and reset δ's state in it at
+        the launch. ``optimizer`` may be a wrapper (:func:`unwrap_optimizer`).
 
-        ``optimizer`` is a ``torch.optim.Optimizer`` or a wrapper exposing the real one as ``.optimizer``
-        (accelerate's, Trainer's), unwrapped as often as needed. A step that ``torch.amp.GradScaler`` skips
-        on overflow is not counted (for an optimizer that skips inside its own step, such as fused Adam, the
-        scaler's ``found_inf`` is read until the launch; after it, to stay free of host–device
-        synchronisation, such a step is counted).
-
-        Raises:
-            ValueError: ``optimizer`` is not an optimizer and wraps none (e.g. ``trainer.optimizer``
-                before ``train()`` builds it: use :class:`lora_dash.hf.LoRADashCallback`).
+        A step that ``torch.amp.GradScaler`` skips on overflow is not counted. For an optimizer that
+        skips inside its own step (fused Adam), the scaler's ``found_inf`` is read up to the step
+        after the launch; later, to stay free of host–device synchronisation, such a step counts.
         """
-        inner = optimizer
-        for _ in range(8):  # accelerate's wrapper of DeepSpeed's is three deep; a bound against a cycle
-            if getattr(inner, "optimizer", None) is None:
-                break
-            inner = inner.optimizer
-        if not (callable(getattr(inner, "register_step_post_hook", None)) and hasattr(inner, "param_groups")):
-            raise ValueError(
-                f"attach() needs a torch optimizer or a wrapper exposing one as .optimizer, got "
-                f"{type(optimizer).__name__}; transformers.Trainer builds its optimizer in train(): use "
-                "lora_dash.hf.LoRADashCallback"
-            )
+        inner = unwrap_optimizer(optimizer)
         self.optimizers.append(inner)
         self._hooks.append(inner.register_step_post_hook(self._after_optimizer_step))
         return self
@@ -191,50 +227,47 @@ class LaunchController:
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # GradScaler sets found_inf on an optimizer that skips inside its own step (fused Adam).
         found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None and not self._launched and bool(found_inf):
+        if found_inf is not None and self.steps <= self.launch_step and bool(found_inf):
             return
         self.step()
 
     def step(self) -> None:
-        """Record one optimizer step; launch if it was step ``t``.
-
-        Before step ``t`` and after the launch this is Python arithmetic only (no tensor is read), but
-        once, one step after the launch, to find layers injected since (they are warned about).
-        """
-        self._steps += 1
-        if guard is not None:
-            guard("stepped", self)
-        if self._steps < self.launch_step:
+        """Record one optimizer step: before ``t`` nothing more; at ``t`` the launch; one step
+        after it, a look for layers that did not launch. No tensor is read."""
+        self.steps += 1
+        launch_hooks["guard"]("stepped", self)
+        if self.steps < self.launch_step:
+            return  # before t: plain LoRA
+        if self.steps == self.launch_step:
+            if not self.launched:  # launched early by an explicit launch_now() or launch(model)
+                self.launch_now()
             return
-        if self._launched and self._steps != self.launch_step + 1:
-            return
-        # Launched outside the controller (launch(model), a loaded state)? A layer injected since the launch?
-        self._launched = self.launched
-        if self._launched:
-            return
-        if self._steps == self.launch_step:
-            self.launch()
-        elif guard is not None:
-            guard("pending", self)  # past t, and some layer has not launched
+        if self.steps == self.launch_step + 1 and not self.launched:
+            launch_hooks["guard"]("pending", self)  # after t: a layer injected since, say
 
-    def launch(self) -> dict[str, Tensor]:
-        """Launch now (see :func:`launch`, with this controller's strategy, seed and ``distributed``) and give
-        δ a fresh optimizer state in attached optimizers.
+    def launch_now(self) -> dict[str, Tensor]:
+        """Launch now (:func:`launch` with this controller's strategy, seed and ``distributed``) and
+        give δ a fresh state in attached optimizers.
 
-        Before launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from those
-        zeros (and its step count) would skew δ's first updates, so it is dropped.
+        Before the launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from
+        those zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
         selected = launch(self.model, self.strategy, self.seed, self.distributed)
-        if self.log_evidence is not None and launch_report is not None:
-            for line in launch_report(self.model, self.seed):
+        if self.log_evidence is not None:
+            for line in launch_hooks["evidence"](self.model, self.seed):
                 self.log_evidence(line)
-        self._launched = True
         for optimizer in self.optimizers:
             for layer in dash_layers(self.model).values():
                 optimizer.state.pop(layer.dash_delta, None)
-        if guard is not None:
-            guard("launched", self)
+        launch_hooks["guard"]("launched", self)
         return selected
+
+    def launch(self) -> dict[str, Tensor]:
+        """Deprecated alias of :meth:`launch_now` (kept for one release)."""
+        warnings.warn(
+            "LaunchController.launch() is renamed launch_now()", DeprecationWarning, stacklevel=2
+        )
+        return self.launch_now()
 
     def state_dict(self) -> dict[str, int]:
         """``{"launch_step": t, "steps": optimizer steps so far}``."""
@@ -244,20 +277,23 @@ class LaunchController:
         """Restore the step count; the model's adapter state must be loaded first.
 
         Raises:
-            ValueError: missing or unexpected keys, a different ``launch_step``, or a step count at or
-                past ``launch_step`` with a model that has not launched (a model launched early, by an
-                explicit :meth:`launch`, may have any step count).
+            ValueError: missing or unexpected keys, a different ``launch_step``, or a step count at
+                or past ``launch_step`` with a model that has not launched (a model launched early,
+                by an explicit :meth:`launch_now`, may have any step count).
         """
         expected = {"launch_step", "steps"}
         if set(state) != expected:
             raise ValueError(f"controller state keys {sorted(state)} != {sorted(expected)}")
         if state["launch_step"] != self.launch_step:
-            raise ValueError(f"state has launch_step={state['launch_step']}, this controller {self.launch_step}")
+            raise ValueError(
+                f"state has launch_step={state['launch_step']}, this controller {self.launch_step}"
+            )
         steps = state["steps"]
         check_int("steps", steps, 0)
-        if steps >= self.launch_step and not self.launched:  # launched before t is fine: an explicit launch()
+        if steps >= self.launch_step and not self.launched:
             raise ValueError(
-                f"state is at step {steps} with launch_step={self.launch_step}, but the model is not launched; "
-                "load the adapter state first"
+                f"state is at step {steps} with launch_step={self.launch_step}, but the model is "
+                "not launched; load the adapter state first"
             )
-        self.steps = steps  # re-reads the phase
+        self.steps = steps
+        launch_hooks["guard"]("loaded", self)

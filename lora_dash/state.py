@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_dash.bases import full_tensor, is_sharded
 from lora_dash.checks import check_number
 from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
-from lora_dash.layer import LoRADashLinear, full_tensor, is_sharded
+from lora_dash.layer import LoRADashLinear
 
 #: What one layer saves: the trainable A, B, δ and the launch's buffers U_s, V_s, indices and phase.
 LAYER_STATE_KEYS = ("lora_A", "lora_B", "dash_delta", "dash_U", "dash_V", "dash_index", "dash_launched")
@@ -146,6 +147,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(_like(target, state[key]))
+    for name, layer in layers.items():
+        layer.launched = phases[name]
 
 
 def _check_phase(name: str, layer: LoRADashLinear, state: dict[str, Tensor]) -> None:

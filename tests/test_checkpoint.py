@@ -443,7 +443,7 @@ def test_training_checkpoint_saved_after_an_early_manual_launch_loads_back(tmp_p
     # controller.launch() before step t is public API ("launch now"); invariant 14 says a checkpoint
     # saved then must load. Today LaunchController.load_state_dict demands launched iff steps >= t.
     model, optimizer, controller = trained(T - 2)
-    controller.launch()
+    controller.launch_now()
     save_training_checkpoint(model, optimizer, controller, tmp_path / "run.pt")
     fresh, fresh_optimizer, fresh_controller = trained(0, init_seed=2)
     load_training_checkpoint(fresh, fresh_optimizer, fresh_controller, tmp_path / "run.pt")
