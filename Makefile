@@ -6,11 +6,13 @@
 # format check, over the library, the tests and the notebooks; CI runs it before the tests.
 # `make demo` (same environment) fine-tunes all-MiniLM-L6-v2 with LoRA and LoRA-Dash and reports;
 # `make demo ARGS=--quick` is the one-minute smoke run; `make demo ARGS=--help` lists the flags.
+# `make notebooks` opens JupyterLab (pinned in requirements-dev.txt) on notebooks/, its kernel the same environment;
+# Ctrl-C stops it. ARGS go to `jupyter lab`, e.g. ARGS="--no-browser --port 8890" on a remote machine.
 # `make bench` times LoRA-Dash against PEFT's LoRA, the authors' dense dash and the bare layer, measures
 # its memory, then times the launch on 1-3 gloo ranks and the SVD cost by shape (46 minutes in all on a busy
 # 2-core machine); `make bench ARGS="--markdown BENCHMARKS.md"` also writes the first part's report.
-# `make reproduce` runs the study behind REPRODUCTION.md (about 1.5 hours on 2 cores for the short budget,
-# 50 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
+# `make reproduce` runs the study behind REPRODUCTION.md (62 minutes on 2 cores for the short budget,
+# 48 minutes more for the converged one with ARGS="--workers 2"; resumable) into results/reproduce;
 # `make reproduce ARGS=--quick` is its few-minute miniature.
 # `make commonsense` runs the SmolLM2-135M study on the eight commonsense tasks (about 6.5 hours on 2 cores,
 # resumable) into results/commonsense; ARGS=--quick for its miniature, ARGS=--report-only for the tables; ARGS="--cloze ..." for the cloze study (REPRODUCTION.md).
@@ -22,7 +24,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo bench gpu-check reproduce commonsense clean
+.PHONY: test test-fast lint demo notebooks bench gpu-check reproduce commonsense clean
 
 $(STAMP): requirements-dev.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lora_dash.demo $(ARGS)
+
+notebooks: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m lora_dash.bench $(ARGS)
