@@ -1,28 +1,30 @@
 """Adapter files and training checkpoints that are safe to load and survive a crash while saving.
 
-* **Adapter files** are safetensors files, the format this ecosystem uses for adapters. The body holds
-  :func:`lora_dash.adapter_state_dict` (each tensor under its ``model.state_dict()`` key, modules that train
-  in full included) and, for each LoRA-Dash layer, ``"<layer>.base_sketch"``: ``W g``, a fingerprint of
-  its pretrained weight (below). The header's metadata holds ``format``, ``version``, ``phase``
-  (``"pre-launch"`` or ``"dash"``), ``layers`` (JSON: each layer's ``in/out_features``, ``r``, ``alpha``,
-  ``s``, ``use_rslora``, ``eps``), ``trained_modules`` (JSON list of names) and ``checksum``. The sketches
-  are tensors in the body, not JSON in the header: they keep their exact float32 bits, cost 4 bytes an
-  entry instead of about 20 (``out_features`` entries per layer), and are read by the same loader.
+* **Adapter files** are safetensors files, the format this ecosystem uses for adapters. The body
+  holds :func:`lora_dash.adapter_state_dict` (each tensor under its ``model.state_dict()`` key,
+  modules that train in full included) and, for each LoRA-Dash layer, ``"<layer>.base_sketch"``:
+  ``W g``, a fingerprint of its pretrained weight (below). The header's metadata holds ``format``,
+  ``version``, ``phase`` (``"pre-launch"`` or ``"dash"``), ``layers`` (JSON: each layer's
+  ``in/out_features``, ``r``, ``alpha``, ``s``, ``use_rslora``, ``eps``), ``trained_modules`` (JSON
+  list of names) and ``checksum``. The sketches are tensors in the body, not JSON in the header:
+  they keep their exact float32 bits, cost 4 bytes an entry instead of about 20 (``out_features``
+  entries per layer), and are read by the same loader.
 * **Training checkpoints** hold optimizer state too, so they are ``torch.save`` files, read by
   ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
-* **Safe.** Neither format runs code when loaded: safetensors never unpickles, and a torch file with any
-  other object is refused.
-* **Atomic.** A save writes a temporary file in the target's folder, fsyncs it, and ``os.replace``\\ s it
-  over the target: a crash at any moment leaves either the old file or the new one, never a mix.
-* **Checked.** Neither safetensors nor ``torch.load`` notices flipped bytes inside a tensor, so every
-  file carries a SHA-256 of its metadata and tensors. A load verifies it, then checks the file against
-  the model (layer names, hyper-parameters, the sketch of each pretrained weight, the phase, the modules
-  that train in full), and only then changes anything. Every problem is a ``ValueError`` naming the file
-  and what is wrong.
+* **Safe.** Neither format runs code when loaded: safetensors never unpickles, and a torch file with
+  any other object is refused.
+* **Atomic.** A save writes a temporary file in the target's folder, fsyncs it, and
+  ``os.replace``\\ s it over the target: a crash at any moment leaves either the old file or the
+  new one, never a mix.
+* **Checked.** Neither safetensors nor ``torch.load`` notices flipped bytes inside a tensor, so
+  every file carries a SHA-256 of its metadata and tensors. A load verifies it, then checks the file
+  against the model (layer names, hyper-parameters, the sketch of each pretrained weight, the
+  phase, the modules that train in full), and only then changes anything. Every problem is a
+  ``ValueError`` naming the file and what is wrong.
 
-A training checkpoint adds to the adapter the optimizer state, the :class:`LaunchController` state and
-the RNG states (Python, NumPy, torch, CUDA), so that a resumed run is bit-identical to one that never
-stopped.
+A training checkpoint adds to the adapter the optimizer state, the :class:`LaunchController` state
+and the RNG states (Python, NumPy, torch, CUDA), so that a resumed run is bit-identical to one that
+never stopped.
 """
 
 import hashlib
@@ -52,31 +54,34 @@ TRAINING_FORMAT = "lora_dash.training"
 VERSION = 2
 PHASES = ("pre-launch", "dash")
 SKETCH_SUFFIX = ".base_sketch"
-#: Relative tolerance of the pretrained-weight check: loose enough for a bf16 copy of the same weights
-#: (relative rounding 2⁻⁹), far tighter than the distance between two different weights (about √2).
+#: Relative tolerance of the pretrained-weight check: loose enough for a bf16 copy of the same
+#: weights (relative rounding 2⁻⁹), far tighter than the distance between two different weights
+#: (about √2).
 BASE_RTOL = 1e-2
 #: How a ``torch.save`` file starts (its zip archive, or a raw pickle of protocol 2 or later).
 TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
 def safetensors_torch() -> ModuleType:
-    """``safetensors.torch``, imported when first needed: files need it, the core library does not."""
+    """``safetensors.torch``, imported on first use: files need it, the core library does not."""
     try:
         import safetensors.torch
     except ImportError as error:
         raise ImportError(
-            'adapter files are safetensors files: pip install safetensors (or pip install "lora-dash[files]")'
+            "adapter files are safetensors files: pip install safetensors "
+            '(or pip install "lora-dash[files]")'
         ) from error
     return safetensors.torch
 
 
 # ------------------------------------------------------------------------------- adapter files
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter (every LoRA-Dash layer, both phases, and every module that trains in full) to
-    ``path`` as a safetensors file, atomically.
+    """Write the adapter (every LoRA-Dash layer, both phases, and every module that trains in full)
+    to ``path`` as a safetensors file, atomically.
 
     Under FSDP2 every rank must call it (the shards are gathered); give each rank its own path or
-    let one rank's call write. Pass the unwrapped model (``ddp.module``) so names carry no ``module.``.
+    let one rank's call write. Pass the unwrapped model (``ddp.module``) so that names carry no
+    ``module.`` prefix.
 
     Raises:
         ImportError: ``safetensors`` is not installed.
@@ -92,7 +97,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> None:
-    """Load an adapter file written by :func:`save_adapter` into ``model``: all of it, or (on error) nothing.
+    """Load an adapter file written by :func:`save_adapter` into ``model``: all of it, or (on
+    error) nothing.
 
     Build the model and ``inject`` exactly as in training (same targets, hyper-parameters and
     ``modules_to_save``), then call this.
@@ -103,24 +109,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
 
     Raises:
         ImportError: ``safetensors`` is not installed.
-        ValueError: a file that is not a LoRA-Dash adapter file (a ``torch.save`` file is refused without
-            being unpickled), is truncated or corrupted, or does not fit the model (names, shapes,
-            hyper-parameters, pretrained weights, phase, modules that train in full).
+        ValueError: a file that is not a LoRA-Dash adapter file (a ``torch.save`` file is refused
+            without being unpickled), is truncated or corrupted, or does not fit the model (names,
+            shapes, hyper-parameters, pretrained weights, phase, modules that train in full).
         RuntimeError: a target layer is merged.
         OSError: the file cannot be read.
     """
     load = safetensors_torch().load
-    with open(path, "rb") as file:  # OSError (missing file, a folder, no permission) passes through
+    # An OSError (missing file, a folder, no permission) passes through.
+    with open(path, "rb") as file:
         data = file.read()
     try:
         tensors = load(data)
     except Exception as error:  # safetensors raises its own SafetensorError, or others on odd input
         if data.startswith(TORCH_FILE_STARTS):
             raise ValueError(
-                f"{path}: refused: it looks like a torch.save (pickle) file, not a safetensors adapter "
-                "file, and was not unpickled (a training checkpoint loads with load_training_checkpoint)"
+                f"{path}: refused: it looks like a torch.save (pickle) file, not a safetensors "
+                "adapter file, and was not unpickled (a training checkpoint loads with "
+                "load_training_checkpoint)"
             ) from error
-        raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})"
+        ) from error
     # safetensors has just parsed this header: an 8-byte little-endian length, then JSON.
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     metadata = dict(header.get("__metadata__") or {})
@@ -130,31 +140,46 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
             f"{metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})"
         )
     if metadata.get("version") != str(VERSION):
-        raise ValueError(f"{path}: has format version {metadata.get('version')!r}; this library reads {VERSION}")
+        raise ValueError(
+            f"{path}: has format version {metadata.get('version')!r}; this library reads {VERSION}"
+        )
     checksum = metadata.pop("checksum", None)
     if checksum != _checksum({"metadata": metadata, "tensors": tensors}):
-        raise ValueError(f"{path}: corrupted: its metadata and tensors do not match its SHA-256 checksum")
+        raise ValueError(
+            f"{path}: corrupted: its metadata and tensors do not match its SHA-256 checksum"
+        )
     del metadata["format"], metadata["version"]
     _load_adapter_content(model, {"metadata": metadata, "tensors": tensors}, path, check_base)
 
 
 # -------------------------------------------------------------------------- training checkpoints
 def save_training_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, controller: LaunchController, path: str | os.PathLike
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: LaunchController,
+    path: str | os.PathLike,
 ) -> None:
-    """Write everything a bit-identical resume needs: adapter, optimizer, controller and RNG states."""
+    """Write all a bit-identical resume needs: the adapter, optimizer, controller and RNG states."""
     content = {
         "adapter": _adapter_content(model),
         "optimizer": optimizer.state_dict(),
         "controller": controller.state_dict(),
         "rng": _rng_state(),
     }
-    payload = {"format": TRAINING_FORMAT, "version": VERSION, "content": content, "checksum": _checksum(content)}
+    payload = {
+        "format": TRAINING_FORMAT,
+        "version": VERSION,
+        "content": content,
+        "checksum": _checksum(content),
+    }
     _write(path, lambda file: torch.save(payload, file))
 
 
 def load_training_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, controller: LaunchController, path: str | os.PathLike
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: LaunchController,
+    path: str | os.PathLike,
 ) -> None:
     """Restore a checkpoint of :func:`save_training_checkpoint`: all of it, or (on error) nothing.
 
@@ -166,18 +191,19 @@ def load_training_checkpoint(
             (another ``launch_step``; a step count that disagrees with the adapter's phase).
     """
     content = _read(path, TRAINING_FORMAT)
-    _expect(
-        isinstance(content, dict) and set(content) == {"adapter", "optimizer", "controller", "rng"},
-        path,
-        "is not a training checkpoint",
-    )
+    parts = {"adapter", "optimizer", "controller", "rng"}
+    is_checkpoint = isinstance(content, dict) and set(content) == parts
+    _expect(is_checkpoint, path, "is not a training checkpoint")
     _check_optimizer_state(optimizer, content["optimizer"], path)
     before = adapter_state_dict(model), controller.steps, _rng_state()
-    _load_adapter_content(model, content["adapter"], path, check_base=True)  # all or nothing by itself
+    # Loading the adapter is all or nothing by itself; what follows is undone by hand on error.
+    _load_adapter_content(model, content["adapter"], path, check_base=True)
     try:
-        controller.load_state_dict(content["controller"])  # checks the step count against the loaded phase
+        # The controller checks its step count against the phase just loaded, and the optimizer
+        # checks its groups before it changes anything.
+        controller.load_state_dict(content["controller"])
         _set_rng_state(content["rng"])
-        optimizer.load_state_dict(content["optimizer"])  # checks its groups before it changes anything
+        optimizer.load_state_dict(content["optimizer"])
     except Exception as error:  # put back what was loaded, so the caller's objects are as they were
         load_adapter_state_dict(model, before[0])
         controller.steps = before[1]
@@ -199,23 +225,27 @@ def _layer_config(layer: LoRADashLinear) -> dict[str, Any]:
 
 
 def _base_sketch(layer: LoRADashLinear) -> Tensor:
-    """``W g`` in float32 for the fixed probe ``g_j = sin(√2 (j + 1))``: a fingerprint of the pretrained
-    weight that needs no RNG (so it does not change with torch's generators) and costs one mat-vec."""
+    """``W g`` in float32 for the fixed probe ``g_j = sin(√2 (j + 1))``: a fingerprint of the
+    pretrained weight that needs no RNG (so it does not change with torch's generators) and costs
+    one mat-vec."""
     probe = torch.sin(math.sqrt(2) * torch.arange(1, layer.in_features + 1, dtype=torch.float64))
     weight = layer.base_weight().detach().float()
     return (weight @ probe.to(weight)).cpu()
 
 
 def _adapter_content(model: nn.Module) -> dict[str, Any]:
-    """``{"metadata": {str: str}, "tensors": {str: Tensor}}``: the header entries and body of an adapter
-    file (less format, version and checksum); a training checkpoint holds it as it is."""
+    """``{"metadata": {str: str}, "tensors": {str: Tensor}}``: the header entries and body of an
+    adapter file (less format, version and checksum); a training checkpoint holds it as it is."""
     layers = require_dash_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:  # a merged base would fingerprint as W + ΔW
         raise RuntimeError(f"layers {merged} are merged; unmerge() before saving")
     launched = {name: layer.launched for name, layer in layers.items()}
-    if len(set(launched.values())) > 1:  # load_adapter_state_dict refuses such a state: do not write it
-        raise ValueError(f"the layers are in different phases (launched: {launched}); launch all or none")
+    # load_adapter_state_dict refuses layers in mixed phases: do not write such a state.
+    if len(set(launched.values())) > 1:
+        raise ValueError(
+            f"the layers are in different phases (launched: {launched}); launch all or none"
+        )
     metadata = {
         "phase": PHASES[next(iter(launched.values()))],
         "layers": json.dumps({name: _layer_config(layer) for name, layer in layers.items()}),
@@ -227,7 +257,9 @@ def _adapter_content(model: nn.Module) -> dict[str, Any]:
     return {"metadata": metadata, "tensors": tensors}
 
 
-def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLike, check_base: bool) -> None:
+def _load_adapter_content(
+    model: nn.Module, content: Any, path: str | os.PathLike, check_base: bool
+) -> None:
     _expect(
         isinstance(content, dict)
         and set(content) == {"metadata", "tensors"}
@@ -239,8 +271,11 @@ def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLik
     metadata, tensors = content["metadata"], content["tensors"]
     layers, saved = dash_layers(model), _header_entry(metadata, "layers", dict, path)
     if set(saved) != set(layers):
-        raise ValueError(f"{path}: the adapter is for layers {sorted(saved)}, the model has {sorted(layers)}")
-    saved_trained, trained = _header_entry(metadata, "trained_modules", list, path), list(trained_modules(model))
+        raise ValueError(
+            f"{path}: the adapter is for layers {sorted(saved)}, the model has {sorted(layers)}"
+        )
+    saved_trained = _header_entry(metadata, "trained_modules", list, path)
+    trained = list(trained_modules(model))
     if sorted(map(str, saved_trained)) != sorted(trained):
         raise ValueError(
             f"{path}: the adapter trains modules {saved_trained} in full, the model {trained}; "
@@ -250,9 +285,11 @@ def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLik
         info = saved[name]
         _expect(isinstance(info, dict), path, f"has no configuration for layer {name!r}")
         expected = _layer_config(layer)
-        differs = {key: (info.get(key), value) for key, value in expected.items() if info.get(key) != value}
+        differs = [key for key, value in expected.items() if info.get(key) != value]
         if differs:
-            described = ", ".join(f"{key}={saved!r} (model: {current!r})" for key, (saved, current) in differs.items())
+            described = ", ".join(
+                f"{key}={info.get(key)!r} (model: {expected[key]!r})" for key in differs
+            )
             raise ValueError(f"{path}: layer {name!r} was saved with {described}")
         if check_base and not layer.merged:  # a merged layer is refused below, with its own message
             _check_base(name, layer, tensors.get(name + SKETCH_SUFFIX), path)
@@ -263,7 +300,10 @@ def _load_adapter_content(model: nn.Module, content: Any, path: str | os.PathLik
     for name in layers:
         flag = state.get(f"{name}.dash_launched")
         if isinstance(flag, Tensor) and flag.numel() == 1 and PHASES[bool(flag)] != phase:
-            raise ValueError(f"{path}: its header says phase {phase!r}, but layer {name!r} is {PHASES[bool(flag)]}")
+            layer_phase = PHASES[bool(flag)]
+            raise ValueError(
+                f"{path}: its header says phase {phase!r}, but layer {name!r} is {layer_phase}"
+            )
     try:
         load_adapter_state_dict(model, state)
     except ValueError as error:
@@ -275,29 +315,39 @@ def _header_entry(metadata: dict, key: str, kind: type, path: str | os.PathLike)
     try:
         value = json.loads(metadata[key])
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: its header has no valid {key!r} entry ({type(error).__name__}: {error})") from error
-    _expect(isinstance(value, kind), path, f"its header entry {key!r} is not a JSON {kind.__name__}")
+        raise ValueError(
+            f"{path}: its header has no valid {key!r} entry ({type(error).__name__}: {error})"
+        ) from error
+    problem = f"its header entry {key!r} is not a JSON {kind.__name__}"
+    _expect(isinstance(value, kind), path, problem)
     return value
 
 
 def _check_base(name: str, layer: LoRADashLinear, saved: Any, path: str | os.PathLike) -> None:
     _expect(
-        isinstance(saved, Tensor) and saved.shape == (layer.out_features,) and saved.dtype == torch.float32,
+        isinstance(saved, Tensor)
+        and saved.shape == (layer.out_features,)
+        and saved.dtype == torch.float32,
         path,
         f"has no valid pretrained-weight sketch for layer {name!r}",
     )
     distance = torch.linalg.vector_norm(_base_sketch(layer) - saved)
-    if not distance <= BASE_RTOL * torch.linalg.vector_norm(saved):
+    size = torch.linalg.vector_norm(saved)
+    if not distance <= BASE_RTOL * size:
         raise ValueError(
-            f"{path}: layer {name!r} was saved for another pretrained weight (‖W'g − Wg‖ / ‖Wg‖ = "
-            f"{float(distance / torch.linalg.vector_norm(saved)):.3g} > {BASE_RTOL}); load it into the model it "
-            "was trained on, or pass check_base=False to load it anyway (as for an adapter trained on a quantized "
-            "copy of this weight, or the reverse: they differ by the quantization error, about 0.1 at 4 bits)"
+            f"{path}: layer {name!r} was saved for another pretrained weight "
+            f"(‖W'g − Wg‖ / ‖Wg‖ = {float(distance / size):.3g} > {BASE_RTOL}); load it into the "
+            "model it was trained on, or pass check_base=False to load it anyway (as for an "
+            "adapter trained on a quantized copy of this weight, or the reverse: they differ by "
+            "the quantization error, about 0.1 at 4 bits)"
         )
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: str | os.PathLike) -> None:
-    """What ``optimizer.load_state_dict`` leaves unchecked: every state tensor has its parameter's shape."""
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Any, path: str | os.PathLike
+) -> None:
+    """What ``optimizer.load_state_dict`` leaves unchecked: every state tensor has its parameter's
+    shape."""
     _expect(
         isinstance(state, dict)
         and isinstance(state.get("state"), dict)
@@ -322,13 +372,12 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: s
 
 # ---------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict[str, Any]:
+    # NumPy's generator key is stored as a tensor: a weights_only load takes no NumPy array.
     numpy_state = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {
         "python": random.getstate(),
-        "numpy": {
-            **numpy_state,
-            "state": {**numpy_state["state"], "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))},
-        },
+        "numpy": {**numpy_state, "state": {**numpy_state["state"], "key": key}},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -338,10 +387,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     numpy_state = state["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
     random.setstate(state["python"])
-    np.random.set_state(
-        {**numpy_state, "state": {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy().astype(np.uint32)}}
-    )
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -349,10 +397,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------ file I/O
 def _write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """``write`` a temporary file beside ``path``, fsync it, ``os.replace`` it over ``path``, fsync the folder."""
+    """``write`` a temporary file beside ``path``, fsync it, ``os.replace`` it over ``path``, and
+    fsync the folder."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
+    # Mode 0o666 less the umask, as open() gives.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
@@ -371,27 +421,31 @@ def _write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def _read(path: str | os.PathLike, file_format: str) -> Any:
-    """The verified ``content`` of a ``torch.save`` file of ``file_format`` (a training checkpoint)."""
-    with open(path, "rb") as file:  # OSError (missing file, a folder, no permission) passes through
+    """The verified ``content`` of a ``torch.save`` file of ``file_format``: a training
+    checkpoint."""
+    # An OSError (missing file, a folder, no permission) passes through.
+    with open(path, "rb") as file:
         data = file.read()
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file makes the unpickler raise almost anything
-        if isinstance(error, pickle.UnpicklingError):  # what weights_only raises for a forbidden object
+        # weights_only raises UnpicklingError for a forbidden object.
+        if isinstance(error, pickle.UnpicklingError):
             raise ValueError(
                 f"{path}: refused: it holds objects other than tensors and plain containers (which "
                 "could run code when loaded), or it is truncated or corrupted"
             ) from error
-        raise ValueError(f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})") from error
-    _expect(
-        isinstance(payload, dict) and set(payload) == {"format", "version", "content", "checksum"},
-        path,
-        "is not a LoRA-Dash file",
-    )
+        raise ValueError(
+            f"{path}: unreadable, truncated or corrupted ({type(error).__name__}: {error})"
+        ) from error
+    fields = {"format", "version", "content", "checksum"}
+    _expect(isinstance(payload, dict) and set(payload) == fields, path, "is not a LoRA-Dash file")
     if payload["format"] != file_format:
         raise ValueError(f"{path}: is a {payload['format']!r} file, expected {file_format!r}")
     if payload["version"] != VERSION:
-        raise ValueError(f"{path}: has format version {payload['version']!r}; this library reads {VERSION}")
+        raise ValueError(
+            f"{path}: has format version {payload['version']!r}; this library reads {VERSION}"
+        )
     if payload["checksum"] != _checksum(payload["content"]):
         raise ValueError(f"{path}: corrupted: its content does not match its SHA-256 checksum")
     return payload["content"]
@@ -409,7 +463,7 @@ def _checksum(content: Any) -> str:
 
 
 def _digest(value: Any, hasher: Any) -> None:
-    """Feed a canonical encoding of nested dicts, lists, tuples, tensors and scalars to ``hasher``."""
+    """Feed ``hasher`` a canonical encoding of nested dicts, lists, tuples, tensors and scalars."""
     if isinstance(value, Tensor):
         tensor = value.detach().cpu().contiguous()
         hasher.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())

@@ -7,12 +7,12 @@ branches gives one plain LoRA layer of rank ``r' = r + s`` with scaling 1::
     A' = [A ; V_sᵀ]                 (r + s, in)
     y  = W x + b + B' A' x̃          (α' = r', so PEFT's scaling α'/r' is 1)
 
-so any stack that serves LoRA (PEFT, vLLM, ...) serves a trained LoRA-Dash adapter with no loss. Before
-launch ``U_s = V_s = 0``: the dash columns contribute exactly nothing and are left out (rank ``r``).
-Both branches read the same ``x̃ = dropout(x)``, so the export is exact in training too.
+so any stack that serves LoRA (PEFT, vLLM, ...) serves a trained LoRA-Dash adapter with no loss.
+Before launch ``U_s = V_s = 0``: the dash columns contribute exactly nothing and are left out (rank
+``r``). Both branches read the same ``x̃ = dropout(x)``, so the export is exact in training too.
 
-Modules that train in full (``inject(..., modules_to_save=...)``) are not LoRA layers: a server takes
-their whole state, :func:`lora_dash.trained_module_state_dict`, beside the factors, and
+Modules that train in full (``inject(..., modules_to_save=...)``) are not LoRA layers: a server
+takes their whole state, :func:`lora_dash.trained_module_state_dict`, beside the factors, and
 :func:`save_peft_adapter` writes it in PEFT's ``modules_to_save`` layout.
 
 The math (:func:`plain_lora_factors`, :func:`export_lora`) needs only torch. The writer
@@ -33,14 +33,16 @@ from lora_dash.inject import dash_layers, require_dash_layers, trained_modules
 from lora_dash.layer import LoRADashLinear
 from lora_dash.state import trained_module_state_dict
 
-#: PEFT's file names (``peft.utils.constants``): the weights and the config ``PeftModel.from_pretrained`` reads.
+#: PEFT's file names (``peft.utils.constants``): the weights and the config that
+#: ``PeftModel.from_pretrained`` reads.
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-#: The prefix PEFT puts before a module's name in saved keys: ``PeftModel.base_model`` (the LoRA tuner)
-#: wraps the user's model as ``.model``.
+#: The prefix PEFT puts before a module's name in saved keys: ``PeftModel.base_model`` (the LoRA
+#: tuner) wraps the user's model as ``.model``.
 PEFT_KEY_PREFIX = "base_model.model."
-#: The submodules PEFT's LoRA layer puts under each target (``<target>.lora_A``, ``<target>.lora_A.default``,
-#: ...): PEFT matches ``modules_to_save`` against every module name, these included.
+#: The submodules PEFT's LoRA layer puts under each target (``<target>.lora_A``,
+#: ``<target>.lora_A.default``, ...): PEFT matches ``modules_to_save`` against every module name,
+#: these included.
 PEFT_LORA_CHILDREN = (
     "base_layer",
     "lora_dropout",
@@ -65,11 +67,15 @@ class LoRAFactors(NamedTuple):
 def plain_lora_factors(layer: LoRADashLinear) -> LoRAFactors:
     """The plain LoRA factors that reproduce ``layer``: ``B' A' = (α/r)·B A + U_s diag(δ) V_sᵀ``.
 
-    ``A' = [A ; V_sᵀ]: (r + s, in)`` and ``B' = [(α/r)·B | U_s diag(δ)]: (out, r + s)`` once launched;
-    ``A' = A: (r, in)`` and ``B' = (α/r)·B: (out, r)`` before (the dash columns would be zero). With
-    ``use_rslora`` the scaling ``α/√r`` is folded into ``B'`` the same way. Computed in float32 whatever
-    the layer's dtype. The factors do not depend on whether the layer is merged: they are the adapter,
-    to be applied to the pretrained weight.
+    Once launched::
+
+        A' = [A ; V_sᵀ]                 (r + s, in)
+        B' = [(α/r)·B | U_s diag(δ)]    (out, r + s)
+
+    and before it ``A' = A: (r, in)``, ``B' = (α/r)·B: (out, r)`` (the dash columns would be zero).
+    With ``use_rslora`` the scaling ``α/√r`` is folded into ``B'`` the same way. Computed in float32
+    whatever the layer's dtype. The factors do not depend on whether the layer is merged: they are
+    the adapter, to be applied to the pretrained weight.
 
     Raises:
         ValueError: a factor is not finite (the message names the layer).
@@ -85,9 +91,11 @@ def plain_lora_factors(layer: LoRADashLinear) -> LoRAFactors:
 
 
 def export_lora(model: nn.Module) -> dict[str, LoRAFactors]:
-    """Every LoRA-Dash layer of ``model`` as plain LoRA factors (:func:`plain_lora_factors`), by name.
+    """Every LoRA-Dash layer of ``model`` as plain LoRA factors (:func:`plain_lora_factors`), by
+    name.
 
-    Modules that train in full are not in it: :func:`lora_dash.trained_module_state_dict` gives their state.
+    Modules that train in full are not in it: :func:`lora_dash.trained_module_state_dict` gives
+    their state.
 
     Raises:
         ValueError: the model has no LoRA-Dash layers, or a layer's adapter is not finite.
@@ -99,8 +107,8 @@ def export_lora(model: nn.Module) -> dict[str, LoRAFactors]:
 def pad_rank(factors: LoRAFactors, rank: int) -> LoRAFactors:
     """Zero-pad to a larger rank: ``A: (rank, in)``, ``B: (out, rank)``; ``B A`` is unchanged.
 
-    PEFT's config has one ``r`` for every layer; zero rows of ``A`` and zero columns of ``B`` let layers
-    of different rank (different ``r``, ``s`` or phase) share it without ``rank_pattern``.
+    PEFT's config has one ``r`` for every layer; zero rows of ``A`` and zero columns of ``B`` let
+    layers of different rank (different ``r``, ``s`` or phase) share it without ``rank_pattern``.
     """
     extra = rank - factors.A.shape[0]
     if extra < 0:
@@ -112,12 +120,12 @@ def pad_rank(factors: LoRAFactors, rank: int) -> LoRAFactors:
 
 
 def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """PEFT's ``target_modules`` selecting exactly ``names`` among the modules of the unwrapped model.
+    """PEFT's ``target_modules`` that selects exactly ``names`` in the unwrapped model.
 
-    PEFT matches a list entry ``t`` to module ``k`` when ``k == t`` or ``k`` ends with ``"." + t``, so
-    the list of full names is exact unless another module's name ends with ``"." + <a target>`` (e.g.
-    ``"1.0"`` against ``"0"`` in nested ``nn.Sequential``); then a regex of the escaped names is returned
-    instead, which PEFT ``fullmatch``es against each name.
+    PEFT matches a list entry ``t`` to module ``k`` when ``k == t`` or ``k`` ends with ``"." + t``.
+    The list of full names is therefore exact unless another module's name ends with
+    ``"." + <a target>`` (e.g. ``"1.0"`` against ``"0"`` in nested ``nn.Sequential``); then a regex
+    of the escaped names is returned instead, which PEFT ``fullmatch``es against each name.
     """
     layers = dash_layers(model)
     others = [k for k in plain_module_names(model) if k not in layers]
@@ -127,13 +135,13 @@ def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
 
 
 def peft_modules_to_save(model: nn.Module) -> list[str] | None:
-    """PEFT's ``modules_to_save`` selecting exactly the modules of ``model`` that train in full (``None``
-    when there are none).
+    """PEFT's ``modules_to_save`` selecting exactly the modules of ``model`` that train in full;
+    ``None`` when there are none.
 
-    PEFT wraps every module whose name ends with an entry, as a plain string suffix (``"head"`` selects
-    ``"lm_head"`` too), in the model where its LoRA layers are already in place. The full names are the
-    narrowest entries there are, so when one of them is a suffix of another module's name no list can
-    select exactly the right modules, and this refuses.
+    PEFT wraps every module whose name ends with an entry, as a plain string suffix (``"head"``
+    selects ``"lm_head"`` too), in the model where its LoRA layers are already in place. The full
+    names are the narrowest entries there are, so when one of them is a suffix of another module's
+    name no list can select exactly the right modules, and this refuses.
 
     Raises:
         ValueError: a module's name is a suffix of another module's name (both are named).
@@ -158,8 +166,10 @@ def peft_modules_to_save(model: nn.Module) -> list[str] | None:
 
 
 def plain_module_names(model: nn.Module) -> list[str]:
-    """The module names of ``model`` as a plain model has them: the insides of LoRA-Dash layers left out."""
-    inside_adapters = {id(sub) for layer in dash_layers(model).values() for sub in layer.modules() if sub is not layer}
+    """The module names of ``model`` as a plain model has them, the insides of LoRA-Dash layers
+    left out."""
+    adapters = dash_layers(model).values()
+    inside_adapters = {id(sub) for layer in adapters for sub in layer.modules() if sub is not layer}
     return [k for k, module in model.named_modules() if k and id(module) not in inside_adapters]
 
 
@@ -168,23 +178,25 @@ def save_peft_adapter(
     directory: str | Path,
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write the export of ``model`` as a PEFT LoRA adapter: ``PeftModel.from_pretrained(base, directory)``.
+    """Write the export of ``model`` as a PEFT LoRA adapter, loaded back with
+    ``PeftModel.from_pretrained(base, directory)``.
 
     Files, as PEFT's ``save_pretrained`` writes them:
 
-    - ``adapter_model.safetensors``: ``base_model.model.<layer name>.lora_A.weight`` ``(r', in)`` and
-      ``...lora_B.weight`` ``(out, r')`` for every layer, float32; for every module that trains in full,
-      its state as ``get_peft_model_state_dict`` saves a ``modules_to_save`` module:
-      ``base_model.model.<module name>.<key>`` (e.g. ``base_model.model.classifier.weight``), in its dtype.
-    - ``adapter_config.json``: ``peft_type "LORA"``, ``r = lora_alpha = r'`` (scaling 1), the layer names
-      as ``target_modules``, ``fan_in_fan_out`` true when a layer is a GPT-2 ``Conv1D`` (PEFT corrects it
-      per layer, with a warning, in a model that mixes ``Conv1D`` and ``nn.Linear``), the layers'
-      ``lora_dropout``, and the names of the modules that train in full as ``modules_to_save``
-      (:func:`peft_modules_to_save`).
+    - ``adapter_model.safetensors``: for every layer, float32,
+      ``base_model.model.<layer name>.lora_A.weight`` ``(r', in)`` and ``...lora_B.weight``
+      ``(out, r')``. For every module that trains in full, its state in its own dtype, as
+      ``get_peft_model_state_dict`` saves a ``modules_to_save`` module:
+      ``base_model.model.<module name>.<key>`` (e.g. ``base_model.model.classifier.weight``).
+    - ``adapter_config.json``: ``peft_type "LORA"``; ``r = lora_alpha = r'`` (scaling 1); the layer
+      names as ``target_modules``; ``fan_in_fan_out`` true when a layer is a GPT-2 ``Conv1D`` (PEFT
+      corrects it per layer, with a warning, in a model that mixes ``Conv1D`` and ``nn.Linear``);
+      the layers' ``lora_dropout``; the names of the modules that train in full as
+      ``modules_to_save`` (:func:`peft_modules_to_save`).
 
-    ``r'`` is the largest rank among the layers (``r + s`` once launched, ``r`` before); smaller layers
-    are zero-padded to it (:func:`pad_rank`). ``base`` must be the pretrained model without adapters,
-    with the same module names as ``model``.
+    ``r'`` is the largest rank among the layers (``r + s`` once launched, ``r`` before); smaller
+    layers are zero-padded to it (:func:`pad_rank`). ``base`` must be the pretrained model without
+    adapters, with the same module names as ``model``.
 
     Returns:
         The directory (created if missing).
@@ -200,10 +212,13 @@ def save_peft_adapter(
     modules_to_save = peft_modules_to_save(model)
     layers = dash_layers(model)
     dropouts = {
-        name: layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0 for name, layer in layers.items()
+        name: layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+        for name, layer in layers.items()
     }
     if len(set(dropouts.values())) > 1:
-        raise ValueError(f"PEFT has one lora_dropout for all layers, but the layers differ: {dropouts}")
+        raise ValueError(
+            f"PEFT has one lora_dropout for all layers, but the layers differ: {dropouts}"
+        )
     rank = max(f.A.shape[0] for f in factors.values())
     tensors = {}
     for name, layer_factors in factors.items():
