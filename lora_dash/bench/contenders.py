@@ -1,8 +1,9 @@
 """The contenders: every layer and model the benchmark compares, built ready to run one operation.
 
 r = s = 8 and α = 2r (the paper's defaults) everywhere. Built from the same seed, the contenders at one
-shape share their frozen weight. Our layers get a random non-zero ``B`` before use, as if pre-launch
-training had moved it, so that a launch selects real directions.
+shape share their frozen weight's values. A frozen weight in half precision gets float32 adapters, ours by
+design and PEFT's as ``get_peft_model`` leaves them (``autocast_adapter_dtype``). Our layers get a random
+non-zero ``B`` before use, as if pre-launch training had moved it, so that a launch selects real directions.
 
 peft and transformers are imported lazily, inside the builders that need them.
 """
@@ -24,17 +25,19 @@ ALPHA = 2.0 * R
 FLOOR = "nn.Linear alone (floor)"
 MODEL_FLOOR = "frozen forward + head (floor)"
 PEFT = "PEFT LoRA"
+PEFT_AGAIN = "PEFT LoRA, again (A/A)"  # a second PEFT layer timed in the same rounds: the noise of a time ratio
 PRE = "ours pre-launch"
 DASH = "ours dash"
 DENSE = "dense dash (authors')"
 PLAIN = "nn.Linear"
 PLAIN_AGAIN = "nn.Linear, again (A/A)"  # a second plain layer timed in the same rounds: the noise of a ratio
 MERGED = "ours merged"
+MERGED_BASE = "ours merged, its nn.Linear called directly"  # the same weight, without our forward around it
 LAUNCH = "lora_dash.launch(model)"
 BARE_SVD = "bare torch.linalg.svd of each weight"
 
-LAYER_CONTENDERS = (FLOOR, PEFT, PRE, DASH, DENSE)
-MODEL_CONTENDERS = (MODEL_FLOOR, PEFT, PRE, DASH)
+LAYER_CONTENDERS = (FLOOR, PEFT, PEFT_AGAIN, PRE, DASH, DENSE)
+MODEL_CONTENDERS = (MODEL_FLOOR, PEFT, PEFT_AGAIN, PRE, DASH)
 
 
 class DenseDashLinear(nn.Module):
@@ -63,11 +66,15 @@ class DenseDashLinear(nn.Module):
 
 
 def peft_lora(model: nn.Module, target_modules: str | list[str]) -> None:
-    """PEFT's LoRA (same r and α, no dropout) injected in place by PEFT itself; only its adapters train."""
+    """PEFT's LoRA (same r and α, no dropout) injected in place by PEFT itself; only its adapters train,
+    in float32 (``get_peft_model``'s ``autocast_adapter_dtype``) over a half-precision base."""
     import peft  # the oracle extra
 
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=target_modules)
     peft.inject_adapter_in_model(config, model)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
 
 
 def _as_if_trained(layer: LoRADashLinear) -> None:
@@ -91,20 +98,23 @@ def _training_step(module: nn.Module, forward_backward: Callable[[], None]) -> T
 
 
 # ------------------------------------------------------------------------------------------ layers
-def build_layer(name: str, out_features: int, in_features: int, seed: int = 0) -> nn.Module:
-    """One ``(out, in)`` layer: the bare frozen one (the floor), PEFT's LoRA, or ours before or after launch."""
+def build_layer(
+    name: str, out_features: int, in_features: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """One ``(out, in)`` layer, its frozen weight in ``dtype``: the bare frozen one (the floor), PEFT's LoRA
+    (twice: ``PEFT_AGAIN`` is the same), or ours before or after launch."""
     torch.manual_seed(seed)
-    base = nn.Linear(in_features, out_features).requires_grad_(False)
+    base = nn.Linear(in_features, out_features).requires_grad_(False).to(dtype)
     if name == FLOOR:
         return base
-    if name == PEFT:
+    if name in (PEFT, PEFT_AGAIN):
         holder = nn.Module()
         holder.linear = base
         peft_lora(holder, ["linear"])
         return holder.linear
     if name in (PRE, DASH):
         return _dash_linear(base, launched=name == DASH)
-    raise ValueError(f"unknown layer contender {name!r}; expected one of {(FLOOR, PEFT, PRE, DASH)}")
+    raise ValueError(f"unknown layer contender {name!r}; expected one of {LAYER_CONTENDERS[:-1]}")
 
 
 def build_layers(out_features: int, in_features: int, seed: int = 0) -> dict[str, nn.Module]:
@@ -112,22 +122,40 @@ def build_layers(out_features: int, in_features: int, seed: int = 0) -> dict[str
 
     The dense dash is made from our launched layer, so one SVD serves both (at 4096 × 4096 it takes seconds).
     """
-    layers = {name: build_layer(name, out_features, in_features, seed) for name in (FLOOR, PEFT, PRE, DASH)}
+    layers = {name: build_layer(name, out_features, in_features, seed) for name in LAYER_CONTENDERS[:-1]}
     layers[DENSE] = DenseDashLinear(layers[DASH])
     return layers
 
 
-def layer_training_step(
-    module: nn.Module, out_features: int, in_features: int, tokens: int, seed: int = 0
-) -> TrainingStep:
-    """A training step of one layer on ``x: (tokens, in)``, which requires grad as if earlier layers made it.
+def in_dtype(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of a built layer contender with its frozen weight in ``dtype`` and its adapters in float32
+    (ours keeps them so by itself; PEFT's are cast back, as ``get_peft_model`` does). No new SVD."""
+    copied = copy.deepcopy(layer).to(dtype)
+    for parameter in copied.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return copied
 
-    Forward, ``y.backward(g)`` with a fixed random ``g: (tokens, out)``, AdamW step. The floor has no
+
+def layer_training_step(
+    module: nn.Module,
+    out_features: int,
+    in_features: int,
+    tokens: int | tuple[int, ...],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    input_grad: bool = True,
+) -> TrainingStep:
+    """A training step of one layer on ``x: (*tokens, in)`` in ``dtype`` (``tokens`` an int or the leading
+    shape, ``(batch, sequence)`` say), which requires grad as if earlier layers made it (``input_grad``).
+
+    Forward, ``y.backward(g)`` with a fixed random ``g: (*tokens, out)``, AdamW step. The floor has no
     parameters to train, so its step is forward and backward to ``x`` alone.
     """
+    leading = (tokens,) if isinstance(tokens, int) else tuple(tokens)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_features, generator=generator).requires_grad_(True)
-    grad_output = torch.randn(tokens, out_features, generator=generator)
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype).requires_grad_(input_grad)
+    grad_output = torch.randn(*leading, out_features, generator=generator).to(dtype)
 
     def forward_backward() -> None:
         module(x).backward(grad_output)
@@ -138,7 +166,7 @@ def layer_training_step(
 
 def build_inference_layer(name: str, out_features: int, in_features: int, seed: int = 0) -> nn.Module:
     """``PLAIN`` (or ``PLAIN_AGAIN``, its twin): a frozen ``nn.Linear``; ``MERGED``: our launched layer with
-    random ``δ``, merged into it."""
+    random ``δ``, merged into it (its ``base`` is ``MERGED_BASE``)."""
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features).requires_grad_(False)
     if name in (PLAIN, PLAIN_AGAIN):
@@ -185,7 +213,7 @@ def build_classifier(name: str, encoder: nn.Module, targets: str | None = None, 
     model = SentenceClassifier(copy.deepcopy(encoder))
     if name == MODEL_FLOOR:
         model.encoder.requires_grad_(False)
-    elif name == PEFT:
+    elif name in (PEFT, PEFT_AGAIN):
         peft_lora(model, targets)
     elif name in (PRE, DASH):
         for layer in lora_dash.inject(model, targets, r=R, alpha=ALPHA, s=S).values():

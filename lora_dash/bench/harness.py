@@ -23,6 +23,13 @@ counter ``getrusage(RUSAGE_SELF).ru_maxrss`` reports too, except that ``ru_maxrs
 the parent's address space across fork and exec, so in a child of the benchmark it would never be
 below the benchmark's own size.
 
+Operators. :func:`count_ops` counts the ATen operators a call dispatches (each is a kernel launch on a
+GPU), through a ``TorchDispatchMode``, which sees every operator below autograd, the backward's included.
+Views are counted apart and left out of the total: operators whose schema says the output aliases an input
+(``OpOverload.is_view``: ``t``, ``view``, ``transpose``, ``permute``, ``slice``, ``expand``, ``detach``,
+``reshape``, …) and ``_unsafe_view`` (a reshape that shares its input's storage although its schema does
+not say so); they change a tensor's metadata and launch nothing.
+
 Tensors. The RSS peak moves in steps of the allocator's arenas and mappings, megabytes at a time, and
 moves differently from one child to the next, so it cannot resolve the tensors that tell two contenders
 apart. :func:`count_tensor_bytes` counts them instead, exactly: the module's parameters and buffers, the
@@ -30,6 +37,7 @@ gradients, the optimizer's state, and what autograd saves for backward (seen thr
 ``torch.autograd.graph.saved_tensors_hooks``), each storage once.
 """
 
+import collections
 import ctypes
 import gc
 import json
@@ -44,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -166,6 +175,48 @@ def aa_band(first: Sequence[float], second: Sequence[float], confidence: float =
         raise ValueError(f"an A/A pair needs samples from the same rounds, got {len(first)} and {len(second)}")
     low, high = median_interval([b / a for a, b in zip(first, second)], confidence)
     return max(high - 1.0, 1.0 - low)
+
+
+# ------------------------------------------------------------------------------------------ operators
+#: Views whose schema does not declare them: they share their input's storage and launch nothing.
+UNDECLARED_VIEWS = frozenset({"_unsafe_view"})
+
+
+def is_view(func) -> bool:
+    """Whether the ATen operator overload ``func`` only makes a view (see the module docstring)."""
+    return func.is_view or func.overloadpacket.__name__ in UNDECLARED_VIEWS
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """Operators dispatched by one call, by name: ``ops`` are counted, ``views`` (see :func:`is_view`) not."""
+
+    ops: collections.Counter
+    views: collections.Counter
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.views: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tally = self.views if is_view(func) else self.ops
+        tally[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(call: Callable[[], object]) -> OpCount:
+    """The ATen operators ``call()`` dispatches in this thread, forward and backward alike, views apart."""
+    counter = _OpCounter()
+    with counter:
+        call()
+    return OpCount(counter.ops, counter.views)
 
 
 # ------------------------------------------------------------------------------------------ memory

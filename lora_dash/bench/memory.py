@@ -1,11 +1,10 @@
 """The memory child: ``python -m lora_dash.bench.memory SPEC`` measures one contender and prints JSON.
 
 ``SPEC`` is a JSON object (see :func:`operation`); the last line of output is
-``{"growth_kib": ..., "peak_reset": ..., "tensors": ...}``: the RSS growth of the operation (see
-:func:`lora_dash.bench.harness.peak_rss_growth_kib`) and, for a training step, the exact bytes of its
-tensors, counted in one more step after the measured ones (see
-:func:`lora_dash.bench.harness.count_tensor_bytes`; ``None`` for a launch).
-A fresh process per contender keeps one contender's freed or cached memory from hiding another's growth.
+``{"growth_kib": ..., "peak_reset": ...}``: the RSS growth of the operation (see
+:func:`lora_dash.bench.harness.peak_rss_growth_kib`). The exact tensor bytes are counted in the parent,
+which needs no fresh process for them. A fresh process per contender keeps one contender's freed or
+cached memory from hiding another's growth.
 """
 
 import json
@@ -17,7 +16,7 @@ from torch import nn
 
 import lora_dash
 from lora_dash.bench import contenders
-from lora_dash.bench.harness import TrainingStep, count_tensor_bytes, peak_rss_growth_kib
+from lora_dash.bench.harness import peak_rss_growth_kib
 
 
 def _start_runtime() -> None:
@@ -28,9 +27,8 @@ def _start_runtime() -> None:
     torch.optim.AdamW(layer.parameters()).step()
 
 
-def operation(spec: dict) -> tuple[Callable[[], None], TrainingStep | None]:
-    """Build the contender of ``spec`` (untimed, unmeasured): the operation to measure, and its training step
-    (None for a launch).
+def operation(spec: dict) -> Callable[[], None]:
+    """Build the contender of ``spec`` (untimed, unmeasured): the operation to measure.
 
     Specs:
         ``{"kind": "layer", "contender", "path", "out", "in", "tokens", "steps"}``: ``steps`` training steps
@@ -51,9 +49,9 @@ def operation(spec: dict) -> tuple[Callable[[], None], TrainingStep | None]:
     elif kind == "launch":
         layers = torch.load(spec["path"], weights_only=False)
         if name == contenders.LAUNCH:
-            return (lambda: lora_dash.launch(layers)), None
+            return lambda: lora_dash.launch(layers)
         weights = [layer.base_weight() for layer in layers]
-        return (lambda: contenders.bare_svds(weights)), None
+        return lambda: contenders.bare_svds(weights)
     else:
         raise ValueError(f"unknown memory spec kind {kind!r}")
 
@@ -61,16 +59,14 @@ def operation(spec: dict) -> tuple[Callable[[], None], TrainingStep | None]:
         for _ in range(spec["steps"]):
             step()
 
-    return steps, step
+    return steps
 
 
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
     _start_runtime()
-    measured, step = operation(spec)
-    growth = peak_rss_growth_kib(measured)
-    print(json.dumps({**growth, "tensors": None if step is None else count_tensor_bytes(step)}))
+    print(json.dumps(peak_rss_growth_kib(operation(spec))))
 
 
 if __name__ == "__main__":
