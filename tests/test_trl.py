@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,11 +133,12 @@ def sft_config(output_dir, **overrides) -> "trl.SFTConfig":
     return trl.SFTConfig(str(output_dir), **{**settings, **overrides})
 
 
-def make_trainer(output_dir, trainer_class=trl.SFTTrainer, model=None, callbacks=None, **kwargs):
-    """An SFT trainer on :func:`build_model` (or ``model``) with a LoRADashCallback at ``T``."""
+def make_trainer(output_dir, trainer_class=trl.SFTTrainer, model=None, callbacks=None, args=None, **kwargs):
+    """An SFT trainer on :func:`build_model` (or ``model``) with a LoRADashCallback at ``T`` (or
+    ``callbacks``) and :func:`sft_config` (or ``args``); ``kwargs`` go to the trainer."""
     return trainer_class(
         model=build_model() if model is None else model,
-        args=kwargs.pop("args", None) or sft_config(output_dir),
+        args=sft_config(output_dir) if args is None else args,
         train_dataset=build_dataset(),
         processing_class=build_tokenizer(),
         callbacks=[LoRADashCallback(launch_step=T)] if callbacks is None else callbacks,
@@ -323,3 +325,37 @@ def test_a_custom_optimizer_that_holds_no_adapter_is_refused_before_the_first_st
     call = trainer.train
     assert_refused_and_unchanged(call, model, r"the optimizer holds none of the A, B, δ of the model's 14")
     assert trainer.state.global_step == 0
+
+
+# ------------------------------------------------------------------------------ docs/TRL.md as written
+def run_docs_snippet(heading: str, namespace: dict) -> dict:
+    """Execute the first ```python block under ``heading`` in docs/TRL.md in ``namespace``; return it."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "TRL.md"
+    text = path.read_text()
+    block = re.compile(r"```python\n(.*?)```", re.S).search(text, text.index(f"\n{heading}\n")).group(1)
+    exec(compile(block, str(path), "exec"), namespace)
+    return namespace
+
+
+def docs_inputs(output_dir) -> dict:
+    """What the page's set-up block loads from the Hub, built here instead: the tiny LLaMA, not injected."""
+    args = sft_config(output_dir, save_steps=3)
+    return {"model": build_base(), "tokenizer": build_tokenizer(), "dataset": build_dataset(), "args": args}
+
+
+def test_the_docs_callback_route_runs_and_saves_a_merged_plain_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_docs_snippet("## The callback route", docs_inputs(tmp_path / "out"))
+    assert namespace["trainer"].state.global_step == STEPS
+    assert type(namespace["merged"]) is LlamaForCausalLM and not dash_layers(namespace["merged"])
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir("smollm2-dash-merged"))
+
+
+def test_the_docs_mixin_route_runs_and_saves_the_adapter_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_docs_snippet("## The mixin route", docs_inputs(tmp_path / "out"))
+    trainer = namespace["trainer"]
+    assert isinstance(trainer, LoRADashTrainer) and len(dash_layers(trainer.model)) == LAYERS
+    for folder in (tmp_path / "out", tmp_path / "out" / "checkpoint-3"):
+        files = set(os.listdir(folder))
+        assert ADAPTER_FILE in files and "model.safetensors" not in files, folder
