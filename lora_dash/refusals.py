@@ -13,7 +13,8 @@ as it was.
 
 PEFT is never imported here: its tuner layers are recognised through its base class
 ``peft.tuners.tuners_utils.BaseTunerLayer``, looked up in ``sys.modules`` (a model cannot hold one
-unless PEFT was imported).
+unless PEFT was imported). Of lora_dash, only :mod:`lora_dash.layer` is imported, so that
+:mod:`lora_dash.inject` and :mod:`lora_dash.schedule` can call these checks.
 """
 
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lora_dash.inject import dash_layers
+from lora_dash.layer import LoRADashLinear
 
 #: What to do when PEFT adapts a model that lora_dash adapts.
 DROP_PEFT = (
@@ -50,7 +51,7 @@ def check_not_wrapped_by_peft(model: nn.Module) -> None:
     tuners = peft_tuner_layers(model)
     if not tuners:
         return
-    ours = dash_layers(model)
+    ours = _dash_layers(model)
     tuner_ids = {id(module) for module in tuners.values()}
     ours_ids = {id(layer) for layer in ours.values()}
     wrapped = [name for name, layer in ours.items() if _holds(layer, tuner_ids)]
@@ -101,7 +102,7 @@ def check_adapters_trainable(model: nn.Module, optimizers: Iterable[Any] = ()) -
     Raises:
         ValueError: naming the first frozen layer, or saying that the optimizers hold none.
     """
-    layers = dash_layers(model)
+    layers = _dash_layers(model)
     frozen = [name for name, layer in layers.items() if not _trains(layer)]
     if frozen:
         raise ValueError(
@@ -124,6 +125,12 @@ def check_adapters_trainable(model: nn.Module, optimizers: Iterable[Any] = ()) -
             "with transformers.Trainer, a custom optimizer passed as optimizers=(...) must be "
             "built that way too"
         )
+
+
+def _dash_layers(model: nn.Module) -> dict[str, LoRADashLinear]:
+    """The LoRA-Dash layers by dotted name, as :func:`lora_dash.inject.dash_layers` gives them;
+    written out here so that :mod:`lora_dash.inject` can import this module."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRADashLinear)}
 
 
 def _trains(layer: nn.Module) -> bool:
