@@ -371,6 +371,7 @@ def test_the_pilot_chooses_the_best_validation_accuracy_then_the_lower_final_los
     assert study.pilot_choice(tmp_path) == low
 
 
+@pytest.mark.slow  # trains a unit of the study, then the same run again
 def test_a_forked_lora_dash_run_equals_one_trained_from_step_one(tiny_llama, monkeypatch):
     """The pairing the study relies on: LoRA-Dash forked from the LoRA run after step t (parameters,
     AdamW, schedule and RNG state) is the run a LoRA-Dash model launched at t by its controller makes."""

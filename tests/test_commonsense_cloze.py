@@ -200,6 +200,7 @@ def test_the_budget_is_the_smallest_step_count_that_clears_both_baselines():
 
 
 # ---------------------------------------------------------------------------------------- training
+@pytest.mark.slow  # trains the study's model through its resumable runs: make test only
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_lora_run_resumed_from_its_saved_state_equals_one_run_straight(tiny_study, tmp_path, device):
     settings = dataclasses.replace(cloze.QUICK, device=device)
@@ -218,6 +219,7 @@ def test_a_lora_run_resumed_from_its_saved_state_equals_one_run_straight(tiny_st
     assert cloze.trained_lora(settings, 2, 0, 4, tmp_path / "b", questions)["first_step"] == 5  # nothing to train
 
 
+@pytest.mark.slow  # trains the study's model (test_behaviour_gaps checks δ's gradient fast)
 @pytest.mark.parametrize("device", DEVICES)
 def test_dash_only_trains_delta_alone_and_leaves_a_b_and_their_adam_state_untouched(tiny_study, tmp_path, device):
     settings = dataclasses.replace(cloze.QUICK, device=device)
@@ -236,6 +238,7 @@ def test_dash_only_trains_delta_alone_and_leaves_a_b_and_their_adam_state_untouc
 
 
 # --------------------------------------------------------------------------------- the whole study
+@pytest.mark.slow  # the whole study in miniature
 def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(cache), "--threads", "1"]
@@ -285,6 +288,7 @@ def test_the_cloze_miniature_runs_resumes_and_reports(tiny_study, tmp_path):
     assert f"- LoRA-Dash r=2 (1 seed): {after:.4f}" in (out / "tables.md").read_text()
 
 
+@pytest.mark.slow  # the whole study in miniature, run in three invocations
 def test_processes_with_disjoint_only_patterns_share_one_study(tiny_study, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--cloze", "--quick", "--out", str(out), "--cache", str(cache), "--threads", "1"]
@@ -312,6 +316,7 @@ def test_a_bad_only_pattern_is_refused_before_anything_runs(tmp_path, capsys):
     assert "--only" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the whole study in miniature, twice
 @CUDA
 def test_the_cloze_miniature_runs_on_cuda_and_starts_where_the_cpu_run_starts(tiny_study, tmp_path):
     units = {}
@@ -328,6 +333,7 @@ def test_the_cloze_miniature_runs_on_cuda_and_starts_where_the_cpu_run_starts(ti
     assert json.loads((tmp_path / "cuda" / "summary.json").read_text())["units_missing"] == []
 
 
+@pytest.mark.slow  # the study up to its zero-shot unit
 def test_without_a_budget_the_summary_marks_the_comparison_missing(tiny_study, tmp_path):
     out = tmp_path / "out"
     main(["--cloze", "--quick", "--out", str(out), "--cache", str(tmp_path), "--threads", "1", "--until", "zeroshot"])
@@ -341,6 +347,7 @@ def test_the_study_adapts_the_same_matrices_as_the_listed_study():
     assert cloze.TARGETS == model.TARGETS
 
 
+@pytest.mark.slow  # trains the study's model three times
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study, tmp_path, device):
     """The pairing the comparison relies on: LoRA-Dash forked from the saved LoRA state after step t is
@@ -356,6 +363,7 @@ def test_a_forked_lora_dash_run_equals_one_launched_by_its_controller(tiny_study
     assert same_losses(device, state["losses"] + after, launched)
 
 
+@pytest.mark.slow  # the study in miniature, twice
 def test_once_the_curve_chooses_a_budget_the_comparison_runs_before_the_rest_of_the_curve(
     tiny_study, tmp_path, monkeypatch
 ):
