@@ -15,7 +15,8 @@ launch (three products forward, five backward) and only the dash's own few opera
 - it keeps ``x̃`` in the base's dtype (half of PEFT's float32 copy on a bf16 base), ``h`` and, after
   the launch, ``z``: ``tokens·(r + s)`` numbers beside ``x̃``.
 
-Before the launch δ still gets its (zero) gradient, so DDP sees every parameter used. Autocast is
+Before the launch δ is an input that gets no gradient (``None``): DDP sees it used and fills zeros,
+and an optimizer skips it, as it skips any parameter without a gradient. Autocast is
 honoured as ``torch.amp.custom_fwd`` / ``custom_bwd`` would: the backward runs under the forward's
 autocast state. :func:`serves` says which bases this kernel can compute; the layer runs the
 reference product for the others.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_dash.bases import is_conv1d, is_quantized, is_sharded
+from lora_dash.bases import is_conv1d
 
 
 def serves(base: nn.Module) -> bool:
@@ -36,13 +37,16 @@ def serves(base: nn.Module) -> bool:
     and bases with forward hooks or a replaced ``forward`` (accelerate's offloading): calling
     ``F.linear`` on their weight would skip what they do.
     """
+    # Checked on every forward, so cheap checks only (no tensor is read).
     if not (type(base) is nn.Linear or is_conv1d(base)):
         return False
-    if is_quantized(base) or is_sharded(base.weight) or base.weight.requires_grad:
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return False
-    if base.bias is not None and base.bias.requires_grad:
-        return False
-    return not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+    weight, bias = base.weight, base.bias
+    # Held whole as a plain tensor: not a quantization library's subclass, nor FSDP2's DTensor.
+    plain = type(weight) is nn.Parameter or type(weight) is Tensor
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    return plain and frozen and weight.is_floating_point()
 
 
 def frozen_weight(base: nn.Module) -> Tensor:
@@ -74,7 +78,7 @@ class AdaptedLinear(torch.autograd.Function):
     dtype. With ``g = ∂L/∂y`` as ``(tokens, out)``, ``g_B = (α/r)·g B`` and ``g_U = g U_s``::
 
         ∂L/∂x = g W  [+ g_B A + (g_U ⊙ δ) V_sᵀ  when x̃ = x]
-        ∂L/∂A = g_Bᵀ x̃        ∂L/∂B = (α/r)·gᵀ h        ∂L/∂δ = Σ_tokens g_U ⊙ z  (0 before the launch)
+        ∂L/∂A = g_Bᵀ x̃        ∂L/∂B = (α/r)·gᵀ h        ∂L/∂δ = Σ_tokens g_U ⊙ z  (None before the launch)
 
     ``weight``, ``bias``, ``V_s`` and ``U_s`` get no gradient.
     """
@@ -92,23 +96,25 @@ class AdaptedLinear(torch.autograd.Function):
         y = F.linear(x, weight, bias)  # (tokens, out), the base's dtype
         h = x_float @ A.T  # (tokens, r)
         y = add_product(y, h, B.T, alpha=scaling)
-        saved = [x_tilde, h, weight, A, B, delta]
+        saved = [x_tilde, h, weight, A, B]
         if dash:
             z = x_float @ V_s  # (tokens, s)
             y = add_product(y, z, (U_s * delta).T)
-            saved += [z, V_s, U_s]
+            saved += [z, V_s, delta, U_s]
         ctx.save_for_backward(*saved)
         return y.view(*ctx.input_shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, enabled=enabled, dtype=dtype):
+        if not enabled:
+            return AdaptedLinear.gradients(ctx, grad)
+        with torch.autocast(device, dtype=dtype):
             return AdaptedLinear.gradients(ctx, grad)
 
     @staticmethod
     def gradients(ctx, grad: Tensor) -> tuple:
-        x_tilde, h, weight, A, B, delta, *dash_saved = ctx.saved_tensors
+        x_tilde, h, weight, A, B, *dash_saved = ctx.saved_tensors
         needs_x, needs_x_tilde, _, _, needs_A, needs_B, _, _, needs_delta, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_x = g @ weight if needs_x else None  # the frozen product first: the layer's largest
@@ -125,15 +131,13 @@ class AdaptedLinear(torch.autograd.Function):
 
         grad_delta = None
         if ctx.dash:
-            z, V_s, U_s = dash_saved
+            z, V_s, delta, U_s = dash_saved
             g_U = g_float @ U_s  # (tokens, s)
             if needs_x and not ctx.separate_input:
                 grad_x = add_product(grad_x, g_U * delta, V_s.T)
             elif needs_x_tilde:
                 grad_x_tilde = add_product(grad_x_tilde, g_U * delta, V_s.T)
             grad_delta = (g_U * z).sum(0) if needs_delta else None
-        elif needs_delta:
-            grad_delta = torch.zeros_like(delta)  # a gradient all the same: DDP expects one
 
         shape = ctx.input_shape
         grad_x = None if grad_x is None else grad_x.view(shape)

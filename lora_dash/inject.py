@@ -8,6 +8,7 @@ from itertools import chain
 from torch import nn
 
 from lora_dash.layer import LoRADashLinear, check_arguments
+from lora_dash.refusals import check_no_peft_adapters
 
 #: The attribute ``inject(..., modules_to_save=...)`` sets on a module that trains in full. An attribute,
 #: not a wrapper: module names and state-dict keys stay those of the plain model.
@@ -107,6 +108,7 @@ def inject(
             parameter with a LoRA-Dash layer or target, or lies inside another module to save; invalid
             ``r``, ``s``, ``dropout``, ``eps``.
     """
+    check_no_peft_adapters(model)  # PEFT's tuner layers around ours would train instead
     matches = match_modules(model, targets, "targets")
     saved = {} if modules_to_save is None else match_modules(model, modules_to_save, "modules_to_save")
 

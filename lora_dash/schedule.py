@@ -15,6 +15,7 @@ from lora_dash.checks import check_int, check_seed
 from lora_dash.directions import DashDirections, check_strategy
 from lora_dash.inject import dash_layers, require_dash_layers
 from lora_dash.layer import LoRADashLinear
+from lora_dash.refusals import check_adapters_trainable, check_not_wrapped_by_peft
 
 
 def select_each_alone(
@@ -209,11 +210,17 @@ class LaunchController:
         """Count every real step of ``optimizer`` (a post-step hook), and reset δ's state in it at
         the launch. ``optimizer`` may be a wrapper (:func:`unwrap_optimizer`).
 
+        Refused (``ValueError``, nothing attached) when the model would not train as LoRA-Dash:
+        PEFT's layers nested with ours, adapters frozen, or an optimizer holding none of them
+        (:mod:`lora_dash.refusals`).
+
         A step that ``torch.amp.GradScaler`` skips on overflow is not counted. For an optimizer that
         skips inside its own step (fused Adam), the scaler's ``found_inf`` is read up to the step
         after the launch; later, to stay free of host–device synchronisation, such a step counts.
         """
         inner = unwrap_optimizer(optimizer)
+        check_not_wrapped_by_peft(self.model)  # PEFT would train its own LoRA instead
+        check_adapters_trainable(self.model, [inner])
         self.optimizers.append(inner)
         self._hooks.append(inner.register_step_post_hook(self._after_optimizer_step))
         return self
