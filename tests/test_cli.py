@@ -56,17 +56,20 @@ def helps() -> dict[str, str]:
     return dict(re.findall(r"^=== (\w+)\n(.*?)(?=^=== |\Z)", done.stdout, flags=re.S | re.M))
 
 
+@pytest.mark.slow  # the studies' tools in a fresh interpreter
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_needs_only_the_core(helps, tool):
     assert helps[tool].startswith(f"usage: python -m lora_dash.{tool}")
     assert "--quick" in helps[tool]
 
 
+@pytest.mark.slow  # reads the help the studies' tools print in a fresh interpreter
 def test_demo_help_documents_alpha_and_its_default(helps):
     assert "--alpha ALPHA" in helps["demo"]
     assert "(default 2r" in " ".join(helps["demo"].split())
 
 
+@pytest.mark.slow  # the demo in a fresh interpreter; the in-process check below stays in make test-fast
 def test_a_run_without_the_extras_exits_with_one_line_naming_the_install(tmp_path):
     done = run_hiding(HIDDEN_EXTRAS, f"run('demo', '--quick', '--out', {str(tmp_path / 'out')!r})")
     assert done.returncode == 1
