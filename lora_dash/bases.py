@@ -13,13 +13,10 @@ from torch import Tensor, nn
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias``, ``weight`` stored ``(in, out)``."""
+    if type(module).__name__ != "Conv1D":  # first: the layer's forward asks this every step
+        return False
     weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and weight.shape[1] == getattr(module, "nf", None)
-    )
+    return isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == getattr(module, "nf", None)
 
 
 def is_sharded(tensor: Tensor) -> bool:

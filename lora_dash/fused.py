@@ -89,12 +89,12 @@ class AdaptedLinear(torch.autograd.Function):
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.scaling, ctx.dash, ctx.separate_input = scaling, dash, x_adapter is not None
         ctx.input_shape = x.shape
-        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        x_tilde = x if x_adapter is None else x_adapter.reshape(x.shape)
-        x_float = x_tilde.to(A.dtype)  # the adapter's precision; not kept for the backward
+        x = as_matrix(x)  # (tokens, in)
+        x_tilde = x if x_adapter is None else as_matrix(x_adapter)
+        x_float = cast(x_tilde, A.dtype)  # the adapter's precision; not kept for the backward
 
         y = F.linear(x, weight, bias)  # (tokens, out), the base's dtype
-        h = x_float @ A.T  # (tokens, r)
+        h = F.linear(x_float, A)  # (tokens, r)
         y = add_product(y, h, B.T, alpha=scaling)
         saved = [x_tilde, h, weight, A, B]
         if dash:
@@ -102,7 +102,7 @@ class AdaptedLinear(torch.autograd.Function):
             y = add_product(y, z, (U_s * delta).T)
             saved += [z, V_s, delta, U_s]
         ctx.save_for_backward(*saved)
-        return y.view(*ctx.input_shape[:-1], y.shape[-1])
+        return like_input(y, ctx.input_shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -116,17 +116,17 @@ class AdaptedLinear(torch.autograd.Function):
     def gradients(ctx, grad: Tensor) -> tuple:
         x_tilde, h, weight, A, B, *dash_saved = ctx.saved_tensors
         needs_x, needs_x_tilde, _, _, needs_A, needs_B, _, _, needs_delta, _, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        g = as_matrix(grad)  # (tokens, out)
         grad_x = g @ weight if needs_x else None  # the frozen product first: the layer's largest
 
-        g_float = g.to(A.dtype)
+        g_float = cast(g, A.dtype)
         g_B = (g_float @ B).mul_(ctx.scaling)  # (tokens, r), α/r folded in once
         grad_x_tilde = None
         if needs_x and not ctx.separate_input:
             grad_x = add_product(grad_x, g_B, A)
         elif needs_x_tilde:
             grad_x_tilde = g_B @ A
-        grad_A = g_B.T @ x_tilde.to(A.dtype) if needs_A else None
+        grad_A = g_B.T @ cast(x_tilde, A.dtype) if needs_A else None
         grad_B = (g_float.T @ h).mul_(ctx.scaling) if needs_B else None
 
         grad_delta = None
@@ -139,10 +139,32 @@ class AdaptedLinear(torch.autograd.Function):
                 grad_x_tilde = add_product(grad_x_tilde, g_U * delta, V_s.T)
             grad_delta = (g_U * z).sum(0) if needs_delta else None
 
-        shape = ctx.input_shape
-        grad_x = None if grad_x is None else grad_x.view(shape)
-        grad_x_tilde = None if grad_x_tilde is None else grad_x_tilde.view(shape)
+        grad_x = like_input(grad_x, ctx.input_shape)
+        grad_x_tilde = like_input(grad_x_tilde, ctx.input_shape)
         return grad_x, grad_x_tilde, None, None, grad_A, grad_B, None, None, grad_delta, None, None
+
+
+# Each Python-side call costs about a microsecond, what a whole small matmul costs: on short steps
+# the three helpers below skip the reshapes and casts that would change nothing.
+def as_matrix(tensor: Tensor) -> Tensor:
+    """``(..., features)`` as ``(tokens, features)``."""
+    if tensor.dim() == 2:
+        return tensor
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def like_input(tensor: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """``(tokens, features)`` back to the input's leading dimensions (``None`` stays ``None``)."""
+    if tensor is None or len(shape) == 2:
+        return tensor
+    return tensor.view(*shape[:-1], tensor.shape[-1])
+
+
+def cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``."""
+    if tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
 
 
 def adapted_linear(
