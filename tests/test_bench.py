@@ -24,7 +24,7 @@ for extra in ("peft", "transformers"):
 
 from lora_dash.bench import __main__ as bench  # noqa: E402
 from lora_dash.bench import contenders as c  # noqa: E402
-from lora_dash.bench import report  # noqa: E402
+from lora_dash.bench import report, targets  # noqa: E402
 from lora_dash.bench.harness import (  # noqa: E402
     Contender,
     TrainingStep,
@@ -80,8 +80,8 @@ def test_the_operator_rows_judge_the_differences_to_peft():
         Measurement(OPS, "x", c.PRE, 13, "ops"),
         Measurement(OPS, "x", c.DASH, 18, "ops"),
     ]
-    pre = difference(measurements, OPS, "x", c.PRE, c.PEFT, bench.PRE_OPS_VS_LORA)
-    dash = difference(measurements, OPS, "x", c.DASH, c.PEFT, bench.DASH_OPS_VS_LORA)
+    pre = difference(measurements, OPS, "x", c.PRE, c.PEFT, targets.PRE_OPS_VS_LORA)
+    dash = difference(measurements, OPS, "x", c.DASH, c.PEFT, targets.DASH_OPS_VS_LORA)
     assert (pre.value, pre.verdict, pre.formatted(), str(pre.target)) == (1, "MISS", "+1 ops", "≤ +0 ops")
     assert (dash.value, dash.verdict, dash.formatted()) == (6, "PASS", "+6 ops")
     assert dash.label == f"{c.DASH} − {c.PEFT}"
@@ -134,14 +134,14 @@ def test_the_saved_rows_judge_float32_by_difference_and_bfloat16_by_ratio():
         ]
 
     f32 = measured("f32", 1000, 1000, 1200)
-    rows = bench.saved_ratios(f32, "f32", dash_allowance=200)
+    rows = targets.saved_ratios(f32, SAVED, "f32", dash_allowance=200)
     assert [(r.label, r.formatted(), r.verdict) for r in rows if r.target is not None] == [
         (f"{c.PRE} − {c.PEFT}", "+0 B", "PASS"),
         (f"{c.DASH} − {c.PEFT}", "+200 B", "PASS"),
     ]
-    assert bench.saved_ratios(f32, "f32", dash_allowance=199)[1].verdict == "MISS"
+    assert targets.saved_ratios(f32, SAVED, "f32", dash_allowance=199)[1].verdict == "MISS"
     half = measured("bf16", 1000, 600, 601)
-    assert [(r.value, r.verdict) for r in bench.saved_ratios(half, "bf16", dash_allowance=None)] == [
+    assert [(r.value, r.verdict) for r in targets.saved_ratios(half, SAVED, "bf16", dash_allowance=None)] == [
         (0.6, "PASS"),
         (0.601, "MISS"),
     ]

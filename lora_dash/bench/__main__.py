@@ -31,24 +31,26 @@ from lora_dash.bench.harness import (
     aa_band,
     calls_per_sample,
     count_ops,
-    count_tensor_bytes,
     interleaved_medians,
     interleaved_samples,
     measure_in_child,
 )
 from lora_dash.bench.report import Measurement, Ratio, Target, difference, ratio
+from lora_dash.bench.targets import (
+    COMPILED_SAVED_VS_LORA,
+    DASH_OPS_VS_LORA,
+    FLOAT32,
+    PRE_OPS_VS_LORA,
+    STEP_VS_LORA,
+    saved_measurement,
+    saved_ratios,
+    time_against_peft,
+)
 from lora_dash.demo.extras import require_extras
 
-PRE_OPS_VS_LORA = Target(0, unit="ops")  # before the launch, no operator more than PEFT's LoRA
-DASH_OPS_VS_LORA = Target(6, unit="ops")  # after it, the dash's own few
-STEP_VS_LORA = Target(1.00)  # a step of ours, either phase, takes no longer than PEFT's LoRA
 DENSE_SPEEDUP = Target(2.0, at_most=False)  # at 1024 × 1024 and above
 MERGED_VS_LINEAR = Target(1.02)
 LAUNCH_VS_SVD = Target(1.1)
-PRE_SAVED_VS_LORA = Target(0, unit="B")  # float32: no byte saved for backward more than PEFT's LoRA
-HALF_SAVED_VS_LORA = Target(0.6)  # bfloat16 base, float32 adapters: PEFT keeps a float32 copy of the input
-COMPILED_SAVED_VS_LORA = Target(1.00)
-FLOAT32 = 4  # bytes
 
 #: The operator count's inputs: ``(case, leading shape of x, whether x requires grad)``.
 OP_CASES = (
@@ -135,18 +137,6 @@ def layer_file(folder: Path, shape: tuple[int, int, int], name: str) -> Path:
     return folder / f"{'x'.join(map(str, shape))}-{c.LAYER_CONTENDERS.index(name)}.pt"
 
 
-def time_against_peft(
-    section: str, case: str, timed: list[Contender], samples: dict[str, list[float]]
-) -> tuple[list[Measurement], Ratio]:
-    """Median of every contender's samples, and the A/A ratio of PEFT's LoRA timed twice with its band."""
-    measurements = [
-        Measurement(section, case, name, statistics.median(ms), "ms", spread=(min(ms), max(ms)))
-        for name, ms in samples.items()
-    ]
-    band = aa_band(samples[c.PEFT], samples[c.PEFT_AGAIN])
-    return measurements, ratio(measurements, section, case, c.PEFT_AGAIN, c.PEFT, band=band)
-
-
 # ------------------------------------------------------------------------------------------ operators
 def op_measurement(case: str, name: str, step: TrainingStep) -> tuple[Measurement, str]:
     """The operators of ``step``'s forward and backward (after a first step: AdamW's state made, gradients
@@ -181,31 +171,6 @@ def bench_ops(settings: Settings) -> tuple[list[Measurement], list[Ratio], list[
 
 
 # ------------------------------------------------------------------------------------------ saved bytes
-def saved_measurement(case: str, name: str, step: TrainingStep) -> Measurement:
-    """:func:`count_tensor_bytes` of one more step of ``step`` (after at least one: AdamW's state made): the
-    bytes saved for backward, the other tensors as parts."""
-    tensors = count_tensor_bytes(step)
-    parts = (
-        ("module", tensors["module"]),
-        ("gradients", tensors["gradients"]),
-        ("optimizer state", tensors["optimizer_state"]),
-    )
-    return Measurement(report.SAVED, case, name, tensors["saved"], "B", parts=parts)
-
-
-def saved_ratios(measurements: list[Measurement], case: str, dash_allowance: int | None) -> list[Ratio]:
-    """Ours against PEFT's LoRA in both phases: with ``dash_allowance`` (bytes; float32 cases) no byte more
-    before the launch and at most that many after it, else (bfloat16 base) at most 0.6 of PEFT's."""
-    if dash_allowance is None:
-        return [ratio(measurements, report.SAVED, case, name, c.PEFT, HALF_SAVED_VS_LORA) for name in (c.PRE, c.DASH)]
-    return [
-        difference(measurements, report.SAVED, case, c.PRE, c.PEFT, PRE_SAVED_VS_LORA),
-        difference(measurements, report.SAVED, case, c.DASH, c.PEFT, Target(dash_allowance, unit="B")),
-        ratio(measurements, report.SAVED, case, c.PRE, c.PEFT),
-        ratio(measurements, report.SAVED, case, c.DASH, c.PEFT),
-    ]
-
-
 def bench_saved_layer(
     settings: Settings, shape: tuple[int, int, int], layers: dict[str, nn.Module], steps: dict[str, TrainingStep]
 ) -> tuple[list[Measurement], list[Ratio]]:
@@ -214,16 +179,16 @@ def bench_saved_layer(
     out_features, in_features, tokens = shape
     contenders = (c.PEFT, c.PRE, c.DASH)
     case = f"float32, {shape_case(*shape)}"
-    measurements = [saved_measurement(case, name, steps[name]) for name in contenders]
-    ratios = saved_ratios(measurements, case, dash_allowance=FLOAT32 * tokens * c.S)
+    measurements = [saved_measurement(report.SAVED, case, name, steps[name]) for name in contenders]
+    ratios = saved_ratios(measurements, report.SAVED, case, dash_allowance=FLOAT32 * tokens * c.S)
 
     half = f"bfloat16 base, {shape_case(*shape)}"
     for name in contenders:
         layer = c.in_dtype(layers[name], torch.bfloat16)
         step = c.layer_training_step(layer, out_features, in_features, tokens, dtype=torch.bfloat16)
         step()
-        measurements.append(saved_measurement(half, name, step))
-    ratios += saved_ratios(measurements, half, dash_allowance=None)
+        measurements.append(saved_measurement(report.SAVED, half, name, step))
+    ratios += saved_ratios(measurements, report.SAVED, half, dash_allowance=None)
 
     if shape == settings.compile_shape:
         compiled = f"float32, torch.compile, {shape_case(*shape)}"
@@ -231,7 +196,7 @@ def bench_saved_layer(
             module = torch.compile(copy.deepcopy(layers[name]))
             step = c.layer_training_step(module, out_features, in_features, tokens)
             step()  # compiles
-            measurements.append(saved_measurement(compiled, name, step))
+            measurements.append(saved_measurement(report.SAVED, compiled, name, step))
         torch._dynamo.reset()  # drop the compiled graphs and their guards
         ratios += [
             ratio(measurements, report.SAVED, compiled, name, c.PEFT, COMPILED_SAVED_VS_LORA)
@@ -259,7 +224,7 @@ def bench_layer_steps(settings: Settings, folder: Path) -> tuple[list[Measuremen
         timed = [Contender(name, step) for name, step in steps.items()]
         number = calls_per_sample(timed[0], settings.min_sample_seconds)
         samples = interleaved_samples(timed, settings.repeats, settings.warmup, number)
-        case_measurements, aa = time_against_peft(report.LAYER_STEP, case, timed, samples)
+        case_measurements, aa = time_against_peft(report.LAYER_STEP, case, samples)
         measurements += case_measurements
         large = min(out_features, in_features) >= 1024
         ratios += [
@@ -285,7 +250,7 @@ def bench_model_step(settings: Settings, tokenizer, encoder: nn.Module) -> tuple
     timed = [Contender(name, step) for name, step in steps.items()]
     samples = interleaved_samples(timed, settings.model_repeats, settings.warmup)
     case = f"batch {batch_size} × {tokens} tokens"
-    measurements, aa = time_against_peft(report.MODEL_STEP, case, timed, samples)
+    measurements, aa = time_against_peft(report.MODEL_STEP, case, samples)
     ratios = [
         aa,
         ratio(measurements, report.MODEL_STEP, case, c.PRE, c.PEFT, STEP_VS_LORA, aa.band),
@@ -294,9 +259,9 @@ def bench_model_step(settings: Settings, tokenizer, encoder: nn.Module) -> tuple
         ratio(measurements, report.MODEL_STEP, case, c.DASH, c.MODEL_FLOOR),
     ]
     saved_case = f"float32, MiniLM {case}"
-    measurements += [saved_measurement(saved_case, name, steps[name]) for name in (c.PEFT, c.PRE, c.DASH)]
-    adapted = len(lora_dash.dash_layers(models[c.DASH]))
-    ratios += saved_ratios(measurements, saved_case, dash_allowance=FLOAT32 * batch_size * tokens * c.S * adapted)
+    measurements += [saved_measurement(report.SAVED, saved_case, n, steps[n]) for n in (c.PEFT, c.PRE, c.DASH)]
+    allowance = FLOAT32 * batch_size * tokens * c.S * len(lora_dash.dash_layers(models[c.DASH]))
+    ratios += saved_ratios(measurements, report.SAVED, saved_case, dash_allowance=allowance)
     return measurements, ratios
 
 

@@ -284,6 +284,22 @@ def _storage_bytes(tensors: list[Tensor], skip: frozenset[int] = frozenset()) ->
     return {storage.data_ptr(): storage.nbytes() for storage in storages if storage.data_ptr() not in skip}
 
 
+def resident_bytes(step: TrainingStep) -> int:
+    """Bytes that ``step`` holds between steps: its module's parameters and buffers and its optimizer's state,
+    each storage once (gradients are dropped after every step)."""
+    state = (
+        []
+        if step.optimizer is None
+        else [
+            value
+            for per_parameter in step.optimizer.state.values()
+            for value in per_parameter.values()
+            if isinstance(value, Tensor)
+        ]
+    )
+    return sum(_storage_bytes([*step.module.parameters(), *step.module.buffers(), *state]).values())
+
+
 def count_tensor_bytes(step: TrainingStep) -> dict[str, int]:
     """Bytes of the tensors one training step of ``step.module`` keeps, each storage counted once.
 
