@@ -36,6 +36,7 @@ def test_duplicates_and_questions_with_two_gold_answers_are_dropped_and_counted(
     assert len({(q.prompt, q.choices) for q in questions}) == len(questions) == 1954 - 29
 
 
+@pytest.mark.slow  # parses all eight tasks' whole data files
 def test_every_prompt_lists_its_choices_and_the_target_is_the_gold_choice():
     for task in data.TASKS:
         question = data.read_task(task)[0][0]

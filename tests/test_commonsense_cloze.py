@@ -34,6 +34,7 @@ def tiny_study(tiny_llama, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- data
+@pytest.mark.slow  # parses all eight tasks' whole data files
 def test_cloze_prompts_list_no_choices_and_winogrande_fills_the_blank():
     for task in data.TASKS:
         question = data.read_task(task, cloze=True)[0][0]
@@ -180,6 +181,7 @@ def _curve_units(validation, accuracies: dict[int, float], settings) -> dict:
     return units
 
 
+@pytest.mark.slow  # parses all eight tasks' whole data files
 def test_the_budget_is_the_smallest_step_count_that_clears_both_baselines():
     settings = cloze.ClozeSettings(max_test=20, max_validation=40, curve_steps=(100, 200, 400), resamples=500)
     cut = cloze.splits(settings)
