@@ -1,23 +1,25 @@
 """Weight-only quantized bases (QLoRA-style): recognise them and read their weight back as floats.
 
-LoRA-Dash needs the pretrained ``W: (out, in)`` as floats three times: for the SVD at launch, for the
-finiteness check before it, and for the fingerprint that adapter files carry. A quantized layer stores
-integer codes (often packed) plus scales, so each of those uses the weight the library *dequantizes*
-to, while the forward keeps running through the quantized layer itself. Supported:
+LoRA-Dash needs the pretrained ``W: (out, in)`` as floats three times: for the SVD at launch, for
+the finiteness check before it, and for the fingerprint that adapter files carry. A quantized layer
+stores integer codes (often packed) plus scales, so each of those uses the weight the library
+*dequantizes* to, while the forward keeps running through the quantized layer itself. Supported:
 
 - torchao: an ``nn.Linear`` whose weight is a torchao tensor subclass with its own ``dequantize()``
   (``quantize_`` with ``Int8WeightOnlyConfig`` or ``IntxWeightOnlyConfig``, for example).
-- bitsandbytes ``Linear8bitLt`` with ``has_fp16_weights=False``, once quantized (on ``.to(device)`` or
-  at its first forward): ``W = codes · SCB / 127`` per output row.
-- bitsandbytes ``Linear4bit`` (nf4 or fp4), once quantized: ``W = dequantize_4bit(codes, quant_state)``.
+- bitsandbytes ``Linear8bitLt`` with ``has_fp16_weights=False``, once quantized (on ``.to(device)``
+  or at its first forward): ``W = codes · SCB / 127`` per output row.
+- bitsandbytes ``Linear4bit`` (nf4 or fp4), once quantized:
+  ``W = dequantize_4bit(codes, quant_state)``.
 
 Anything else that is not a plain floating-point weight (an unknown tensor subclass, an integer or
-packed weight of unknown kind, a bitsandbytes layer not yet quantized) is refused with a ``ValueError``
-naming it: a silently wrong SVD of raw codes is the failure this module exists to prevent.
+packed weight of unknown kind, a bitsandbytes layer not yet quantized) is refused with a
+``ValueError`` naming it: a silently wrong SVD of raw codes is the failure this module exists to
+prevent.
 
-The libraries are never imported here. A weight of their types can only exist once they are imported,
-so looking them up in ``sys.modules`` costs nothing and keeps the core free of them. The core knows
-none of this: importing this module installs :func:`dequantized_weight` as the reader of
+The libraries are never imported here. A weight of their types can only exist once they are
+imported, so looking them up in ``sys.modules`` costs nothing and keeps the core free of them. The
+core knows none of this: importing this module installs :func:`dequantized_weight` as the reader of
 :func:`lora_dash.bases.dequantize`.
 """
 
@@ -55,20 +57,33 @@ def _bitsandbytes_int8(module: nn.Module) -> Tensor:
     """``W = codes · SCB / 127``: per output row, int8 codes times their absmax scale."""
     weight = module.weight
     if weight.has_fp16_weights:
-        raise _refuse(module, "has_fp16_weights=True trains the weight itself; use has_fp16_weights=False")
+        raise _refuse(
+            module, "has_fp16_weights=True trains the weight itself; use has_fp16_weights=False"
+        )
     # Before the first forward the scales sit on the weight, afterwards on the layer's state.
-    scales = weight.SCB if weight.SCB is not None else getattr(getattr(module, "state", None), "SCB", None)
+    scales = (
+        weight.SCB
+        if weight.SCB is not None
+        else getattr(getattr(module, "state", None), "SCB", None)
+    )
     if weight.dtype != torch.int8 or scales is None:
-        raise _refuse(module, "not quantized yet; move it to its device (.to(device)) before wrapping it")
+        raise _refuse(
+            module, "not quantized yet; move it to its device (.to(device)) before wrapping it"
+        )
     bnb_functional = sys.modules["bitsandbytes.functional"]
     return bnb_functional.int8_vectorwise_dequant(weight.data, scales)
 
 
 def _bitsandbytes_4bit(module: nn.Module) -> Tensor:
-    """``W = dequantize_4bit(codes, quant_state)``: the packed nf4/fp4 codes with their block scales."""
+    """``W = dequantize_4bit(codes, quant_state)``.
+
+    The codes are packed nf4/fp4 values; the quant state holds their block scales.
+    """
     weight = module.weight
     if not weight.bnb_quantized or weight.quant_state is None:
-        raise _refuse(module, "not quantized yet; move it to its device (.to(device)) before wrapping it")
+        raise _refuse(
+            module, "not quantized yet; move it to its device (.to(device)) before wrapping it"
+        )
     bnb_functional = sys.modules["bitsandbytes.functional"]
     codes, state = weight.data, weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
@@ -77,7 +92,7 @@ def _bitsandbytes_4bit(module: nn.Module) -> Tensor:
 
 
 def _undo_cpu_packing(module: nn.Module, codes: Tensor, state: object) -> tuple[Tensor, object]:
-    """The codes and scales of a ``Linear4bit`` that bitsandbytes repacked for its AVX512-BF16 CPU kernel.
+    """The codes and scales of a ``Linear4bit`` repacked for the AVX512-BF16 CPU kernel.
 
     bitsandbytes does this in place at an eval-mode forward whose input needs no gradient: the codes
     are reordered and the scales become ``absmax: (in / blocksize, out)`` in bfloat16, which
@@ -88,9 +103,12 @@ def _undo_cpu_packing(module: nn.Module, codes: Tensor, state: object) -> tuple[
     bnb_functional = sys.modules["bitsandbytes.functional"]
     inverse = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
     if inverse is None:
-        raise _refuse(module, "repacked for the CPU kernel by a bitsandbytes version without a way back")
+        raise _refuse(
+            module, "repacked for the CPU kernel by a bitsandbytes version without a way back"
+        )
     restored = copy.deepcopy(state)
-    restored.original_nested = False  # keep the scales the kernel uses rather than re-quantizing them
+    # Keep the scales the kernel uses rather than re-quantizing them.
+    restored.original_nested = False
     codes, restored = inverse(codes.clone(), restored)
     restored.absmax = state.absmax.T.reshape(-1).float()
     return codes, restored
@@ -98,7 +116,8 @@ def _undo_cpu_packing(module: nn.Module, codes: Tensor, state: object) -> tuple[
 
 def _torchao(module: nn.Module) -> Tensor:
     weight = module.weight
-    # torch.Tensor.dequantize is for PyTorch's own quantized tensors; a torchao class must define its own.
+    # torch.Tensor.dequantize serves PyTorch's own quantized tensors;
+    # a torchao class must define its own.
     if type(weight).dequantize is Tensor.dequantize:
         raise _refuse(module, "this torchao tensor type has no dequantize()")
     try:
@@ -108,7 +127,7 @@ def _torchao(module: nn.Module) -> Tensor:
 
 
 def dequantized_weight(module: nn.Module) -> Tensor:
-    """The float weight a quantized linear layer stands for, ``(out, in)``, as its library dequantizes it.
+    """The float weight ``(out, in)`` of a quantized linear layer, as its library dequantizes it.
 
     Shapes come from ``module.in_features`` / ``module.out_features``, never from the stored tensor
     (bitsandbytes 4-bit packs two codes a byte into ``(out·in/2, 1)``).
@@ -118,8 +137,8 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         bitsandbytes 4-bit in the dtype it was quantized from.
 
     Raises:
-        ValueError: the layer is not quantized in one of the supported ways (see the module docstring),
-            or its library returns something other than a floating ``(out, in)`` matrix.
+        ValueError: the layer is not quantized in one of the supported ways (see the module
+            docstring), or its library returns something other than a floating ``(out, in)`` matrix.
     """
     if not isinstance(module, nn.Linear):
         raise _refuse(module, "only nn.Linear subclasses are supported quantized")
@@ -131,12 +150,20 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     elif _is_instance(weight, "torchao.utils", "TorchAOBaseTensor"):
         dense = _torchao(module)
     elif type(weight) in (Tensor, nn.Parameter):
-        raise _refuse(module, "an integer weight without scales of a known library; refusing to use raw codes")
+        raise _refuse(
+            module, "an integer weight without scales of a known library; refusing to use raw codes"
+        )
     else:
-        raise _refuse(module, "unknown tensor type; supported: torchao tensors, bitsandbytes Int8Params/Params4bit")
+        raise _refuse(
+            module,
+            "unknown tensor type; supported: torchao tensors, bitsandbytes Int8Params/Params4bit",
+        )
     expected = (module.out_features, module.in_features)
     if not dense.is_floating_point() or tuple(dense.shape) != expected:
-        raise _refuse(module, f"it dequantizes to {tuple(dense.shape)} {dense.dtype}, expected {expected} floats")
+        raise _refuse(
+            module,
+            f"it dequantizes to {tuple(dense.shape)} {dense.dtype}, expected {expected} floats",
+        )
     return dense
 
 
