@@ -3,11 +3,12 @@
 Si et al., "Unleashing the Power of Task-Specific Directions in Parameter Efficient Fine-tuning",
 ICLR 2025 (arXiv 2409.01035).
 
-The method lives in ``directions`` (the math), ``layer``, ``inject`` and ``schedule`` (the launch). The
-integrations around it plug into their seams on import: ``fused`` (a lean kernel of the adapter's
-product), ``quantized`` (reading a quantized base),
-``distributed`` (a launch shared among ranks), ``analysis`` (the launch's evidence log) and ``guards``
-(warnings for a launch wired wrong). See docs/METHOD.md §13, "How the code is laid out".
+The method, in reading order: ``directions`` (the math), ``layer`` (the module; its training kernel
+is ``fused``, its base-layer predicates ``bases``), ``inject`` and ``schedule`` (the launch). The
+integrations around it fill the core's named hooks when imported (this package imports them all):
+``quantized`` (reading a quantized base), ``distributed`` (a launch shared among ranks),
+``analysis`` (the launch's evidence log) and ``guards`` (warnings for a launch wired wrong). See
+docs/METHOD.md §13, "How the code is laid out".
 """
 
 from lora_dash import analysis, directions, distributed, fused, guards, quantized

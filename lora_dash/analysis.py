@@ -1,17 +1,20 @@
 """Measurements of task-specific directions, shared by the demo and the notebooks.
 
 Pure functions on tensors, built on :mod:`lora_dash.directions` (which holds the method's math): the
-change-rate spectrum of a weight under an update, the paper's two overlap measures between a predicted
-and a true set of TSDs, where selected directions sit in the singular-value order, and (beyond the paper)
-whether a layer's selection says more than an isotropic update would (:func:`null_evidence`, and
-:func:`model_null_evidence` for every layer of a model; :func:`launch_evidence`, the launch's log line,
-plugs into :data:`lora_dash.schedule.launch_report` when this module is imported).
+change-rate spectrum of a weight under an update, the paper's two overlap measures between a
+predicted and a true set of TSDs, where selected directions sit in the singular-value order, and
+(beyond the paper) whether a layer's selection says more than an isotropic update would
+(:func:`null_evidence`, and :func:`model_null_evidence` for every layer of a model;
+:func:`launch_evidence`, the launch's log line, plugs into :data:`lora_dash.schedule.launch_report`
+when this module is imported).
 
-The overlap measures follow the paper's analysis (Si et al., ICLR 2025): with ``top_j(ρ)`` the indices of
-the ``j`` eligible directions with the largest change rates,
+The overlap measures follow the paper's analysis (Si et al., ICLR 2025): with ``top_j(ρ)`` the
+indices of the ``j`` eligible directions with the largest change rates,
 
-- recall   = |top_4(ρ_true) ∩ top_8(ρ_pred)| / 4: how many of the true leading TSDs the prediction finds;
-- accuracy = |top_8(ρ_pred) ∩ top_16(ρ_true)| / 8: how many predicted TSDs are among the true leading ones.
+- recall   = |top_4(ρ_true) ∩ top_8(ρ_pred)| / 4: how many of the true leading TSDs the
+  prediction finds;
+- accuracy = |top_8(ρ_pred) ∩ top_16(ρ_true)| / 8: how many predicted TSDs are among the true
+  leading ones.
 """
 
 from typing import NamedTuple
@@ -19,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lora_dash import directions, schedule
+from lora_dash import directions, hooks
 from lora_dash.bases import full_tensor
 from lora_dash.checks import check_int, check_seed
 from lora_dash.inject import require_dash_layers
@@ -27,7 +30,7 @@ from lora_dash.schedule import layer_generators
 
 
 class ChangeRateSpectrum(NamedTuple):
-    """A weight's singular values and an update's coordinates and change rates on its core directions.
+    """A weight's singular values; an update's coordinates and change rates on its core directions.
 
     Shapes: all ``(k,)``, ``k = min(out, in)``, in descending ``σ`` order, so position ``i`` is the
     direction of the ``i``-th largest singular value. ``eligible`` is a boolean mask; ``rates`` is 0
@@ -46,8 +49,8 @@ def change_rate_spectrum(
     """The change-rate spectrum of a layer under a dense update ``ΔW``.
 
     ``W = U diag(σ) Vᵀ``, ``c_i = u_iᵀ ΔW v_i``, ``ρ_i = |c_i| / (σ_i + eps)`` on the eligible
-    directions (``σ_i > σ_1 · max(out, in) · ε_machine``), 0 elsewhere: exactly what launch computes,
-    but for any ``ΔW`` (a full fine-tuning difference, a LoRA product, a planted update).
+    directions (``σ_i > σ_1 · max(out, in) · ε_machine``), 0 elsewhere: exactly what launch
+    computes, but for any ``ΔW`` (a full fine-tuning difference, a LoRA product, a planted update).
 
     Shapes: ``weight, delta_weight: (out, in)`` → four ``(k,)`` tensors, ``k = min(out, in)``.
 
@@ -76,8 +79,15 @@ def change_rate_spectrum(
 
 
 def _check_index(name: str, index: Tensor, distinct: bool = True) -> None:
-    if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(index.shape)}, {index.dtype}")
+    if (
+        index.dim() != 1
+        or index.dtype.is_floating_point
+        or index.dtype.is_complex
+        or index.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got shape {tuple(index.shape)}, {index.dtype}"
+        )
     if distinct and index.unique().numel() != index.numel():
         raise ValueError(f"{name} has repeated entries: {index.tolist()}")
 
@@ -96,7 +106,9 @@ def overlap_fraction(subset_candidates: Tensor, container: Tensor) -> float:
     _check_index("container", container)
     if subset_candidates.numel() == 0:
         raise ValueError("subset_candidates is empty; the fraction is undefined")
-    return torch.isin(subset_candidates, container.to(subset_candidates.device)).double().mean().item()
+    return (
+        torch.isin(subset_candidates, container.to(subset_candidates.device)).double().mean().item()
+    )
 
 
 def _top(name: str, rates: Tensor, eligible: Tensor | None, top: int) -> Tensor:
@@ -126,7 +138,7 @@ def _top_sets(
     predicted_top: int,
     true_top: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(top_{predicted_top}(ρ_pred), top_{true_top}(ρ_true))`` after checking both rate vectors."""
+    """``(top_{predicted_top}(ρ_pred), top_{true_top}(ρ_true))``, after checking both ρ vectors."""
     if predicted_rates.shape != true_rates.shape:
         raise ValueError(
             f"predicted and true rates must be on the same k directions, got shapes "
@@ -147,15 +159,18 @@ def tsd_recall(
     """The paper's recall: the fraction of the true top-4 TSDs inside the predicted top-8.
 
     ``|top_{true_top}(ρ_true) ∩ top_{predicted_top}(ρ_pred)| / true_top``, with ``top_j`` the stable
-    selection of :func:`lora_dash.directions.select_directions` over the eligible directions (all, when
-    a mask is None).
+    selection of :func:`lora_dash.directions.select_directions` over the eligible directions (all,
+    when a mask is None).
 
-    Shapes: ``predicted_rates, true_rates`` and the masks: ``(k,)``, on the same weight's directions → float.
+    Shapes: ``predicted_rates, true_rates`` and the masks: ``(k,)``, on the same weight's
+    directions → float.
 
     Raises:
-        ValueError: shapes differ, a ``top`` outside ``[1, k]``, or fewer eligible directions than it.
+        ValueError: shapes differ, or a ``top`` is outside ``[1, k]`` or exceeds the eligible count.
     """
-    predicted, true = _top_sets(predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top)
+    predicted, true = _top_sets(
+        predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top
+    )
     return overlap_fraction(true, predicted)
 
 
@@ -172,17 +187,20 @@ def tsd_accuracy(
     ``|top_{predicted_top}(ρ_pred) ∩ top_{true_top}(ρ_true)| / predicted_top``, with ``top_j`` as in
     :func:`tsd_recall`.
 
-    Shapes: ``predicted_rates, true_rates`` and the masks: ``(k,)``, on the same weight's directions → float.
+    Shapes: ``predicted_rates, true_rates`` and the masks: ``(k,)``, on the same weight's
+    directions → float.
 
     Raises:
-        ValueError: shapes differ, a ``top`` outside ``[1, k]``, or fewer eligible directions than it.
+        ValueError: shapes differ, or a ``top`` is outside ``[1, k]`` or exceeds the eligible count.
     """
-    predicted, true = _top_sets(predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top)
+    predicted, true = _top_sets(
+        predicted_rates, true_rates, predicted_eligible, true_eligible, predicted_top, true_top
+    )
     return overlap_fraction(predicted, true)
 
 
 def relative_singular_value_ranks(index: Tensor, k: int) -> Tensor:
-    """Where selected directions sit in the singular-value order, from 0 (largest σ) to 1 (smallest).
+    """Where selected directions sit in the singular-value order, 0 (largest σ) to 1 (smallest).
 
     A direction's index is already its 0-based rank in descending ``σ`` (``σ_0 ≥ σ_1 ≥ …``), so the
     relative rank is ``index / (k - 1)``; for ``k = 1`` the only direction has relative rank 0.
@@ -199,9 +217,10 @@ def relative_singular_value_ranks(index: Tensor, k: int) -> Tensor:
     return index.to(torch.float32) / max(k - 1, 1)
 
 
-# --- is the selection more than the 1/σ artefact? --------------------------------------------------
+# --- is the selection more than the 1/σ artefact? ------------------------------------------------
 
-#: Null draws are sampled this many numbers at a time, so memory stays flat at any ``k`` and ``draws``.
+#: Null draws are sampled this many numbers at a time, so memory stays flat at any ``k`` and
+#: ``draws``.
 _CHUNK_NUMBERS = 2**22
 
 
@@ -211,14 +230,15 @@ def null_coordinates(
     """Coordinates of isotropic random updates on ``k`` core directions, up to their common scale.
 
     - ``factor_rank=None`` (a dense update with i.i.d. ``N(0, τ²)`` entries): ``c ~ N(0, I_k)``.
-    - ``factor_rank=r`` (``ΔW = scaling · B A`` with i.i.d. centred Gaussian ``B: (n, r)``, ``A: (r, m)``):
-      ``c_i = Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``; i.i.d. over ``i``, variance ``r``,
-      kurtosis ``3 + 6/r``.
+    - ``factor_rank=r`` (``ΔW = scaling · B A`` with i.i.d. centred Gaussian ``B: (n, r)``,
+      ``A: (r, m)``): ``c_i = Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``; i.i.d. over
+      ``i``, variance ``r``, kurtosis ``3 + 6/r``.
 
-    See :func:`null_evidence` for why these laws hold whatever ``W`` is. The rank-``r`` law is sampled as
-    ``Z_i · ‖X_i‖`` (given ``X_i``, the component of ``Y_i`` along ``X_i`` is ``N(0, 1)``) with
-    ``‖X_i‖² ~ χ²_r = -2 Σ_{j ≤ r/2} log U_j`` (plus ``N²`` for odd ``r``), ``U`` uniform on ``(0, 1]``:
-    ``⌊r/2⌋ + 1`` numbers per coordinate (``+ 1`` for odd ``r``) instead of ``2 r``.
+    See :func:`null_evidence` for why these laws hold whatever ``W`` is. The rank-``r`` law is
+    sampled as ``Z_i · ‖X_i‖`` (given ``X_i``, the component of ``Y_i`` along ``X_i`` is
+    ``N(0, 1)``) with ``‖X_i‖² ~ χ²_r = -2 Σ_{j ≤ r/2} log U_j`` (plus ``N²`` for odd ``r``), ``U``
+    uniform on ``(0, 1]``: ``⌊r/2⌋ + 1`` numbers per coordinate (``+ 1`` for odd ``r``) instead of
+    ``2 r``.
 
     Shapes: → ``(draws, k)`` float64, on ``generator``'s device (CPU when it is None).
     """
@@ -227,15 +247,18 @@ def null_coordinates(
     z = torch.randn(draws, k, **options)
     if factor_rank is None:
         return z
-    chi_square = -2 * torch.rand(draws, k, factor_rank // 2, **options).neg().log1p().sum(-1)  # log(1 - U)
+    # neg().log1p() is log(1 - U)
+    chi_square = -2 * torch.rand(draws, k, factor_rank // 2, **options).neg().log1p().sum(-1)
     if factor_rank % 2:
         chi_square += torch.randn(draws, k, **options).square()
     return z * chi_square.sqrt()
 
 
 def _top_share(rates: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """Per row of ``rates: (rows, k)``: the share ``Σ top_s / Σ all`` ``(rows,)`` and the top-``s`` columns
-    ``(rows, s)``."""
+    """Per row of ``rates: (rows, k)``, the share of its ``s`` largest entries and their columns.
+
+    Returns the share ``Σ top_s / Σ all``, ``(rows,)``, and the top-``s`` columns, ``(rows, s)``.
+    """
     top = rates.topk(s, dim=1)
     return top.values.sum(1) / rates.sum(1), top.indices
 
@@ -248,17 +271,20 @@ class NullEvidence(NamedTuple):
     """A layer's selection against an isotropic update's; see :func:`null_evidence`.
 
     Attributes:
-        index: ``(s,)`` int64, the selected directions: the ``s`` largest scores (``ρ`` for ``"tsd"``,
-            ``|c|`` for ``"coordinate"``), as :func:`lora_dash.directions.pick_directions` selects them.
-        share: the observed top-``s`` share of the score, ``Σ_{i ∈ index} score_i / Σ_{i eligible} score_i``.
+        index: ``(s,)`` int64, the selected directions, as
+            :func:`lora_dash.directions.pick_directions` selects them: the ``s`` largest scores
+            (``ρ`` for ``"tsd"``, ``|c|`` for ``"coordinate"``).
+        share: the observed top-``s`` share of the score,
+            ``Σ_{i ∈ index} score_i / Σ_{i eligible} score_i``.
         null_mean: the mean of that share under the null.
         null_std: its standard deviation under the null.
-        selection_probability: ``(s,)`` float64, for each selected direction the probability under the
-            null that it is among the top ``s`` (near 1: any update would have selected it).
-        p_value: ``P_null(share ≥ observed share)``, the one-sided score; small means more concentrated
-            than noise.
-        draws: the Monte Carlo draws behind the estimates (0 when they are exact); the p-value's resolution
-            is ``1 / (draws + 1)`` and a probability's standard error ``√(p (1 - p) / draws)``.
+        selection_probability: ``(s,)`` float64, for each selected direction the probability under
+            the null that it is among the top ``s`` (near 1: any update would have selected it).
+        p_value: ``P_null(share ≥ observed share)``, the one-sided score; small means more
+            concentrated than noise.
+        draws: the Monte Carlo draws behind the estimates (0 when they are exact); the p-value's
+            resolution is ``1 / (draws + 1)`` and a probability's standard error
+            ``√(p (1 - p) / draws)``.
     """
 
     index: Tensor
@@ -276,7 +302,9 @@ NULL_EVIDENCE_STRATEGIES = ("tsd", "coordinate")
 
 def _check_judged_strategy(strategy: str) -> None:
     if strategy not in NULL_EVIDENCE_STRATEGIES:
-        raise ValueError(f"null_evidence judges the strategies {NULL_EVIDENCE_STRATEGIES}, got {strategy!r}")
+        raise ValueError(
+            f"null_evidence judges the strategies {NULL_EVIDENCE_STRATEGIES}, got {strategy!r}"
+        )
 
 
 def null_evidence(
@@ -290,45 +318,49 @@ def null_evidence(
     generator: torch.Generator | None = None,
     strategy: str = "tsd",
 ) -> NullEvidence:
-    """Evidence against the null "this update is isotropic noise" for one layer's top-``s`` selection.
+    """Evidence against the null "the update is isotropic noise" for a layer's top-``s`` selection.
 
-    **The null.** The core directions ``u_i v_iᵀ`` are orthonormal in the Frobenius inner product, so a
-    dense ``ΔW`` with i.i.d. ``N(0, τ²)`` entries has coordinates ``c_i = u_iᵀ ΔW v_i`` that are i.i.d.
-    ``N(0, τ²)``, whatever ``W`` is. For a LoRA update ``ΔW = scaling · B A`` (``factor_rank = r``) the
-    null is ``B: (n, r)`` and ``A: (r, m)`` with i.i.d. centred Gaussian entries of any variances ``b²``,
-    ``a²``: ``Uᵀ B`` and ``Vᵀ Aᵀ`` then have i.i.d. Gaussian entries too (``U``, ``V`` have orthonormal
-    columns), so ``c_i = scaling · a b · Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``, i.i.d. over
-    ``i``: heavier-tailed than the dense null (kurtosis ``3 + 6/r``), which is its ``r → ∞`` limit (divided
+    **The null.** The core directions ``u_i v_iᵀ`` are orthonormal in the Frobenius inner product,
+    so a dense ``ΔW`` with i.i.d. ``N(0, τ²)`` entries has coordinates ``c_i = u_iᵀ ΔW v_i`` that
+    are i.i.d. ``N(0, τ²)``, whatever ``W`` is. For a LoRA update ``ΔW = scaling · B A``
+    (``factor_rank = r``) the null is ``B: (n, r)`` and ``A: (r, m)`` with i.i.d. centred Gaussian
+    entries of any variances ``b²``, ``a²``: ``Uᵀ B`` and ``Vᵀ Aᵀ`` then have i.i.d. Gaussian
+    entries too (``U``, ``V`` have orthonormal columns), so
+    ``c_i = scaling · a b · Σ_{j≤r} X_ij Y_ij`` with ``X, Y`` i.i.d. ``N(0, 1)``, i.i.d. over ``i``:
+    heavier-tailed than the dense null (kurtosis ``3 + 6/r``), which is its ``r → ∞`` limit (divided
     by ``√r``). Either way the coordinates have a law fixed up to one common scale (``τ``, or
-    ``scaling · a b``: the observed norms need not be matched), and every statistic here cancels that
-    scale. So the null is sampled by :func:`null_coordinates` in ``O(k)`` (``O(k r)``) per draw, without
-    forming a matrix.
+    ``scaling · a b``: the observed norms need not be matched), and every statistic here cancels
+    that scale. So the null is sampled by :func:`null_coordinates` in ``O(k)`` (``O(k r)``) per
+    draw, without forming a matrix.
 
     **The statistic.** With ``score_i = ρ_i = |c_i| / (σ_i + eps)`` (``strategy="tsd"``) or
-    ``score_i = |c_i|`` (``"coordinate"``), ``share = Σ_{i ∈ top_s(score)} score_i / Σ_{i eligible} score_i``,
-    in ``[s / k_e, 1]`` with ``k_e`` eligible directions. Its null law (a ratio involving order statistics)
-    has no closed form, so ``null_mean``, ``null_std`` and ``p_value`` are Monte Carlo estimates over
-    ``draws`` null updates drawn with ``generator``; so is ``selection_probability`` for ``"tsd"``, while for
-    ``"coordinate"`` it is exactly ``s / k_e`` (the null's coordinates are exchangeable). When ``s = k_e``
-    the share is 1 for every update and everything is exact.
+    ``score_i = |c_i|`` (``"coordinate"``),
+    ``share = Σ_{i ∈ top_s(score)} score_i / Σ_{i eligible} score_i``, in ``[s / k_e, 1]`` with
+    ``k_e`` eligible directions. Its null law (a ratio involving order statistics) has no closed
+    form, so ``null_mean``, ``null_std`` and ``p_value`` are Monte Carlo estimates over ``draws``
+    null updates drawn with ``generator``; so is ``selection_probability`` for ``"tsd"``, while for
+    ``"coordinate"`` it is exactly ``s / k_e`` (the null's coordinates are exchangeable). When
+    ``s = k_e`` the share is 1 for every update and everything is exact.
 
-    **The score.** ``p = (1 + #{b : share_b ≥ share}) / (1 + draws)``. Under the null the observed share
-    and the draws are exchangeable, so the test is exact at any ``draws``:
+    **The score.** ``p = (1 + #{b : share_b ≥ share}) / (1 + draws)``. Under the null the observed
+    share and the draws are exchangeable, so the test is exact at any ``draws``:
     ``P(p ≤ α) = ⌊α (draws + 1)⌋ / (draws + 1) ≤ α``. With the default 999 draws and a threshold
-    ``α = 0.05``, an update that is isotropic noise is flagged 5 % of the time, and ``p`` cannot go below
-    0.001; over ``L`` layers expect ``α L`` flags from noise alone. A small ``p`` says the update puts more
-    of its score on its top ``s`` than noise would; it does not say that the directions help the task.
-    The test is one-sided: an update that is structured but spread out (``ΔW = λ W`` gives equal rates)
-    scores a large ``p``.
+    ``α = 0.05``, an update that is isotropic noise is flagged 5 % of the time, and ``p`` cannot go
+    below 0.001; over ``L`` layers expect ``α L`` flags from noise alone. A small ``p`` says the
+    update puts more of its score on its top ``s`` than noise would; it does not say that the
+    directions help the task. The test is one-sided: an update that is structured but spread out
+    (``ΔW = λ W`` gives equal rates) scores a large ``p``.
 
     **Which to ask.** ``"tsd"`` asks whether the change rates are more concentrated than the ``1/σ``
-    weighting makes them for any update. On a spectrum spanning decades the smallest ``σ`` dominate both
-    the observed and the null rates, so signal on directions of larger ``σ`` barely moves this share: the
-    ``"tsd"`` test can only see signal strong enough to change which rates lead. ``"coordinate"`` asks
-    whether the update itself is concentrated on a few core directions, wherever they sit.
+    weighting makes them for any update. On a spectrum spanning decades the smallest ``σ`` dominate
+    both the observed and the null rates, so signal on directions of larger ``σ`` barely moves this
+    share: the ``"tsd"`` test can only see signal strong enough to change which rates lead.
+    ``"coordinate"`` asks whether the update itself is concentrated on a few core directions,
+    wherever they sit.
 
-    Shapes: ``sigma, coords, eligible: (k,)`` (``eligible`` boolean) → ``index, selection_probability:
-    (s,)`` on ``sigma``'s device; the draws are made on ``generator``'s device.
+    Shapes: ``sigma, coords, eligible: (k,)`` (``eligible`` boolean) →
+    ``index, selection_probability: (s,)`` on ``sigma``'s device; the draws are made on
+    ``generator``'s device.
 
     Args:
         sigma: singular values of ``W`` (see :func:`lora_dash.directions.svd_basis`).
@@ -336,19 +368,20 @@ def null_evidence(
             :func:`lora_dash.directions.coordinates_from_factors`).
         eligible: :func:`lora_dash.directions.eligible_directions`; other directions play no part.
         s: the number of selected directions, ``1 <= s <= k_e``.
-        eps: the ``ε`` of ``ρ_i = |c_i| / (σ_i + ε)``, as in :func:`lora_dash.directions.change_rates`.
-        factor_rank: ``None`` for the dense null, ``r`` for the null of a rank-``r`` Gaussian product.
+        eps: the ``ε`` of ``ρ_i = |c_i| / (σ_i + ε)``, as in
+            :func:`lora_dash.directions.change_rates`.
+        factor_rank: ``None`` for the dense null, ``r`` for that of a rank-``r`` Gaussian product.
         draws: Monte Carlo draws, ``>= 2``.
-        generator: the source of the draws; None means a CPU generator seeded with 0, so calls without
-            one share their draws: when judging several layers, give each its own generator (as
-            :func:`model_null_evidence` does with :func:`lora_dash.schedule.layer_generators`) for
-            results that are independent across layers.
+        generator: the source of the draws; None means a CPU generator seeded with 0, so calls
+            without one share their draws: when judging several layers, give each its own generator
+            (as :func:`model_null_evidence` does with :func:`lora_dash.schedule.layer_generators`)
+            for results that are independent across layers.
         strategy: the selection judged, one of :data:`NULL_EVIDENCE_STRATEGIES`.
 
     Raises:
-        ValueError: shapes differ or are not 1-D, ``eligible`` not boolean, a non-finite eligible ``σ`` or
-            coordinate, an update with no component on the eligible directions (share undefined), a bad
-            ``s``, ``eps``, ``factor_rank``, ``draws`` or ``strategy``.
+        ValueError: shapes differ or are not 1-D, ``eligible`` not boolean, a non-finite eligible
+            ``σ`` or coordinate, an update with no component on the eligible directions (share
+            undefined), a bad ``s``, ``eps``, ``factor_rank``, ``draws`` or ``strategy``.
     """
     _check_draws(draws)
     _check_judged_strategy(strategy)
@@ -369,7 +402,9 @@ def null_evidence(
     by_rate = strategy == "tsd"
     scores = rates[eligible] if by_rate else coords[eligible].abs()
     if not scores.any():
-        raise ValueError("the update has no component on the eligible directions; its top-s share is undefined")
+        raise ValueError(
+            "the update has no component on the eligible directions; its top-s share is undefined"
+        )
     k_eligible = scores.numel()
     if s == k_eligible:  # every update selects everything: share 1, exactly
         ones = torch.ones(s, dtype=torch.float64, device=sigma.device)
@@ -384,7 +419,10 @@ def null_evidence(
     rows = max(1, _CHUNK_NUMBERS // (k_eligible * (factor_rank or 1)))
     null_shares, counts = [], torch.zeros(k_eligible, dtype=torch.int64, device=generator.device)
     for start in range(0, draws, rows):
-        null_scores = null_coordinates(min(rows, draws - start), k_eligible, factor_rank, generator).abs() * weights
+        null_scores = (
+            null_coordinates(min(rows, draws - start), k_eligible, factor_rank, generator).abs()
+            * weights
+        )
         chunk_shares, top = _top_share(null_scores, s)
         null_shares.append(chunk_shares)
         counts += torch.bincount(top.flatten(), minlength=k_eligible)
@@ -419,29 +457,33 @@ def model_null_evidence(
 
     For each layer of :func:`lora_dash.dash_layers`: the SVD of the pretrained ``W``
     (``base_weight()``), the coordinates of ``scaling · B A`` from the factors, and the top ``s`` by
-    ``strategy`` (change rates with the layer's ``eps``, or ``|c|``): what launch with that strategy would
-    select now. Right at launch, ``index`` is the launched selection; later it follows ``B A`` as it
-    trains. The dash term is not part of the update judged. Changes nothing.
+    ``strategy`` (change rates with the layer's ``eps``, or ``|c|``): what launch with that strategy
+    would select now. Right at launch, ``index`` is the launched selection; later it follows ``B A``
+    as it trains. The dash term is not part of the update judged. Changes nothing.
 
-    Cost per layer: one SVD plus ``O(draws · k · r)`` for the null. Call it when you want the report;
-    nothing else in the library computes it.
+    Cost per layer: one SVD plus ``O(draws · k · r)`` for the null. Call it when you want the
+    report; nothing else in the library computes it.
 
     Args:
         model: a model with LoRA-Dash layers (not merged: ``W`` would include ``ΔW``).
-        strategy: ``"tsd"`` (the method) or ``"coordinate"``; see :func:`null_evidence` for what each asks.
-        null: ``"factors"`` (default): the layer's update is judged against Gaussian ``B``, ``A`` of its
-            own rank ``r``, the null that matches a LoRA update; ``"dense"``: a dense Gaussian ``ΔW``.
+        strategy: ``"tsd"`` (the method) or ``"coordinate"``; see :func:`null_evidence` for what
+            each asks.
+        null: ``"factors"`` (default): the layer's update is judged against Gaussian ``B``, ``A`` of
+            its own rank ``r``, the null that matches a LoRA update; ``"dense"``: a dense Gaussian
+            ``ΔW``.
         draws: Monte Carlo draws per layer, ``>= 2`` (p-value resolution ``1 / (draws + 1)``).
         seed: an int in ``[0, 2⁶³)``; layer ``i`` draws with generator ``i`` of
-            :func:`lora_dash.schedule.layer_generators`, so its result does not depend on the others.
+            :func:`lora_dash.schedule.layer_generators`, so its result does not depend on the
+            others.
         svd_dtype: ``torch.float32`` (as at launch) or ``torch.float64``.
 
     Returns:
         A :class:`NullEvidence` per layer, by dotted name, in :func:`lora_dash.dash_layers` order.
 
     Raises:
-        ValueError: a bad ``strategy``, ``null``, ``draws`` or ``seed``, no LoRA-Dash layer, or a layer whose
-            update or weight is not finite or is zero on the eligible directions (the message names it).
+        ValueError: a bad ``strategy``, ``null``, ``draws`` or ``seed``, no LoRA-Dash layer, or a
+            layer whose update or weight is not finite or is zero on the eligible directions (the
+            message names it).
         RuntimeError: a merged layer (before any work).
     """
     _check_judged_strategy(strategy)
@@ -457,7 +499,9 @@ def model_null_evidence(
     for (name, layer), generator in zip(layers.items(), layer_generators(seed, len(layers))):
         A, B, weight = full_tensor(layer.lora_A), full_tensor(layer.lora_B), layer.base_weight()
         if not all(torch.isfinite(tensor).all() for tensor in (A, B, weight)):
-            raise ValueError(f"layer {name!r}: the pretrained weight or the LoRA factors are not finite")
+            raise ValueError(
+                f"layer {name!r}: the pretrained weight or the LoRA factors are not finite"
+            )
         U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
         coords = directions.coordinates_from_factors(B, A, layer.scaling, U, V)
         eligible = directions.eligible_directions(sigma, tuple(weight.shape))
@@ -472,7 +516,7 @@ def model_null_evidence(
 
 
 def evidence_summary(report: dict[str, NullEvidence], alpha: float = 0.05) -> str:
-    """One line for a log: how many layers of a :func:`model_null_evidence` report are flagged at ``alpha``.
+    """A log line: how many layers of a :func:`model_null_evidence` report are flagged at ``alpha``.
 
     E.g. ``"3/36 layers with p ≤ 0.05 (1.8 expected from noise alone); median p 0.41; top-s share
     44.1 % vs 43.8 % under the null (means over layers)"``.
@@ -487,24 +531,28 @@ def evidence_summary(report: dict[str, NullEvidence], alpha: float = 0.05) -> st
     evidence = list(report.values())
     p_values = sorted(e.p_value for e in evidence)
     middle = len(p_values) // 2
-    median = p_values[middle] if len(p_values) % 2 else (p_values[middle - 1] + p_values[middle]) / 2
+    median = (
+        p_values[middle] if len(p_values) % 2 else (p_values[middle - 1] + p_values[middle]) / 2
+    )
     flagged = sum(p <= alpha for p in p_values)
     share = sum(e.share for e in evidence) / len(evidence)
     null_share = sum(e.null_mean for e in evidence) / len(evidence)
     return (
-        f"{flagged}/{len(evidence)} layers with p ≤ {alpha:g} ({alpha * len(evidence):.1f} expected from noise "
-        f"alone); median p {median:.3g}; top-s share {100 * share:.1f} % vs {100 * null_share:.1f} % under the "
-        "null (means over layers)"
+        f"{flagged}/{len(evidence)} layers with p ≤ {alpha:g} "
+        f"({alpha * len(evidence):.1f} expected from noise alone); median p {median:.3g}; "
+        f"top-s share {100 * share:.1f} % vs {100 * null_share:.1f} % under the null "
+        "(means over layers)"
     )
 
 
 def launch_evidence(model: nn.Module, seed: int = 0) -> list[str]:
-    """The lines a :class:`lora_dash.LaunchController` with ``log_evidence`` logs right after the launch.
+    """What a :class:`lora_dash.LaunchController` with ``log_evidence`` logs right after the launch.
 
-    One line each for ``"tsd"`` and ``"coordinate"``: :func:`evidence_summary` of :func:`model_null_evidence`
-    (``seed`` as given), i.e. whether the LoRA update the directions were chosen from says more than
-    isotropic noise. It costs two SVDs per layer and the null's draws. A report that cannot be computed
-    (e.g. ``launch_step=0``: ``ΔW = 0`` has no top-``s`` share) says why; the launch stands.
+    One line each for ``"tsd"`` and ``"coordinate"``: :func:`evidence_summary` of
+    :func:`model_null_evidence` (``seed`` as given), i.e. whether the LoRA update the directions
+    were chosen from says more than isotropic noise. It costs two SVDs per layer and the null's
+    draws. A report that cannot be computed (e.g. ``launch_step=0``: ``ΔW = 0`` has no top-``s``
+    share) says why; the launch stands.
     """
     lines = []
     for strategy in ("tsd", "coordinate"):
@@ -516,4 +564,4 @@ def launch_evidence(model: nn.Module, seed: int = 0) -> list[str]:
     return lines
 
 
-schedule.set_launch_hook("evidence", launch_evidence)
+hooks.set_launch_hook("evidence", launch_evidence)

@@ -1,8 +1,9 @@
-"""What kind of frozen layer a ``LoRADashLinear`` wraps, and how to read its weight ``W: (out, in)``.
+"""What kind of frozen layer a ``LoRADashLinear`` wraps, and how to read its weight
+``W: (out, in)``.
 
-A base is an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (which stores ``Wᵀ``). Its weight may be a plain
-tensor, FSDP2's shards of one (a ``DTensor``), or a quantized library's codes. The layer asks these
-predicates which forward can serve it and how to get ``W`` for the launch's SVD.
+A base is an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (which stores ``Wᵀ``). Its weight may be a
+plain tensor, FSDP2's shards of one (a ``DTensor``), or a quantized library's codes. The layer asks
+these predicates which forward can serve it and how to get ``W`` for the launch's SVD.
 """
 
 import sys
@@ -12,16 +13,21 @@ from torch import Tensor, nn
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias``, ``weight`` stored ``(in, out)``."""
+    """True for a GPT-2 style ``Conv1D``: ``y = x @ weight + bias``, with ``weight`` stored
+    ``(in, out)``."""
     if type(module).__name__ != "Conv1D":  # first: the layer's forward asks this every step
         return False
     weight = getattr(module, "weight", None)
-    return isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == getattr(module, "nf", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """True for a ``DTensor``, the form FSDP2 gives parameters outside forward (each rank a shard)."""
-    # A DTensor exists only once torch.distributed.tensor is imported; looking it up imports nothing.
+    """True for a ``DTensor``, the form FSDP2 gives parameters outside forward (a shard each)."""
+    # A DTensor exists only once torch.distributed.tensor is imported; the lookup imports nothing.
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 

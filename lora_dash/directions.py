@@ -2,10 +2,10 @@
 
 Notation (see METHOD.md): a frozen weight ``W`` of shape ``(n, m) = (out, in)`` has the thin SVD
 ``W = U diag(σ) Vᵀ`` with ``k = min(n, m)``. Its *core directions* are the rank-one matrices
-``u_i v_iᵀ``. The coordinate of any matrix ``M`` on direction ``i`` is ``p_i(M) = u_iᵀ M v_i``, and the
-change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``s`` eligible directions
-with the largest change rates are the task-specific directions (TSDs); ``pick_directions`` also
-offers baselines for ablations.
+``u_i v_iᵀ``. The coordinate of any matrix ``M`` on direction ``i`` is ``p_i(M) = u_iᵀ M v_i``, and
+the change rate of an update ``ΔW`` is ``ρ_i = |p_i(ΔW)| / (σ_i + eps)``. The ``s`` eligible
+directions with the largest change rates are the task-specific directions (TSDs);
+``pick_directions`` also offers baselines for ablations.
 
 The whole selection is :func:`select_task_directions`; it reads top to bottom as the chain
 ``svd_basis`` → ``coordinates_from_factors`` → ``score_coordinates`` (eligibility, change rates) →
@@ -23,7 +23,8 @@ from lora_dash.checks import check_int, check_number
 
 
 class SVDBasis(NamedTuple):
-    """Thin SVD ``W = U diag(sigma) Vᵀ``: ``U: (n, k)``, ``sigma: (k,)`` in descending order, ``V: (m, k)``."""
+    """Thin SVD ``W = U diag(sigma) Vᵀ``: ``U: (n, k)``, ``sigma: (k,)`` in descending order,
+    ``V: (m, k)``."""
 
     U: Tensor
     sigma: Tensor
@@ -33,7 +34,8 @@ class SVDBasis(NamedTuple):
 def svd_basis(weight: Tensor, dtype: torch.dtype = torch.float32) -> SVDBasis:
     """The thin SVD of a weight, computed in ``dtype`` whatever the weight's own dtype.
 
-    ``W = U diag(σ) Vᵀ`` with ``W: (n, m)``, ``U: (n, k)``, ``σ: (k,)``, ``V: (m, k)``, ``k = min(n, m)``.
+    ``W = U diag(σ) Vᵀ`` with ``W: (n, m)``, ``U: (n, k)``, ``σ: (k,)``, ``V: (m, k)``,
+    ``k = min(n, m)``.
 
     A wide matrix (``n < m``) is decomposed through its transpose, ``Wᵀ = V diag(σ) Uᵀ``, because
     LAPACK is about twice as fast on tall inputs; the result is the same basis.
@@ -83,8 +85,8 @@ def eligible_directions(sigma: Tensor, weight_shape: tuple[int, int]) -> Tensor:
     """Which core directions are numerically meaningful: ``σ_i > σ_1 · max(n, m) · ε_machine``.
 
     Below that tolerance (the usual numerical-rank rule, with ``ε_machine`` of ``sigma``'s dtype) a
-    singular value is indistinguishable from zero, its singular vectors are not unique, and its change
-    rate would divide by (almost) zero. A zero matrix has no eligible direction.
+    singular value is indistinguishable from zero, its singular vectors are not unique, and its
+    change rate would divide by (almost) zero. A zero matrix has no eligible direction.
 
     Shapes: ``sigma: (k,)`` in descending order → boolean mask ``(k,)``.
     """
@@ -129,7 +131,9 @@ def _check_enough_eligible(eligible: Tensor, s: int) -> None:
     check_int("s", s, 1)
     n_eligible = int(eligible.sum())
     if n_eligible < s:
-        raise ValueError(f"only {n_eligible} of {eligible.numel()} directions are eligible, fewer than s={s}")
+        raise ValueError(
+            f"only {n_eligible} of {eligible.numel()} directions are eligible, fewer than s={s}"
+        )
 
 
 #: How to choose the ``s`` dashed directions: the method's TSDs, three baselines for ablations, and
@@ -140,7 +144,9 @@ STRATEGIES = ("tsd", "largest_sigma", "smallest_sigma", "random", "coordinate")
 def check_strategy(strategy: str) -> None:
     """Raise ``ValueError`` unless ``strategy`` is one of :data:`STRATEGIES`."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown direction strategy {strategy!r}; valid strategies are {STRATEGIES}")
+        raise ValueError(
+            f"unknown direction strategy {strategy!r}; valid strategies are {STRATEGIES}"
+        )
 
 
 def pick_directions(
@@ -154,13 +160,14 @@ def pick_directions(
     """Indices of ``s`` distinct eligible directions, chosen by ``strategy``.
 
     - ``"tsd"`` (the method): the ``s`` largest change rates, by :func:`select_directions`.
-    - ``"largest_sigma"``: the first ``s`` eligible indices, i.e. the largest ``σ`` (``σ`` descends).
+    - ``"largest_sigma"``: the first ``s`` eligible indices, the largest ``σ`` (``σ`` descends).
     - ``"smallest_sigma"``: the last ``s`` eligible indices, smallest ``σ`` first.
-    - ``"random"``: ``s`` distinct eligible indices drawn uniformly with ``generator``. The generator is
-      required, not defaulted, so that every draw is reproducible and its seed is the caller's choice
-      (a silent default would give every layer the same draw). Other strategies ignore it.
-    - ``"coordinate"`` (beyond the paper): the ``s`` largest ``|c_i|`` (needs ``coords``), ties to the
-      lower index: the change rate with the ``1/σ`` weighting of an isotropic update divided out
+    - ``"random"``: ``s`` distinct eligible indices drawn uniformly with ``generator``. The
+      generator is required, not defaulted, so that every draw is reproducible and its seed is the
+      caller's choice (a silent default would give every layer the same draw). Other strategies
+      ignore it.
+    - ``"coordinate"`` (beyond the paper): the ``s`` largest ``|c_i|`` (needs ``coords``), ties to
+      the lower index: the change rate with the ``1/σ`` weighting of an isotropic update divided out
       (METHOD.md §4.3).
 
     Only ``"tsd"`` reads ``rates`` and only ``"coordinate"`` reads ``coords``; all use the same
@@ -181,7 +188,9 @@ def pick_directions(
     if strategy == "coordinate":
         if coords is None or coords.shape != eligible.shape:
             shape = None if coords is None else tuple(coords.shape)
-            raise ValueError(f'strategy "coordinate" needs coords of shape {tuple(eligible.shape)}, got {shape}')
+            raise ValueError(
+                f'strategy "coordinate" needs coords of shape {tuple(eligible.shape)}, got {shape}'
+            )
         if not torch.isfinite(coords[eligible]).all():
             raise ValueError("coordinates are not finite")
         return select_directions(coords.abs(), eligible, s)
@@ -209,8 +218,7 @@ class DirectionScores(NamedTuple):
 
 
 class DashDirections(NamedTuple):
-    """One layer's chosen directions: ``U_s: (n, s)``, ``V_s: (m, s)`` and ``index: (s,)``, their
-    positions in ``σ`` (int64)."""
+    """One layer's chosen directions: ``U_s: (n, s)``, ``V_s: (m, s)``, ``index: (s,)`` into σ."""
 
     U_s: Tensor
     V_s: Tensor
@@ -218,9 +226,8 @@ class DashDirections(NamedTuple):
 
 
 def score_coordinates(basis: SVDBasis, coords: Tensor, eps: float = 0.0) -> DirectionScores:
-    """Eligibility and change rates of an update whose coordinates on ``basis`` are ``coords``.
-
-    ``ρ_i = |c_i| / (σ_i + eps)`` on the eligible directions (:func:`eligible_directions`), 0 elsewhere.
+    """Eligibility (:func:`eligible_directions`) and change rates (:func:`change_rates`) of an
+    update whose coordinates on ``basis`` are ``coords``.
 
     Shapes: ``basis`` of a ``(n, m)`` weight, ``coords: (k,)`` → :class:`DirectionScores`.
     """

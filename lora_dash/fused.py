@@ -6,8 +6,8 @@ With ``x̃ = dropout(x)`` (or ``x`` itself) and ``h = x̃ Aᵀ``, ``z = x̃ V_s`
     y = x Wᵀ + b + (α/r)·h Bᵀ + z diag(δ) U_sᵀ     after it
 
 Autograd's own operations (:func:`lora_dash.layer.adapter_product`, the reference) dispatch the
-dash's products before the launch too, where they add zeros, and keep a float32 copy of ``x̃`` under a
-half-precision base. Written out by hand, a training step does what PEFT's LoRA does before the
+dash's products before the launch too, where they add zeros, and keep a float32 copy of ``x̃`` under
+a half-precision base. Written out by hand, a training step does what PEFT's LoRA does before the
 launch (three products forward, five backward) and only the dash's own few operations after it:
 
 - α/r and δ are folded into the products (``addmm``'s ``alpha``, ``U_s ⊙ δ``), not separate passes;
@@ -60,8 +60,8 @@ def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor
     """``out + alpha · a b`` for ``out: (t, o)``, ``a: (t, k)``, ``b: (k, o)``, in one ``addmm``.
 
     A base in lower precision than the adapter (a bf16 ``out``, float32 factors) gets the product
-    added in the adapter's precision, rounded once: what ``(out.float() + alpha · a b).to(bf16)`` gives.
-    Under autocast ``addmm`` casts its arguments itself.
+    added in the adapter's precision, rounded once: what ``(out.float() + alpha · a b).to(bf16)``
+    gives. Under autocast ``addmm`` casts its arguments itself.
     """
     if out.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(out.device.type):
         return torch.addmm(out, a, b, alpha=alpha)
@@ -72,13 +72,16 @@ class AdaptedLinear(torch.autograd.Function):
     """The frozen product, the LoRA branch and (when ``dash``) the dash branch, with a hand-written
     backward.
 
-    Shapes: ``x: (..., in)``; ``x_adapter``: ``dropout(x)`` of the same shape, or ``None`` when it is
-    ``x`` itself; ``weight: (out, in)``, ``bias: (out,)`` or ``None``, both frozen; ``A: (r, in)``,
-    ``B: (out, r)``, ``V_s: (in, s)``, ``delta: (s,)``, ``U_s: (out, s)`` → ``(..., out)`` in the base's
-    dtype. With ``g = ∂L/∂y`` as ``(tokens, out)``, ``g_B = (α/r)·g B`` and ``g_U = g U_s``::
+    Shapes: ``x: (..., in)``; ``x_adapter``: ``dropout(x)`` of the same shape, or ``None`` when it
+    is ``x`` itself; ``weight: (out, in)``, ``bias: (out,)`` or ``None``, both frozen;
+    ``A: (r, in)``, ``B: (out, r)``, ``V_s: (in, s)``, ``delta: (s,)``, ``U_s: (out, s)`` →
+    ``(..., out)`` in the base's dtype. With ``g = ∂L/∂y`` as ``(tokens, out)``,
+    ``g_B = (α/r)·g B`` and ``g_U = g U_s``::
 
         ∂L/∂x = g W  [+ g_B A + (g_U ⊙ δ) V_sᵀ  when x̃ = x]
-        ∂L/∂A = g_Bᵀ x̃        ∂L/∂B = (α/r)·gᵀ h        ∂L/∂δ = Σ_tokens g_U ⊙ z  (None before the launch)
+        ∂L/∂A = g_Bᵀ x̃        ∂L/∂B = (α/r)·gᵀ h        ∂L/∂δ = Σ_tokens g_U ⊙ z
+
+    (δ gets no gradient, ``None``, before the launch).
 
     ``weight``, ``bias``, ``V_s`` and ``U_s`` get no gradient.
     """
@@ -115,7 +118,9 @@ class AdaptedLinear(torch.autograd.Function):
     @staticmethod
     def gradients(ctx, grad: Tensor) -> tuple:
         x_tilde, h, weight, A, B, *dash_saved = ctx.saved_tensors
-        needs_x, needs_x_tilde, _, _, needs_A, needs_B, _, _, needs_delta, _, _ = ctx.needs_input_grad
+        needs_x, needs_x_tilde, _, _, needs_A, needs_B, _, _, needs_delta, _, _ = (
+            ctx.needs_input_grad
+        )
         g = as_matrix(grad)  # (tokens, out)
         grad_x = g @ weight if needs_x else None  # the frozen product first: the layer's largest
 
@@ -181,5 +186,6 @@ def adapted_linear(
     dash: bool,
 ) -> Tensor:
     """``x Wᵀ + b + scaling·x̃ Aᵀ Bᵀ`` (``+ x̃ V_s diag(δ) U_sᵀ`` when ``dash``) through
-    :class:`AdaptedLinear`; ``x_adapter`` is ``x̃`` when it differs from ``x`` (dropout), else ``None``."""
+    :class:`AdaptedLinear`; ``x_adapter`` is ``x̃`` when it differs from ``x`` (dropout), else
+    ``None``."""
     return AdaptedLinear.apply(x, x_adapter, weight, bias, A, B, scaling, V_s, delta, U_s, dash)

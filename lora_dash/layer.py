@@ -16,7 +16,8 @@ __all__ = ["DashDirections", "LoRADashLinear", "adapter_product", "check_argumen
 
 
 class LoRADashLinear(nn.Module):
-    """A frozen linear layer plus LoRA, plus a dash along ``s`` task-specific directions after launch.
+    """A frozen linear layer plus LoRA, plus a dash along ``s`` task-specific directions after the
+    launch.
 
     With ``W: (out, in)`` the frozen pretrained weight (``Conv1D`` stores ``Wᵀ``; it is handled) and
     ``x̃ = dropout(x)``::
@@ -75,21 +76,23 @@ class LoRADashLinear(nn.Module):
 
         # Adapters train in at least float32: in fp16 Adam's eps underflows and a zero gradient
         # (A's at step 1, δ's before launch) would become 0/0 = NaN. Outputs keep the base dtype.
-        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
+        device = weight.device
+        factory = {"device": device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and PEFT
         self.dash_delta = nn.Parameter(torch.zeros(s, **factory))
         self.register_buffer("dash_U", torch.zeros(out_features, s, **factory))
         self.register_buffer("dash_V", torch.zeros(in_features, s, **factory))
-        self.register_buffer("dash_index", torch.full((s,), -1, dtype=torch.long, device=weight.device))
-        self.register_buffer("dash_launched", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.register_buffer("dash_index", torch.full((s,), -1, dtype=torch.long, device=device))
+        self.register_buffer("dash_launched", torch.zeros((), dtype=torch.bool, device=device))
         for p in base.parameters():
             p.requires_grad_(False)
 
     def _apply(self, fn, recurse=True):
-        """``Module.to``, ``.half()``, ``.cuda()``… apply to every tensor; afterwards the adapter's tensors go
-        back to at least float32 (see ``__init__``). In place, so optimizers keep their references."""
+        """``Module.to``, ``.half()``, ``.cuda()``… apply to every tensor; afterwards the adapter's
+        tensors go back to at least float32 (see ``__init__``). In place, so optimizers keep their
+        references."""
         super()._apply(fn, recurse)
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
         for tensor in (self.lora_A, self.lora_B, self.dash_delta, self.dash_U, self.dash_V):
@@ -108,13 +111,14 @@ class LoRADashLinear(nn.Module):
             self.launched = bool(flag)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of this adapter: ``A``, ``B`` and ``δ`` (never the base layer's)."""
+        """This adapter's trainable parameters: ``A``, ``B`` and ``δ`` (never the base layer's)."""
         return [self.lora_A, self.lora_B, self.dash_delta]
 
     def base_weight(self, gather: Callable[[Tensor], Tensor | None] = full_tensor) -> Tensor | None:
-        """The whole frozen weight in ``(out, in)`` layout (``Conv1D`` stores its transpose; a quantized base
-        is dequantized). ``gather`` makes a sharded weight whole: by default FSDP2's shards are all-gathered
-        (every rank must call this); a ``gather`` that returns ``None`` (on ranks that get nothing) is passed on.
+        """The whole frozen weight in ``(out, in)`` layout (``Conv1D`` stores its transpose; a
+        quantized base is dequantized). ``gather`` makes a sharded weight whole: by default FSDP2's
+        shards are all-gathered (every rank must call this); a ``gather`` that returns ``None`` (on
+        ranks that get nothing) is passed on.
         """
         if is_quantized(self.base):
             return dequantize(self.base)
@@ -163,12 +167,14 @@ class LoRADashLinear(nn.Module):
 
         Raises:
             RuntimeError: the layer is already launched or is merged (``W`` would include ``ΔW``).
-            ValueError: an unknown strategy, ``"random"`` without a generator, ``A``, ``B`` or ``W`` not
-                finite, or fewer than ``s`` eligible directions (the message names the layer).
+            ValueError: an unknown strategy, ``"random"`` without a generator, ``A``, ``B`` or ``W``
+                not finite, or fewer than ``s`` eligible directions (the message names the layer).
         """
         directions.check_strategy(strategy)
         self.check_launchable()
-        if whole is None:  # every rank gathers the same, so every rank selects what one process would
+        if (
+            whole is None
+        ):  # every rank gathers the same, so every rank selects what one process would
             A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
             whole = self.base_weight(), A, B
         weight, A, B = whole
@@ -184,7 +190,7 @@ class LoRADashLinear(nn.Module):
             raise ValueError(f"{self._where()}: {error}") from error
 
     def check_launchable(self) -> None:
-        """Raise ``RuntimeError`` if the layer is already launched or is merged (``W`` would include ``ΔW``)."""
+        """Raise ``RuntimeError`` if launched already or merged (``W`` would include ``ΔW``)."""
         if self.launched:
             raise RuntimeError(f"{self._where()} is already launched; launch happens once")
         if self.merged:
@@ -214,15 +220,19 @@ class LoRADashLinear(nn.Module):
     def delta_weight(self) -> Tensor:
         """The effective update ``ΔW = (α/r)·B A + U_s diag(δ) V_sᵀ``, ``(out, in)``, in float32."""
         A, B = self.lora_A.float(), self.lora_B.float()
-        dash = directions.dash_update(self.dash_U.float(), self.dash_delta.float(), self.dash_V.float())
+        dash = directions.dash_update(
+            self.dash_U.float(), self.dash_delta.float(), self.dash_V.float()
+        )
         return self.scaling * (B @ A) + dash
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW`` alone.
+        """Add ``ΔW`` into the base weight (arithmetic in float32); forward then uses ``W + ΔW``
+        alone.
 
-        Raises ``RuntimeError`` if already merged, or for a quantized base (its codes cannot hold ``W + ΔW``:
-        :func:`lora_dash.merge_and_unload` with ``dequantize=True`` builds a float layer).
+        Raises ``RuntimeError`` if already merged, or for a quantized base (its codes cannot hold
+        ``W + ΔW``: :func:`lora_dash.merge_and_unload` with ``dequantize=True`` builds a float
+        layer).
         """
         if self.merged:
             raise RuntimeError(f"{self._where()} is already merged")
@@ -243,13 +253,16 @@ class LoRADashLinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, update: Tensor) -> None:
-        weight, update = self.base.weight, update.T if is_conv1d(self.base) else update
+        weight = self.base.weight
+        if is_conv1d(self.base):
+            update = update.T
         weight.copy_(weight.float() + update.to(weight.device))
 
     def extra_repr(self) -> str:
         phase = "dash" if self.launched else "pre-launch"
-        shape = f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, s={self.s}"
-        return f"{shape}, scaling={self.scaling:.4g}, phase={phase}, merged={self.merged}"
+        shape = f"in={self.in_features}, out={self.out_features}"
+        adapter = f"r={self.r}, alpha={self.alpha}, s={self.s}, scaling={self.scaling:.4g}"
+        return f"{shape}, {adapter}, phase={phase}, merged={self.merged}"
 
 
 def adapter_product(

@@ -1,7 +1,8 @@
 """The launch: :func:`launch` selects the directions of every LoRA-Dash layer and commits all or
 none; :class:`LaunchController` counts optimizer steps and calls it right after step ``t``.
 
-Integrations plug into the launch through :data:`launch_hooks` (see there for who fills each).
+Integrations plug into the launch through the hooks of :mod:`lora_dash.hooks`, called by name here
+(``launch_hooks["guard"](...)``); each has a default that runs while nothing else is installed.
 """
 
 import warnings
@@ -12,54 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from lora_dash.checks import check_int, check_seed
-from lora_dash.directions import DashDirections, check_strategy
+from lora_dash.directions import check_strategy
+from lora_dash.hooks import launch_hooks, no_evidence
 from lora_dash.inject import dash_layers, require_dash_layers
-from lora_dash.layer import LoRADashLinear
 from lora_dash.refusals import check_adapters_trainable, check_not_wrapped_by_peft
 
 
-def select_each_alone(
-    layers: dict[str, LoRADashLinear], strategy: str, generators: list[torch.Generator]
-) -> dict[str, DashDirections] | None:
-    """The default ``"shared_selection"``: nothing to share (one process), so ``None``."""
-    return None
-
-
-def no_evidence(model: nn.Module, seed: int) -> list[str]:
-    """The default ``"evidence"``: there is no evidence to log without an analysis installed."""
-    raise RuntimeError("no launch evidence is installed (import lora_dash.analysis)")
-
-
-def no_guard(event: str, controller: "LaunchController") -> None:
-    """The default ``"guard"``: no warnings."""
-
-
-#: The launch's hooks, each with the default that runs while nothing else is installed
-#: (:func:`set_launch_hook`); ``import lora_dash`` installs all three:
-#:
-#: - ``"shared_selection"`` ``(layers, strategy, generators) -> {name: DashDirections} | None``: a
-#:   selection shared among ``torch.distributed`` ranks (:mod:`lora_dash.distributed`);
-#: - ``"evidence"`` ``(model, seed) -> lines``: what ``log_evidence`` receives after the launch
-#:   (:mod:`lora_dash.analysis`);
-#: - ``"guard"`` ``(event, controller)`` at ``"built"``, ``"loaded"``, ``"stepped"``,
-#:   ``"launched"`` and ``"pending"``: warnings for a launch wired wrong (:mod:`lora_dash.guards`);
-#:   it never changes the run.
-launch_hooks: dict[str, Callable[..., Any]] = {
-    "shared_selection": select_each_alone,
-    "evidence": no_evidence,
-    "guard": no_guard,
-}
-
-
-def set_launch_hook(name: str, hook: Callable[..., Any]) -> None:
-    """Install ``hook`` as the launch's hook ``name`` (one of :data:`launch_hooks`)."""
-    if name not in launch_hooks:
-        raise ValueError(f"unknown launch hook {name!r}; hooks are {sorted(launch_hooks)}")
-    launch_hooks[name] = hook
-
-
 def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> None:
-    """Validate :func:`launch`'s ``strategy``, ``seed`` (an int in ``[0, 2⁶³ - 1]``) and ``distributed`` (a bool)."""
+    """Validate :func:`launch`'s ``strategy``, ``seed`` and ``distributed`` (a bool)."""
     check_strategy(strategy)
     check_seed(seed)
     if not isinstance(distributed, bool):
@@ -67,35 +28,39 @@ def check_launch_options(strategy: str, seed: int, distributed: bool = True) -> 
 
 
 def layer_generators(seed: int, count: int) -> list[torch.Generator]:
-    """``count`` independent CPU generators, one per layer, all determined by ``seed`` (layer ``i`` is seeded
-    with the ``i``-th draw of a generator seeded with ``seed``, so nearby seeds share no streams)."""
+    """``count`` independent CPU generators, one per layer, all determined by ``seed`` (layer ``i``
+    is seeded with the ``i``-th draw of a generator seeded with ``seed``, so nearby seeds share no
+    streams)."""
     layer_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed))
     return [torch.Generator().manual_seed(int(layer_seed)) for layer_seed in layer_seeds]
 
 
-def launch(model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: bool = True) -> dict[str, Tensor]:
+def launch(
+    model: nn.Module, strategy: str = "tsd", seed: int = 0, distributed: bool = True
+) -> dict[str, Tensor]:
     """Launch every LoRA-Dash layer of ``model`` now: all of them, or (on any error) none.
 
     Directions are found layer by layer (one full SVD alive at a time, only ``U_s``, ``V_s`` kept),
-    and committed only once every layer has found its own. Under ``torch.distributed`` every rank must
-    call this: the ranks share the SVDs (``launch_hooks["shared_selection"]``), every rank commits bit for bit what
-    one process would, and an error on any rank is raised on every rank.
+    and committed only once every layer has found its own. Under ``torch.distributed`` every rank
+    must call this: the ranks share the SVDs (``launch_hooks["shared_selection"]``), every rank
+    commits bit for bit what one process would, and an error on any rank is raised on every rank.
 
     Args:
         model: a model with LoRA-Dash layers.
         strategy: ``"tsd"`` (the method) or a baseline of :data:`lora_dash.directions.STRATEGIES`.
-        seed: for ``"random"``: layer ``i`` (in :func:`dash_layers` order) draws with generator ``i`` of
-            :func:`layer_generators`, so every rank and every rerun draws the same.
+        seed: for ``"random"``: layer ``i`` (in :func:`dash_layers` order) draws with generator
+            ``i`` of :func:`layer_generators`, so every rank and every rerun draws the same.
         distributed: share the launch among more than one rank (the default); ``False``: every rank
-            decomposes every layer itself (``world`` times the work, no communication but FSDP2's gathers).
+            decomposes every layer itself (``world`` times the work, no communication but FSDP2's
+            gathers).
 
     Returns:
         The selected singular-value indices, ``(s,)`` each, by layer name.
 
     Raises:
-        ValueError: an unknown strategy, a bad seed or ``distributed`` (before any work), no LoRA-Dash
-            layer, ranks holding different layers, or a layer's update is not finite or has too few
-            eligible directions (the message names it).
+        ValueError: an unknown strategy, a bad seed or ``distributed`` (before any work), no
+            LoRA-Dash layer, ranks holding different layers, or a layer's update is not finite or
+            has too few eligible directions (the message names it).
         RuntimeError: a layer is already launched or merged.
     """
     check_launch_options(strategy, seed, distributed)
@@ -127,11 +92,13 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         if getattr(inner, "optimizer", None) is None:
             break
         inner = inner.optimizer
-    if not (callable(getattr(inner, "register_step_post_hook", None)) and hasattr(inner, "param_groups")):
+    if not (
+        callable(getattr(inner, "register_step_post_hook", None)) and hasattr(inner, "param_groups")
+    ):
         raise ValueError(
-            f"attach() needs a torch optimizer or a wrapper exposing one as .optimizer, got "
-            f"{type(optimizer).__name__}; transformers.Trainer builds its optimizer in train(): use "
-            "lora_dash.hf.LoRADashCallback"
+            "attach() needs a torch optimizer or a wrapper exposing one as .optimizer, got "
+            f"{type(optimizer).__name__}; transformers.Trainer builds its optimizer in train(): "
+            "use lora_dash.hf.LoRADashCallback"
         )
     return inner
 
@@ -183,7 +150,9 @@ class LaunchController:
         check_int("launch_step", launch_step, 0)
         check_launch_options(strategy, seed, distributed)
         if log_evidence is not None and not callable(log_evidence):
-            raise ValueError(f"log_evidence must be callable or None, got {type(log_evidence).__name__}")
+            raise ValueError(
+                f"log_evidence must be callable or None, got {type(log_evidence).__name__}"
+            )
         if log_evidence is not None and launch_hooks["evidence"] is no_evidence:
             raise ValueError("log_evidence needs the launch evidence: import lora_dash.analysis")
         require_dash_layers(model)
@@ -231,7 +200,9 @@ class LaunchController:
             hook.remove()
         self._hooks, self.optimizers = [], []
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _after_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+    ) -> None:
         # GradScaler sets found_inf on an optimizer that skips inside its own step (fused Adam).
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and self.steps <= self.launch_step and bool(found_inf):
@@ -256,8 +227,8 @@ class LaunchController:
         """Launch now (:func:`launch` with this controller's strategy, seed and ``distributed``) and
         give δ a fresh state in attached optimizers.
 
-        Before the launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built from
-        those zeros (and its step count) would skew δ's first updates, so it is dropped.
+        Before the launch ``U_s = V_s = 0``, so δ's gradient was zero; an Adam-style state built
+        from those zeros (and its step count) would skew δ's first updates, so it is dropped.
         """
         selected = launch(self.model, self.strategy, self.seed, self.distributed)
         if self.log_evidence is not None:

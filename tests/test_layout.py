@@ -14,7 +14,7 @@ import lora_dash
 
 PACKAGE = Path(lora_dash.__file__).parent
 #: The method, in reading order; each may import the ones before it.
-METHOD = ["checks", "directions", "bases", "fused", "layer", "refusals", "inject", "schedule"]
+METHOD = ["checks", "directions", "bases", "fused", "layer", "refusals", "inject", "hooks", "schedule"]
 #: The integrations: they may import the method and each other, never a program.
 INTEGRATIONS = [
     "state",
