@@ -84,13 +84,12 @@ class PredictionRecorder:
     def __call__(self, step: int) -> None:
         recall, accuracy = [], []
         for name, layer in self.layers.items():
-            U, sigma, V = self.bases[name]
-            coords = directions.coordinates_from_factors(layer.lora_B, layer.lora_A, layer.scaling, U, V)
-            eligible = directions.eligible_directions(sigma, (layer.out_features, layer.in_features))
-            rates = directions.change_rates(coords, sigma, eligible)
+            basis = self.bases[name]
+            coords = directions.coordinates_from_factors(layer.lora_B, layer.lora_A, layer.scaling, basis.U, basis.V)
+            scores = directions.score_coordinates(basis, coords)
             true = self.reference[name]
-            recall.append(analysis.tsd_recall(rates, true.rates, eligible, true.eligible))
-            accuracy.append(analysis.tsd_accuracy(rates, true.rates, eligible, true.eligible))
+            recall.append(analysis.tsd_recall(scores.rates, true.rates, scores.eligible, true.eligible))
+            accuracy.append(analysis.tsd_accuracy(scores.rates, true.rates, scores.eligible, true.eligible))
         self.scores.append(
             {
                 "step": step,
