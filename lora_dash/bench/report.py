@@ -111,7 +111,7 @@ class Target:
     def __str__(self) -> str:
         sign = "≤" if self.at_most else "≥"
         if self.unit:
-            return f"{sign} {self.bound:+,g} {self.unit}".replace("-", "−")
+            return f"{sign} {self.bound:+,.0f} {self.unit}".replace("-", "−")
         return f"{sign} {self.bound:g}"
 
 
