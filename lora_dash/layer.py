@@ -135,12 +135,13 @@ class LoRADashLinear(nn.Module):
             return self.base(x)
         x_tilde = self.dropout(x)
         A, B, V_s, delta, U_s = self.lora_A, self.lora_B, self.dash_V, self.dash_delta, self.dash_U
-        if self.fused and fused.serves(self.base):
+        if self.fused and fused.serves(self.base):  # one autograd.Function for the whole layer
             x_adapter = None if x_tilde is x else x_tilde
             weight, bias = fused.frozen_weight(self.base), self.base.bias
             return fused.adapted_linear(
                 x, x_adapter, weight, bias, A, B, self.scaling, V_s, delta, U_s, self.launched
             )
+        # The reference: the base's own forward (quantized, sharded, hooked), autograd's own ops.
         y = self.base(x)
         branches = adapter_product(x_tilde.to(A.dtype), A, B, self.scaling, V_s, delta, U_s)
         return y + branches.to(y.dtype)
@@ -172,9 +173,8 @@ class LoRADashLinear(nn.Module):
         """
         directions.check_strategy(strategy)
         self.check_launchable()
-        if (
-            whole is None
-        ):  # every rank gathers the same, so every rank selects what one process would
+        if whole is None:
+            # Every rank gathers the same, so every rank selects what one process would.
             A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
             whole = self.base_weight(), A, B
         weight, A, B = whole
