@@ -71,11 +71,10 @@ def change_rate_spectrum(
     for name, tensor in (("weight", weight), ("delta_weight", delta_weight)):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} has non-finite entries")
-    U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
-    coords = directions.coordinates(delta_weight.detach(), U, V)
-    eligible = directions.eligible_directions(sigma, tuple(weight.shape))
-    rates = directions.change_rates(coords, sigma, eligible, eps)
-    return ChangeRateSpectrum(sigma=sigma, coords=coords, rates=rates, eligible=eligible)
+    basis = directions.svd_basis(weight, dtype=svd_dtype)
+    coords = directions.coordinates(delta_weight.detach(), basis.U, basis.V)
+    scores = directions.score_coordinates(basis, coords, eps)
+    return ChangeRateSpectrum(scores.sigma, scores.coords, scores.rates, scores.eligible)
 
 
 def _check_index(name: str, index: Tensor, distinct: bool = True) -> None:
@@ -502,13 +501,19 @@ def model_null_evidence(
             raise ValueError(
                 f"layer {name!r}: the pretrained weight or the LoRA factors are not finite"
             )
-        U, sigma, V = directions.svd_basis(weight, dtype=svd_dtype)
-        coords = directions.coordinates_from_factors(B, A, layer.scaling, U, V)
-        eligible = directions.eligible_directions(sigma, tuple(weight.shape))
+        scores = directions.score_directions(weight, A, B, layer.scaling, layer.eps, svd_dtype)
         factor_rank = layer.r if null == "factors" else None
         try:
             report[name] = null_evidence(
-                sigma, coords, eligible, layer.s, layer.eps, factor_rank, draws, generator, strategy
+                scores.sigma,
+                scores.coords,
+                scores.eligible,
+                layer.s,
+                layer.eps,
+                factor_rank,
+                draws,
+                generator,
+                strategy,
             )
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from error
