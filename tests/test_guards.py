@@ -76,3 +76,17 @@ def test_a_controller_rebuilt_for_a_resumed_run_counts_unseen_steps_from_where_i
         for step in range(resumed_at + 1, resumed_at + unseen + 1):
             train_step(model, optimizer, step)
     assert not rebuilt.launched
+
+
+def test_the_warning_about_delta_outside_the_optimizer_names_the_fix_for_a_trainer_too():
+    model = build_adapted()
+    factors = [p for name, p in model.named_parameters() if "lora_" in name]
+    optimizer = torch.optim.AdamW(factors, lr=1e-2)
+    LaunchController(model, launch_step=T).attach(optimizer)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(1, T + 1):
+            train_step(model, optimizer, step)
+    [message] = runtime_warnings(record, "no attached optimizer holds δ")
+    assert "lora_dash.adapter_parameters(model)" in message
+    assert "callbacks=" in message and "optimizers=(...)" in message  # the Trainer's two cases
