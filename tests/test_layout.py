@@ -154,9 +154,7 @@ def assigned_module_attributes(path: Path) -> list[str]:
 
 
 def test_no_module_of_the_package_assigns_into_another():
-    rewired = {
-        module_name(path): assigned_module_attributes(path) for path in sorted(PACKAGE.rglob("*.py"))
-    }
+    rewired = {module_name(path): assigned_module_attributes(path) for path in sorted(PACKAGE.rglob("*.py"))}
     assert {module: names for module, names in rewired.items() if names} == {}
 
 
