@@ -34,8 +34,10 @@ SECTION_NOTES = {
     "in training); the optimizer step is not counted. Views are left out of the count and listed below the "
     "table: operators whose schema says the output aliases an input (`OpOverload.is_view`: `t`, `view`, "
     "`transpose`, `permute`, `slice`, `expand`, `detach`, `reshape`, …) and `_unsafe_view` (a reshape that "
-    "shares its input's storage without its schema saying so). One column per operator: the histogram. r = s = 8; "
-    "the count does not depend on the layer's size. *Ours dash* is our layer after `launch()`. Targets: before "
+    "shares its input's storage without its schema saying so). One column per operator: the histogram. The count "
+    "is taken where the dispatcher enters each operator: work an operator's kernel does by itself is not seen (an "
+    "out-of-place `addmm` copying its `input` into its output before the product, say). r = s = 8; the count "
+    "does not depend on the layer's size. *Ours dash* is our layer after `launch()`. Targets: before "
     "the launch no more operators than PEFT's LoRA, after it at most 6 more (the dash's own).",
     LAYER_STEP: "One training step of one adapted layer: forward on `x: (tokens, in)` (requires grad, as if "
     "earlier layers made it), `y.backward(g)`, AdamW step. r = s = 8, α = 2r. The floor is the frozen "
