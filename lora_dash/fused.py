@@ -57,14 +57,17 @@ def frozen_weight(base: nn.Module) -> Tensor:
 
 
 def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """``out + alpha · a b`` for ``out: (t, o)``, ``a: (t, k)``, ``b: (k, o)``, in one ``addmm``.
+    """``out + alpha · a b`` for ``out: (t, o)``, ``a: (t, k)``, ``b: (k, o)``, written into ``out``
+    (a tensor this kernel made) by one ``addmm_``: no copy of ``out``.
 
     A base in lower precision than the adapter (a bf16 ``out``, float32 factors) gets the product
-    added in the adapter's precision, rounded once: what ``(out.float() + alpha · a b).to(bf16)``
-    gives. Under autocast ``addmm`` casts its arguments itself.
+    added in the adapter's precision, rounded once: ``(out.float() + alpha · a b).to(bf16)``.
+    Under autocast, ``addmm`` casts its arguments itself (not in place: the dtypes may differ).
     """
-    if out.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(out.device.type):
+    if torch.is_autocast_enabled(out.device.type):
         return torch.addmm(out, a, b, alpha=alpha)
+    if out.dtype == a.dtype == b.dtype:
+        return out.addmm_(a, b, alpha=alpha)
     return out.add_(a @ b, alpha=alpha)
 
 
