@@ -228,13 +228,16 @@ def load_average() -> str:
 def _quantity(value: float, unit: str) -> str:
     if unit in ("B", "ops"):
         return f"{value:,.0f} {unit}"
+    if unit == "ms" and value < 1:  # microseconds matter where a call is short
+        return f"{value:.4f} {unit}"
     return f"{value:.3f} {unit}"
 
 
 def _measured(m: Measurement) -> str:
     if m.spread is None:
         return _quantity(m.value, m.unit)
-    return f"{_quantity(m.value, m.unit)} ({m.spread[0]:.3f}–{m.spread[1]:.3f})"
+    low, high = (_quantity(bound, m.unit).removesuffix(f" {m.unit}") for bound in m.spread)
+    return f"{_quantity(m.value, m.unit)} ({low}–{high})"
 
 
 def _measurement_table(measurements: list[Measurement], section: str) -> tuple[list[str], list[list[str]]]:
