@@ -20,7 +20,7 @@ MEMORY = "Peak memory (RSS growth)"
 SECTIONS = (OPS, LAYER_STEP, MODEL_STEP, MERGED_INFERENCE, LAUNCH_TIME, SAVED, MEMORY)
 
 _AA = (
-    "A second PEFT layer (model) is timed in the same rounds as another contender (an A/A pair): the per-round "
+    "PEFT's LoRA is timed twice, as two contenders in the same rounds (an A/A pair): the per-round "
     "ratios of the two have a true median of 1, and the A/A band is how far from 1 the distribution-free 95 % "
     "interval of their median reaches. A ratio with a band is judged PASS only if it meets its target by more "
     "than the band, MISS only if it misses by more than the band, and UNRESOLVED otherwise (the difference is "
@@ -361,7 +361,8 @@ def format_markdown(
             SECTION_NOTES[section],
             "",
             _pipe_table(*_measurement_table(measurements, section)),
-            *(line for note in _notes(notes, section) for line in ("", note)),
+            *([""] if _notes(notes, section) else []),
+            *(f"- {note}" for note in _notes(notes, section)),
             "",
             _pipe_table(RATIO_HEADER, _ratio_rows(ratios, section)),
         ]
