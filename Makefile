@@ -1,5 +1,5 @@
 # `make test` builds its own pinned environment in .venv on first use, then runs the whole suite (what CI
-# runs; several minutes on 2 cores). `make test-fast` runs all but the tests marked `slow` (the distributed,
+# runs; 17 minutes on a busy 2-core machine). `make test-fast` runs all but the tests marked `slow` (the distributed,
 # crash-resume, notebook, demo, bench and reproduction subprocesses; the real MiniLM; the HF Trainer; the fuzzer),
 # in well under a minute: the edit-test loop. Both pass ARGS to pytest, e.g. `make test-fast ARGS="-k launch"`.
 # `make lint` runs ruff (pinned in requirements-dev.txt, configured in pyproject.toml): the lint rules and the
