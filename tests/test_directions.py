@@ -22,7 +22,9 @@ from lora_dash.directions import (
     dash_update,
     eligible_directions,
     pick_directions,
+    score_directions,
     select_directions,
+    select_task_directions,
     svd_basis,
 )
 
@@ -748,3 +750,59 @@ def test_coordinate_strategy_refuses_a_non_finite_eligible_coordinate(bad):
         pick_directions(torch.ones(4), eligible, 2, "coordinate", coords=torch.tensor([1.0, bad, 2.0, 3.0]))
     ignored = torch.tensor([1.0, 4.0, bad, 3.0])  # non-finite but ineligible: skipped
     assert pick_directions(torch.ones(4), eligible, 2, "coordinate", coords=ignored).tolist() == [1, 3]
+
+
+# --- select_task_directions: the whole selection on plain tensors ---------------------------------
+
+
+@st.composite
+def selection_cases(draw):
+    """(W, U, σ, V, B, A, scaling, s) with a basis unique up to signs and a LoRA update on it."""
+    W, U, sigma, V = draw(separated_weights())
+    n, m = W.shape
+    B, A, scaling = draw(lora_factors(n, m))
+    s = draw(st.integers(1, min(n, m)))
+    return W, U, sigma, V, B, A, scaling, s
+
+
+@THOROUGH
+@given(selection_cases())
+def test_the_selection_takes_the_largest_change_rates_of_the_dense_update(case):
+    W, U, sigma, V, B, A, scaling, s = case
+    chosen = select_task_directions(W, A, B, scaling, s, svd_dtype=F64)
+    dense_rates = torch.diag(U.mT @ (scaling * B @ A) @ V).abs() / sigma  # every σ is eligible here
+    picked = dense_rates[chosen.index].sort(descending=True).values
+    best = dense_rates.sort(descending=True).values[:s]
+    assert_close(picked, best, best.max().item(), rel=1e-9)
+
+
+@FAST
+@given(selection_cases())
+def test_the_selected_directions_are_singular_pairs_of_w(case):
+    W, _, sigma, _, B, A, scaling, s = case
+    U_s, V_s, index = select_task_directions(W, A, B, scaling, s, svd_dtype=F64)
+    n, m = W.shape
+    assert (U_s.shape, V_s.shape, index.shape, index.dtype) == ((n, s), (m, s), (s,), torch.int64)
+    assert index.unique().numel() == s
+    scale = sigma.max().item()
+    assert_close(W @ V_s, U_s * sigma[index], scale, rel=1e-10)
+    assert_close(W.mT @ U_s, V_s * sigma[index], scale, rel=1e-10)
+
+
+@FAST
+@given(selection_cases(), st.sampled_from((0.25, 4.0)))
+def test_the_selection_sees_the_update_not_how_it_is_factored(case, c):
+    W, _, _, _, B, A, scaling, s = case
+    chosen = select_task_directions(W, A, B, scaling, s, svd_dtype=F64).index
+    assert torch.equal(select_task_directions(W, A / c, c * B, scaling, s, svd_dtype=F64).index, chosen)
+
+
+@FAST
+@given(selection_cases())
+def test_the_selection_picks_by_the_scores_it_reports(case):
+    W, _, _, _, B, A, scaling, s = case
+    scores = score_directions(W, A, B, scaling, svd_dtype=F64)
+    chosen = select_task_directions(W, A, B, scaling, s, svd_dtype=F64)
+    assert chosen.index.tolist() == expected_selection(scores.rates, scores.eligible, s)
+    assert torch.equal(chosen.U_s, scores.U[:, chosen.index])
+    assert torch.equal(chosen.V_s, scores.V[:, chosen.index])
