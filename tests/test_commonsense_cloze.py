@@ -1,4 +1,4 @@
-"""The cloze study (issue 22): the format, its scoring, the fixed splits, the paired statistic, the
+"""The cloze study: the format, its scoring, the fixed splits, the paired statistic, the
 budget's rule, resumable training, dash-only, and a miniature of the whole study on a tiny model."""
 
 import copy

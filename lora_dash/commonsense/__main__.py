@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="only write tables.md from the units already run")
     cloze = parser.add_argument_group(
-        "the cloze study (issue 22; into <out>, default results/commonsense/cloze)",
+        "the cloze study (into <out>, default results/commonsense/cloze)",
         "choices scored as continuations of a natural prompt, a LoRA learning curve on a validation slice "
         "first, then LoRA, LoRA-Dash and dash-only at the curve's budget; writes summary.json and tables.md",
     )

@@ -1,4 +1,4 @@
-"""The commonsense miniature in the cloze format, at a budget where plain LoRA learns (issue 22).
+"""The commonsense miniature in the cloze format, at a budget where plain LoRA learns.
 
 The listed-choices study (:mod:`lora_dash.commonsense.study`) never got LoRA past the trivial
 baselines, so it could not ask whether the dash helps a model that has learned the tasks. This study

@@ -330,7 +330,7 @@ def tables(result: dict[str, Any], units: dict[str, dict], settings: ClozeSettin
     header = "| " + " | ".join(["method", *(TASK_TITLES[c] for c in columns)]) + " |"
     rule = "|---" * (len(columns) + 1) + "|"
     lines = [
-        "# The commonsense miniature in the cloze format (issue 22)",
+        "# The commonsense miniature in the cloze format",
         "",
         f"{len(result['units_present'])} of {len(result['units_present']) + len(result['units_missing'])} units "
         "present" + (f"; missing: {', '.join(result['units_missing'])}." if result["units_missing"] else "."),
