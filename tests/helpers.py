@@ -254,14 +254,16 @@ def run_gloo_workers(script: Path, world: int, out: Path, timeout_s: float) -> N
     assert codes == [0] * world, f"workers exited with {codes} (killed after {timeout_s} s if -9):\n" + "\n".join(text)
 
 
-def logits_without_lora_dash(folder: Path, input_ids: Tensor) -> Tensor:
-    """The logits of the ``BertForSequenceClassification`` saved in ``folder`` on ``input_ids``, computed in a
+def logits_without_lora_dash(
+    folder: Path, input_ids: Tensor, model_class: str = "BertForSequenceClassification"
+) -> Tensor:
+    """The logits of the transformers ``model_class`` saved in ``folder`` on ``input_ids``, computed in a
     fresh process where ``import lora_dash`` fails: proof that a merged model needs nothing of ours."""
     out = folder.parent / f"{folder.name}-logits.pt"
     code = (
         "import sys, torch; sys.modules['lora_dash'] = None\n"
-        "from transformers import BertForSequenceClassification\n"
-        f"model = BertForSequenceClassification.from_pretrained({str(folder)!r}).eval()\n"
+        f"from transformers import {model_class}\n"
+        f"model = {model_class}.from_pretrained({str(folder)!r}).eval()\n"
         f"torch.save(model(input_ids=torch.tensor({input_ids.tolist()})).logits, {str(out)!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=folder.parent)

@@ -15,8 +15,6 @@ in-memory ``datasets.Dataset`` and a word-level tokenizer built here (nothing is
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +39,12 @@ from lora_dash import (  # noqa: E402
 )
 from lora_dash.hf import ADAPTER_FILE, PEFT_CONFIG_REFUSAL, LoRADashCallback, LoRADashTrainer  # noqa: E402
 
-from helpers import assert_refused_and_unchanged, assert_same, assert_same_adapter  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_refused_and_unchanged,
+    assert_same,
+    assert_same_adapter,
+    logits_without_lora_dash,
+)
 
 pytestmark = [
     pytest.mark.slow,  # every test trains through SFTTrainer: make test-fast leaves this file out
@@ -249,20 +252,6 @@ def test_the_mixin_writes_adapter_only_checkpoints(run_of, tmp_path):
 
 
 # ------------------------------------------------------------------- merged, served without lora_dash
-def logits_of_saved_llama(folder, input_ids: torch.Tensor) -> torch.Tensor:
-    """The logits of the ``LlamaForCausalLM`` saved in ``folder``, computed in a fresh process where
-    ``import lora_dash`` fails: a merged model needs nothing of ours."""
-    out = folder.parent / f"{folder.name}-logits.pt"
-    code = (
-        "import sys, torch; sys.modules['lora_dash'] = None\n"
-        "from transformers import LlamaForCausalLM\n"
-        f"model = LlamaForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
-        f"torch.save(model(input_ids=torch.tensor({input_ids.tolist()})).logits, {str(out)!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=folder.parent)
-    return torch.load(out)
-
-
 def test_merge_and_unload_gives_a_plain_llama_that_loads_without_lora_dash(run_of, tmp_path):
     trainer, _ = run_of(trl.SFTTrainer)
     # The trained adapter on a fresh model: accelerate left trainer.model's forward under bf16 autocast.
@@ -278,7 +267,7 @@ def test_merge_and_unload_gives_a_plain_llama_that_loads_without_lora_dash(run_o
     merged.save_pretrained(tmp_path / "merged")
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as saved:
         assert set(saved.keys()) == set(build_base().state_dict())  # the keys of a plain LLaMA, no more
-    served = logits_of_saved_llama(tmp_path / "merged", probe)
+    served = logits_without_lora_dash(tmp_path / "merged", probe, "LlamaForCausalLM")
     torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-6)
 
 
