@@ -11,7 +11,17 @@ integrations around it fill the core's named hooks when imported (this package i
 docs/METHOD.md §13, "How the code is laid out".
 """
 
-from lora_dash import analysis, directions, distributed, fused, guards, quantized
+from lora_dash import (
+    analysis,
+    bases,
+    directions,
+    distributed,
+    fused,
+    guards,
+    hooks,
+    quantized,
+    refusals,
+)
 from lora_dash.checkpoint import (
     load_adapter,
     load_training_checkpoint,
@@ -39,6 +49,7 @@ __all__ = [
     "adapter_param_groups",
     "adapter_parameters",
     "analysis",
+    "bases",
     "adapter_state_dict",
     "count_trainable_parameters",
     "dash_layers",
@@ -47,6 +58,7 @@ __all__ = [
     "export_lora",
     "fused",
     "guards",
+    "hooks",
     "inject",
     "launch",
     "load_adapter",
@@ -55,6 +67,7 @@ __all__ = [
     "merge_and_unload",
     "plain_lora_factors",
     "quantized",
+    "refusals",
     "save_adapter",
     "save_peft_adapter",
     "save_training_checkpoint",
