@@ -90,9 +90,8 @@ class LoRADashLinear(nn.Module):
             p.requires_grad_(False)
 
     def _apply(self, fn, recurse=True):
-        """``Module.to``, ``.half()``, ``.cuda()``… apply to every tensor; afterwards the adapter's
-        tensors go back to at least float32 (see ``__init__``). In place, so optimizers keep their
-        references."""
+        """``.to``, ``.half()``… apply to every tensor; the adapter's then go back to at least
+        float32 (see ``__init__``), in place, so optimizers keep their references."""
         super()._apply(fn, recurse)
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
         for tensor in (self.lora_A, self.lora_B, self.dash_delta, self.dash_U, self.dash_V):
@@ -103,23 +102,24 @@ class LoRADashLinear(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------------- state
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """``load_state_dict`` also restores the phase: :attr:`launched` from ``dash_launched``."""
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        flag = state_dict.get(prefix + "dash_launched")
-        if isinstance(flag, Tensor) and flag.numel() == 1 and not flag.is_meta:
-            self.launched = bool(flag)
+    def _load_from_state_dict(self, *args, **kwargs):
+        """``load_state_dict`` restores the phase too (:meth:`restore_phase`)."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self.restore_phase()
+
+    def restore_phase(self) -> None:
+        """:attr:`launched` from the ``dash_launched`` buffer (after the buffers were written)."""
+        if not self.dash_launched.is_meta:
+            self.launched = bool(self.dash_launched)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """This adapter's trainable parameters: ``A``, ``B`` and ``δ`` (never the base layer's)."""
         return [self.lora_A, self.lora_B, self.dash_delta]
 
     def base_weight(self, gather: Callable[[Tensor], Tensor | None] = full_tensor) -> Tensor | None:
-        """The whole frozen weight in ``(out, in)`` layout (``Conv1D`` stores its transpose; a
-        quantized base is dequantized). ``gather`` makes a sharded weight whole: by default FSDP2's
-        shards are all-gathered (every rank must call this); a ``gather`` that returns ``None`` (on
-        ranks that get nothing) is passed on.
-        """
+        """The whole frozen weight in ``(out, in)`` layout (a Conv1D's transposed, a quantized one
+        dequantized). ``gather`` makes a sharded weight whole: by default FSDP2's shards are
+        all-gathered (every rank must call this); ``None`` from ``gather`` is passed on."""
         if is_quantized(self.base):
             return dequantize(self.base)
         weight = gather(self.base.weight)

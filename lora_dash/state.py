@@ -173,8 +173,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(_like(target, state[key]))
-    for name, layer in layers.items():
-        layer.launched = phases[name]
+    for layer in layers.values():
+        layer.restore_phase()
 
 
 def _check_phase(name: str, layer: LoRADashLinear, state: dict[str, Tensor]) -> None:

@@ -268,3 +268,11 @@ def logits_without_lora_dash(
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=folder.parent)
     return torch.load(out)
+
+
+def callback_of(trainer) -> "lora_dash.hf.LoRADashCallback":
+    """The one ``LoRADashCallback`` among ``trainer``'s callbacks."""
+    from lora_dash.hf import LoRADashCallback
+
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, LoRADashCallback)]
+    return callback

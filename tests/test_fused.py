@@ -95,17 +95,21 @@ def run(layer: LoRADashLinear, x: torch.Tensor, use_kernel: bool):
     return out, [z if g is None else g for g, z in zip(grads, zeros)]
 
 
-@pytest.mark.parametrize("launched", [False, True], ids=["pre-launch", "dash"])
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_a_layer_with_dropout_computes_the_same_with_the_kernel_and_the_reference(launched, mode):
-    layer = layer_pair(nn.Linear(6, 5, dtype=F64), dropout=0.3, launched=launched)
-    layer.train(mode == "train")
-    x = torch.randn(2, 4, 6, dtype=F64, requires_grad=True)
+def assert_kernel_equals_reference(layer: LoRADashLinear, x: torch.Tensor) -> None:
+    """Output and gradients (``x``, ``A``, ``B``, ``δ``) the same through the kernel and the reference."""
     out, grads = run(layer, x, use_kernel=True)
     want_out, want_grads = run(layer, x, use_kernel=False)
     torch.testing.assert_close(out, want_out)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["pre-launch", "dash"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_layer_with_dropout_computes_the_same_with_the_kernel_and_the_reference(launched, mode):
+    layer = layer_pair(nn.Linear(6, 5, dtype=F64), dropout=0.3, launched=launched)
+    layer.train(mode == "train")
+    assert_kernel_equals_reference(layer, torch.randn(2, 4, 6, dtype=F64, requires_grad=True))
 
 
 # ------------------------------------------------------------------ which bases the kernel serves
@@ -174,12 +178,7 @@ def test_a_weight_of_a_tensor_subclass_is_not_served():
 @pytest.mark.parametrize("launched", [False, True], ids=["pre-launch", "dash"])
 def test_a_conv1d_base_computes_the_same_with_the_kernel_and_the_reference(launched):
     layer = layer_pair(conv1d(6, 5), launched=launched)
-    x = torch.randn(2, 4, 6, dtype=F64, requires_grad=True)
-    out, grads = run(layer, x, use_kernel=True)
-    want_out, want_grads = run(layer, x, use_kernel=False)
-    torch.testing.assert_close(out, want_out)
-    for got, want in zip(grads, want_grads):
-        torch.testing.assert_close(got, want)
+    assert_kernel_equals_reference(layer, torch.randn(2, 4, 6, dtype=F64, requires_grad=True))
 
 
 # ------------------------------------------------------------------------- precision and autocast

@@ -27,7 +27,7 @@ from transformers import (
 from lora_dash import adapter_state_dict, dash_layers, inject, load_adapter
 from lora_dash.hf import ADAPTER_FILE, PEFT_FLAG, LoRADashCallback, LoRADashTrainer
 
-from helpers import assert_same, assert_same_adapter, assert_unchanged, snapshot
+from helpers import assert_same, assert_same_adapter, assert_unchanged, callback_of, snapshot
 
 pytestmark = pytest.mark.slow  # every test trains through 🤗 Trainer: make test-fast leaves this file out
 
@@ -39,11 +39,6 @@ def train(output_dir, trainer_class=Trainer, resume=None, callback=None, **overr
     trainer = trainer_class(model=build_model(), args=arguments, train_dataset=Tokens(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def callback_of(trainer) -> LoRADashCallback:
-    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, LoRADashCallback)]
-    return callback
 
 
 @pytest.fixture(scope="module")

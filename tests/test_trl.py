@@ -43,6 +43,7 @@ from helpers import (  # noqa: E402
     assert_refused_and_unchanged,
     assert_same,
     assert_same_adapter,
+    callback_of,
     logits_without_lora_dash,
 )
 
@@ -147,11 +148,6 @@ def make_trainer(output_dir, trainer_class=trl.SFTTrainer, model=None, callbacks
         callbacks=[LoRADashCallback(launch_step=T)] if callbacks is None else callbacks,
         **kwargs,
     )
-
-
-def callback_of(trainer) -> LoRADashCallback:
-    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, LoRADashCallback)]
-    return callback
 
 
 @pytest.fixture(scope="module")
